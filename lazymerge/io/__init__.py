@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors headers, `.bin` archives, shards, the Hub."""

@@ -1,0 +1,186 @@
+"""A model on disk: its shards, its index and every tensor as a byte range of a file.
+
+Opening a checkpoint reads the index and each shard's header (or a `.bin` archive's pickled
+tensor table) and nothing else. Torch-free, so planning never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from lazymerge.constants import (
+    BIN_INDEX_NAME,
+    BIN_SINGLE_NAME,
+    DTYPE_SIZES,
+    SAFE_INDEX_NAME,
+    SAFE_SINGLE_NAME,
+)
+from lazymerge.errors import CheckpointError, HeaderError
+from lazymerge.io.header import read_header
+from lazymerge.io.torchbin import read_bin_tensors
+
+__all__ = ["Checkpoint", "TensorRef", "open_checkpoint", "validate_weight_map"]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one input tensor's bytes are: a file of a checkpoint, an absolute offset, a length."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str  # file name relative to the checkpoint root
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class Checkpoint:
+    """A model: where it lives, its weight files, and its tensors in file order."""
+
+    label: str
+    root: Path
+    format: str  # "safetensors" or "bin"
+    files: list[str]
+    tensors: dict[str, TensorRef]
+    file_sizes: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def local_file(self, name: str) -> Path:
+        """Path of one of the checkpoint's files on local disk (remote checkpoints fetch it)."""
+        return self.root / name
+
+    def release_file(self, name: str) -> None:
+        """Called once every tensor read from `name` has been consumed (remote: may delete it)."""
+
+    def read_json(self, name: str) -> dict | None:
+        """A JSON side file (config.json, tokenizer_config.json...) or None when absent."""
+        path = self.side_file(name)
+        if path is None:
+            return None
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{self.label}: {name} is not valid JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{self.label}: {name} is not a JSON object")
+        return obj
+
+    def side_file(self, name: str) -> Path | None:
+        """A non-weight file next to the weights (config, tokenizer), or None when absent."""
+        path = self.root / name
+        return path if path.is_file() else None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def open_checkpoint(path: str | os.PathLike[str], label: str | None = None) -> Checkpoint:
+    """Open a model folder or a single `.safetensors`/`.bin` file, reading headers only.
+
+    Raises:
+        CheckpointError: nothing loadable at `path`, a missing shard, a bad index.
+        HeaderError: a shard's header is corrupt.
+    """
+    path = Path(path)
+    label = label or str(path)
+    if path.is_file():
+        return _from_files(label, path.parent, [path.name])
+    if not path.is_dir():
+        raise CheckpointError(f"{label}: no such file or folder")
+    for index_name in (SAFE_INDEX_NAME, BIN_INDEX_NAME):
+        if (path / index_name).is_file():
+            weight_map = _read_index(label, path / index_name)
+            files = list(dict.fromkeys(weight_map.values()))
+            return _from_files(label, path, files, weight_map)
+    for single in (SAFE_SINGLE_NAME, BIN_SINGLE_NAME):
+        if (path / single).is_file():
+            return _from_files(label, path, [single])
+    singles = sorted(p.name for p in path.glob("*.safetensors")) or sorted(
+        p.name for p in path.glob("pytorch_model*.bin")
+    )
+    if len(singles) == 1:
+        return _from_files(label, path, singles)
+    raise CheckpointError(
+        f"{label}: no model.safetensors, pytorch_model.bin or index file in this folder",
+        hint="point at the folder that holds config.json and the weight files",
+    )
+
+
+def _read_index(label: str, index_path: Path) -> dict[str, str]:
+    try:
+        obj = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{label}: {index_path.name} is not valid JSON ({exc})") from None
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{label}: {index_path.name} has no weight_map")
+    validate_weight_map(label, index_path.name, weight_map)
+    return weight_map
+
+
+def validate_weight_map(label: str, index_name: str, weight_map: dict) -> None:
+    """Every value must be a relative file name inside the model folder (indexes come from strangers)."""
+    for tensor, file in weight_map.items():
+        if not isinstance(tensor, str) or not isinstance(file, str) or not file:
+            raise CheckpointError(f"{label}: {index_name} has a malformed weight_map entry")
+        pure = PurePosixPath(file.replace("\\", "/"))
+        if pure.is_absolute() or ".." in pure.parts or ":" in file or file.startswith("~"):
+            raise CheckpointError(
+                f"{label}: {index_name} maps {tensor!r} to {file!r}, outside the model folder",
+                hint="the index is malformed or malicious; do not use this model",
+            )
+
+
+def _from_files(label: str, root: Path, files: list[str], weight_map: dict[str, str] | None = None) -> Checkpoint:
+    tensors: dict[str, TensorRef] = {}
+    sizes: dict[str, int] = {}
+    metadata: dict[str, str] = {}
+    fmt = "bin" if files[0].endswith(".bin") else "safetensors"
+    for file in files:
+        path = root / file
+        if not path.is_file():
+            raise CheckpointError(
+                f"{label}: shard {file} is listed in the index but missing",
+                hint="the download is incomplete; fetch the missing shard",
+            )
+        sizes[file] = path.stat().st_size
+        refs, file_metadata = _read_file_tensors(path, file)
+        metadata = metadata or file_metadata
+        for ref in refs:
+            if weight_map is not None and weight_map.get(ref.name) != file:
+                continue  # the index is authoritative, as in transformers
+            tensors[ref.name] = ref
+    if weight_map is not None:
+        for name, file in weight_map.items():
+            if name not in tensors:
+                raise CheckpointError(f"{label}: the index puts {name!r} in {file}, but that shard lacks it")
+    ordered = dict(sorted(tensors.items(), key=lambda kv: (files.index(kv[1].file), kv[1].offset)))
+    return Checkpoint(label, root, fmt, files, ordered, sizes, metadata)
+
+
+def _read_file_tensors(path: Path, file: str) -> tuple[list[TensorRef], dict[str, str]]:
+    if file.endswith(".bin") or file.endswith(".pt"):
+        refs = [TensorRef(t.name, t.dtype, t.shape, file, t.offset, t.nbytes) for t in read_bin_tensors(path)]
+        return refs, {}
+    if not file.endswith(".safetensors"):
+        raise HeaderError(path, "unknown weight file type (expected .safetensors or .bin)")
+    header = read_header(path)
+    refs = [
+        TensorRef(e.name, e.dtype, e.shape, file, header.data_start + e.begin, e.nbytes)
+        for e in header.tensors.values()
+    ]
+    return refs, header.metadata

@@ -1,0 +1,131 @@
+"""Streaming output: shard files written header first, then tensor bytes at their offsets.
+
+A shard lives under `<name>.partial` until every byte is written and flushed, then is renamed;
+small side files (config, tokenizer, index) are written to a temporary name and renamed too, so
+an interrupted run never leaves a file that looks finished.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from lazymerge.constants import PARTIAL_SUFFIX
+from lazymerge.errors import DiskSpaceError, OutputError
+from lazymerge.plan import OutputShard
+
+__all__ = ["ShardWriter", "write_side_file"]
+
+
+class ShardWriter:
+    """Writes one output shard: header at open, chunks at absolute offsets, rename at finish."""
+
+    def __init__(self, directory: Path, shard: OutputShard) -> None:
+        self.shard = shard
+        self.final_path = directory / shard.name
+        self.partial_path = directory / (shard.name + PARTIAL_SUFFIX)
+        self.bytes_written = 0
+        try:
+            self.fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.partial_path}: {exc.strerror}") from exc
+        try:
+            self._reserve(shard.size)
+            self._pwrite(shard.header, 0)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _reserve(self, size: int) -> None:
+        # Reserving the whole file up front turns a disk that is too small into an error now,
+        # before minutes of merging, and keeps the file unfragmented.
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._disk_full() from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            os.ftruncate(self.fd, size)
+
+    def write(self, data: memoryview | bytes, offset: int) -> None:
+        """Write `data` at the absolute file `offset`."""
+        self._pwrite(data, offset)
+        self.bytes_written += len(data)
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
+        """Copy bytes from another file without passing them through Python (copy_file_range)."""
+        done = 0
+        try:
+            while done < nbytes:
+                n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, offset + done)
+                if n == 0:
+                    raise OutputError(f"input ended early while copying into {self.shard.name}")
+                done += n
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._disk_full() from None
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                raise
+            # Cross-device or unsupported file system: plain reads and writes.
+            while done < nbytes:
+                block = os.pread(src_fd, min(nbytes - done, 16 << 20), src_offset + done)
+                if not block:
+                    raise OutputError(f"input ended early while copying into {self.shard.name}") from None
+                self._pwrite(block, offset + done)
+                done += len(block)
+        self.bytes_written += nbytes
+
+    def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._disk_full() from None
+            raise OutputError(f"cannot write {self.partial_path}: {exc.strerror}") from exc
+
+    def _disk_full(self) -> DiskSpaceError:
+        return DiskSpaceError(
+            f"disk full while writing {self.shard.name}: it needs {self.shard.size / 1e9:.2f} GB "
+            f"at {self.final_path.parent}"
+        )
+
+    def finish(self) -> Path:
+        """Flush, close and rename to the final name. Returns the final path."""
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        os.replace(self.partial_path, self.final_path)
+        return self.final_path
+
+    def abort(self) -> None:
+        """Close and delete the partial file (an interrupted shard must not survive)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.partial_path.unlink(missing_ok=True)
+
+
+def write_side_file(directory: Path, name: str, data: bytes) -> Path:
+    """Write a small file atomically (temporary name, fsync, rename)."""
+    final = directory / name
+    tmp = directory / (name + PARTIAL_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskSpaceError(f"disk full while writing {name} at {directory}") from None
+        raise OutputError(f"cannot write {final}: {exc.strerror}") from exc
+    return final

@@ -1,0 +1,1 @@
+"""Compute backends: the same chunk operations, on torch (reference, CPU) and Triton (CUDA)."""

@@ -1,0 +1,64 @@
+"""Reference chunk kernels on torch. The Triton kernels must agree with these bit for bit.
+
+Arithmetic contract (every backend): each input is widened to fp32 (exact for F16/BF16), then
+    acc = x0 * w0;  acc = acc + xi * wi  (i = 1..n-1, in order);  if divisor: acc = acc / divisor
+with every multiply, add and divide rounded to fp32 on its own (no fused multiply-add), and the
+result stored in the output dtype with round-to-nearest-even. torch's add with `alpha` may fuse
+on CPU, so the multiply and the add are separate calls here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def linear_combine(
+    inputs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    out: torch.Tensor,
+    divisor: float | None = None,
+    *,
+    acc: torch.Tensor | None = None,
+    tmp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted sum of 1-D chunks into `out` (fp32 accumulation, round-to-nearest-even store).
+
+    Args:
+        inputs: 1-D tensors of equal length, each F32, F16 or BF16.
+        weights: one Python float per input (used as an fp32 scalar).
+        out: 1-D destination of the same length, F32, F16 or BF16.
+        divisor: when given, the sum is divided by it (mergekit's `normalize`).
+        acc, tmp: optional fp32 scratch buffers of at least the chunk length, reused across calls
+            so the hot loop allocates nothing.
+
+    Returns:
+        `out`.
+    """
+    n = out.numel()
+    if len(inputs) != len(weights) or not inputs:
+        raise ValueError("need one weight per input and at least one input")
+    acc = _scratch(acc, n)
+    tmp = _scratch(tmp, n)
+    acc.copy_(inputs[0])
+    acc.mul_(_f32(weights[0]))
+    for x, w in zip(inputs[1:], weights[1:], strict=True):
+        tmp.copy_(x)
+        tmp.mul_(_f32(w))
+        acc.add_(tmp)
+    if divisor is not None:
+        acc.div_(_f32(divisor))
+    out.copy_(acc)  # torch's F32 -> F16/BF16 conversion rounds to nearest even
+    return out
+
+
+def _f32(value: float) -> torch.Tensor:
+    # A 0-d fp32 tensor keeps the scalar in fp32, as the kernels do, instead of a Python double.
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _scratch(buf: torch.Tensor | None, n: int) -> torch.Tensor:
+    if buf is None:
+        return torch.empty(n, dtype=torch.float32)
+    return buf[:n]

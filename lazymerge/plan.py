@@ -1,0 +1,282 @@
+"""MergePlan: pure data computed from headers, describing every byte of the output.
+
+A recipe (DogeRM, linear...) turns input checkpoints into `OutputTensor`s, each a list of
+`Segment`s (runs of output elements made from the same input ranges with the same weights).
+`build_plan` then lays the tensors out into shards exactly as the files will be written (header
+bytes included) and runs every check that needs no tensor bytes. The executor only follows it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
+from lazymerge.errors import DiskSpaceError, OutputError, PlanError
+from lazymerge.io.header import build_header
+
+__all__ = [
+    "ChunkTask",
+    "MergePlan",
+    "OutputShard",
+    "OutputTensor",
+    "Segment",
+    "Source",
+    "build_plan",
+    "iter_chunks",
+    "shard_file_name",
+]
+
+
+@dataclass(frozen=True)
+class Source:
+    """An input range: `checkpoint` indexes `MergePlan.inputs`; `offset` is the absolute byte
+    offset (in `file`) of the segment's first element."""
+
+    checkpoint: int
+    file: str
+    offset: int
+    dtype: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Output elements [start, start + count) of a tensor, made from `sources`."""
+
+    start: int
+    count: int
+    sources: tuple[Source, ...]
+
+
+@dataclass
+class OutputTensor:
+    """One output tensor: how it is made, and (after layout) where it goes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    how: str  # human-readable, for --dry-run
+    divisor: float | None = None
+    shard: int = -1
+    offset: int = -1  # absolute byte offset in the shard file
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+    def segment_is_copy(self, segment: Segment) -> bool:
+        """True when a segment is a plain byte copy (one source, same dtype, no arithmetic)."""
+        if len(segment.sources) != 1 or self.divisor is not None:
+            return False
+        src = segment.sources[0]
+        return src.dtype == self.dtype and (src.weight == 1.0 or self.dtype not in MERGEABLE_DTYPES)
+
+
+@dataclass
+class OutputShard:
+    """One output file: its final name, its header bytes, its tensors in file order."""
+
+    name: str
+    header: bytes
+    tensors: list[OutputTensor]
+    size: int  # total file size in bytes
+
+
+@dataclass
+class MergePlan:
+    """Everything the executor needs, and everything --dry-run shows."""
+
+    recipe: dict
+    inputs: list[str]
+    output_dir: Path
+    tensors: list[OutputTensor]
+    shards: list[OutputShard]
+    side_files: dict[str, bytes] = field(default_factory=dict)  # config, tokenizer, model card
+    dropped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    free_bytes: int | None = None
+
+    @property
+    def total_size(self) -> int:
+        """Tensor bytes, as transformers' index reports `total_size`."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(s.size for s in self.shards) + sum(len(b) for b in self.side_files.values())
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes the executor reads from the inputs."""
+        return sum(
+            seg.count * DTYPE_SIZES[src.dtype] for t in self.tensors for seg in t.segments for src in seg.sources
+        )
+
+    def index_json(self) -> bytes | None:
+        """The `model.safetensors.index.json` content, or None for a single-file output."""
+        if len(self.shards) == 1:
+            return None
+        weight_map = {t.name: self.shards[t.shard].name for t in sorted(self.tensors, key=lambda t: t.name)}
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+        return (json.dumps(index, indent=2, sort_keys=False) + "\n").encode()
+
+
+def shard_file_name(k: int, n: int) -> str:
+    """transformers' names: model.safetensors alone, else model-0000k-of-0000N.safetensors."""
+    return SAFE_SINGLE_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def build_plan(
+    *,
+    recipe: dict,
+    inputs: list[str],
+    input_dirs: list[Path],
+    output_dir: str | os.PathLike[str],
+    tensors: list[OutputTensor],
+    max_shard_size: int,
+    side_files: dict[str, bytes] | None = None,
+    dropped: list[str] | None = None,
+    warnings: list[str] | None = None,
+    overwrite: bool = False,
+    check_disk: bool = True,
+) -> MergePlan:
+    """Lay `tensors` (in the order given: the executor's order) into shards and check the output.
+
+    Raises:
+        OutputError: the output folder is an input folder or already holds a model.
+        DiskSpaceError: the destination has less free space than the output needs.
+        PlanError: two output tensors share a name.
+    """
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise PlanError("the recipe produces duplicate tensor names")
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, input_dirs, overwrite)
+    metadata = {"format": "pt", "lazymerge_recipe": json.dumps(recipe, sort_keys=True)}
+    shards = _layout(tensors, max_shard_size, metadata)
+    plan = MergePlan(
+        recipe=recipe,
+        inputs=inputs,
+        output_dir=output_dir,
+        tensors=tensors,
+        shards=shards,
+        side_files=dict(side_files or {}),
+        dropped=list(dropped or []),
+        warnings=list(warnings or []),
+    )
+    index = plan.index_json()
+    if index is not None:
+        plan.side_files[SAFE_INDEX_NAME] = index
+    if check_disk:
+        plan.free_bytes = free_space(output_dir)
+        if plan.free_bytes < plan.bytes_on_disk:
+            raise DiskSpaceError(
+                f"{output_dir} has {_gb(plan.free_bytes)} free but the merged model needs {_gb(plan.bytes_on_disk)}"
+            )
+    return plan
+
+
+def _layout(tensors: list[OutputTensor], max_shard_size: int, metadata: dict[str, str]) -> list[OutputShard]:
+    # Greedy, in execution order, like transformers: a tensor larger than the cap gets a shard alone.
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    if not groups[-1]:
+        groups.pop()
+    shards = []
+    for k, group in enumerate(groups):
+        header, offsets = build_header([(t.name, t.dtype, t.shape) for t in group], metadata)
+        for t in group:
+            t.shard = k
+            t.offset = len(header) + offsets[t.name][0]
+        ordered = sorted(group, key=lambda t: t.offset)
+        size = len(header) + sum(t.nbytes for t in group)
+        shards.append(OutputShard(shard_file_name(k, len(groups)), header, ordered, size))
+    return shards
+
+
+def _check_output_dir(output_dir: Path, input_dirs: list[Path], overwrite: bool) -> None:
+    out = output_dir.resolve()
+    for d in input_dirs:
+        if d.resolve() == out:
+            raise OutputError(f"the output folder {output_dir} is an input folder")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{output_dir} exists and is not a folder")
+    if out.is_dir() and not overwrite:
+        existing = [
+            p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
+        ]
+        if existing:
+            raise OutputError(
+                f"{output_dir} already holds a model ({existing[0]})",
+                hint="choose an empty --output folder or pass --overwrite",
+            )
+
+
+def free_space(path: Path) -> int:
+    """Free bytes on the file system that `path` (or its nearest existing parent) is on."""
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One bounded unit of work: `count` output elements at `out_offset` of shard `shard`."""
+
+    shard: int
+    out_offset: int
+    count: int
+    out_dtype: str
+    sources: tuple[Source, ...]
+    divisor: float | None
+    copy: bool  # a plain byte copy from sources[0]
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.count * DTYPE_SIZES[self.out_dtype]
+
+
+def iter_chunks(plan: MergePlan, chunk_elements: int, shards: list[int] | None = None):
+    """Yield ("start", k) / ChunkTask / ("end", k) in execution order: shard by shard, each shard in
+    file order, each segment cut into chunks of at most `chunk_elements` elements."""
+    if chunk_elements <= 0:
+        raise ValueError("chunk_elements must be positive")
+    for k in shards if shards is not None else range(len(plan.shards)):
+        shard = plan.shards[k]
+        yield ("start", k)
+        for t in shard.tensors:
+            itemsize = DTYPE_SIZES[t.dtype]
+            for seg in t.segments:
+                copy = t.segment_is_copy(seg)
+                # Copies never pass through a buffer, so they can move in larger pieces.
+                step = chunk_elements * (8 if copy else 1)
+                for first in range(0, seg.count, step):
+                    n = min(step, seg.count - first)
+                    sources = tuple(
+                        Source(s.checkpoint, s.file, s.offset + first * DTYPE_SIZES[s.dtype], s.dtype, s.weight)
+                        for s in seg.sources
+                    )
+                    out_offset = t.offset + (seg.start + first) * itemsize
+                    yield ChunkTask(k, out_offset, n, t.dtype, sources, t.divisor, copy)
+        yield ("end", k)

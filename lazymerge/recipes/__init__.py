@@ -1,0 +1,1 @@
+"""Recipes: turn input checkpoints and user parameters into a MergePlan (no tensor bytes)."""

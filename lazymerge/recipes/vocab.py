@@ -1,0 +1,216 @@
+"""Token identity from tokenizer files, the union vocabulary, and adding tokens to a tokenizer.
+
+Torch-free and tokenizers-free: we read `tokenizer.json`, `tokenizer.model` (sentencepiece
+protobuf), `vocab.json` and `added_tokens.json` directly, because the plan needs only the
+token <-> id tables.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lazymerge.errors import CheckpointError, VocabularyError
+from lazymerge.io.checkpoint import Checkpoint
+
+__all__ = ["RowRun", "add_tokens", "load_vocab", "union_rows"]
+
+
+def load_vocab(ckpt: Checkpoint) -> dict[str, int] | None:
+    """token -> id from the checkpoint's tokenizer files, or None when it ships none."""
+    vocab: dict[str, int] | None = None
+    tok = ckpt.read_json("tokenizer.json")
+    if tok is not None:
+        vocab = _vocab_from_tokenizer_json(ckpt, tok)
+    elif (sp := ckpt.side_file("tokenizer.model")) is not None:
+        vocab = {piece: i for i, piece in enumerate(_sentencepiece_pieces(ckpt, sp.read_bytes()))}
+    elif (vj := ckpt.read_json("vocab.json")) is not None:
+        vocab = {str(k): int(v) for k, v in vj.items() if isinstance(v, int)}
+    if vocab is None:
+        return None
+    added = ckpt.read_json("added_tokens.json") or {}
+    for token, idx in added.items():
+        if isinstance(idx, int):
+            vocab[token] = idx
+    return vocab
+
+
+def _vocab_from_tokenizer_json(ckpt: Checkpoint, tok: dict) -> dict[str, int]:
+    model = tok.get("model") or {}
+    raw = model.get("vocab")
+    vocab: dict[str, int] = {}
+    if isinstance(raw, dict):
+        vocab = {str(k): int(v) for k, v in raw.items()}
+    elif isinstance(raw, list):  # Unigram: [[piece, score], ...], id = position
+        vocab = {str(entry[0]): i for i, entry in enumerate(raw)}
+    else:
+        raise CheckpointError(f"{ckpt.label}: tokenizer.json has no readable model.vocab")
+    for entry in tok.get("added_tokens") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("id"), int):
+            vocab[str(entry.get("content"))] = entry["id"]
+    return vocab
+
+
+def _sentencepiece_pieces(ckpt: Checkpoint, data: bytes) -> list[str]:
+    # ModelProto field 1 is `repeated SentencePiece pieces`; SentencePiece field 1 is `piece`.
+    pieces: list[str] = []
+    try:
+        for field_no, value in _proto_fields(data):
+            if field_no == 1 and isinstance(value, bytes):
+                piece = next((v for f, v in _proto_fields(value) if f == 1 and isinstance(v, bytes)), b"")
+                pieces.append(piece.decode("utf-8"))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{ckpt.label}: tokenizer.model is not a sentencepiece model") from None
+    return pieces
+
+
+def _proto_fields(data: bytes):
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        field_no, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos : pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("truncated field")
+            value, pos = data[pos : pos + length], pos + length
+        elif wire == 5:
+            value, pos = data[pos : pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield field_no, value
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+@dataclass(frozen=True)
+class RowRun:
+    """Output rows [start, start + count) come from `sources` ("rm", "sft" or both)."""
+
+    start: int
+    count: int
+    sources: tuple[str, ...]
+
+
+def union_rows(
+    rm_vocab: dict[str, int] | None,
+    sft_vocab: dict[str, int] | None,
+    rm_rows: int,
+    sft_rows: int,
+) -> tuple[list[RowRun], list[tuple[int, str]]]:
+    """Decide, row by row, which model(s) each row of the union embedding comes from.
+
+    A token both tokenizers know must have the same id in both (else VocabularyError) and its row
+    is averaged; a token only one knows keeps that model's row; rows past both tokenizers (padding
+    rows) follow row i = token i. Without both tokenizers, row i is token i throughout.
+
+    Returns:
+        The row runs, and the (id, token) pairs only the SFT model has (to add to the tokenizer).
+    """
+    n = max(rm_rows, sft_rows)
+    owner: list[tuple[str, ...]] = []
+    sft_only: list[tuple[int, str]] = []
+    if rm_vocab is not None and sft_vocab is not None:
+        for token in rm_vocab.keys() & sft_vocab.keys():
+            if rm_vocab[token] != sft_vocab[token]:
+                raise VocabularyError(
+                    f"token {token!r} has id {rm_vocab[token]} in the reward model but "
+                    f"{sft_vocab[token]} in the domain model"
+                )
+        rm_ids = {i: t for t, i in rm_vocab.items()}
+        sft_ids = {i: t for t, i in sft_vocab.items()}
+        for ids, rows, who in ((rm_ids, rm_rows, "reward"), (sft_ids, sft_rows, "domain")):
+            beyond = [i for i in ids if i >= rows or i < 0]
+            if beyond:
+                raise VocabularyError(
+                    f"the {who} model's tokenizer has id {max(beyond)} but its embedding has {rows} rows"
+                )
+        for i in range(n):
+            t_rm, t_sft = rm_ids.get(i), sft_ids.get(i)
+            if t_rm is not None and t_sft is not None and t_rm != t_sft:
+                raise VocabularyError(f"id {i} is {t_rm!r} in the reward model but {t_sft!r} in the domain model")
+            if t_rm is None and t_sft is not None:
+                owner.append(("sft",))
+                sft_only.append((i, t_sft))
+            elif t_rm is not None and t_sft is None:
+                owner.append(("rm",))
+            else:
+                owner.append(_by_row(i, rm_rows, sft_rows))
+    else:
+        owner = [_by_row(i, rm_rows, sft_rows) for i in range(n)]
+    runs: list[RowRun] = []
+    for i, who in enumerate(owner):
+        if runs and runs[-1].sources == who:
+            last = runs[-1]
+            runs[-1] = RowRun(last.start, last.count + 1, who)
+        else:
+            runs.append(RowRun(i, 1, who))
+    return runs, sft_only
+
+
+def _by_row(i: int, rm_rows: int, sft_rows: int) -> tuple[str, ...]:
+    return tuple(w for w, rows in (("rm", rm_rows), ("sft", sft_rows)) if i < rows)
+
+
+def add_tokens(rm: Checkpoint, sft: Checkpoint, tokens: list[tuple[int, str]]) -> dict[str, bytes]:
+    """The reward model's tokenizer files with the SFT-only `tokens` added (same ids, same flags).
+
+    Updates tokenizer.json's `added_tokens`, tokenizer_config.json's `added_tokens_decoder` and
+    added_tokens.json (whichever the reward model ships; added_tokens.json is created for a
+    sentencepiece-only tokenizer). Special-token roles (pad, eos...) stay the reward model's.
+    """
+    from lazymerge.constants import TOKENIZER_FILES
+
+    files = {name: p.read_bytes() for name in TOKENIZER_FILES if (p := rm.side_file(name)) is not None}
+    if not tokens:
+        return files
+    sft_entries = {e.get("content"): e for e in (sft.read_json("tokenizer.json") or {}).get("added_tokens") or []}
+    sft_decoder = (sft.read_json("tokenizer_config.json") or {}).get("added_tokens_decoder") or {}
+
+    def entry_for(idx: int, token: str) -> dict:
+        base = sft_decoder.get(str(idx)) or sft_entries.get(token) or {}
+        return {
+            "content": token,
+            "lstrip": bool(base.get("lstrip", False)),
+            "normalized": bool(base.get("normalized", False)),
+            "rstrip": bool(base.get("rstrip", False)),
+            "single_word": bool(base.get("single_word", False)),
+            "special": bool(base.get("special", True)),
+        }
+
+    if "tokenizer.json" in files:
+        tok = json.loads(files["tokenizer.json"])
+        added = tok.setdefault("added_tokens", [])
+        for idx, token in tokens:
+            added.append({"id": idx, **entry_for(idx, token)})
+        files["tokenizer.json"] = _dump(tok)
+    if "tokenizer_config.json" in files:
+        cfg = json.loads(files["tokenizer_config.json"])
+        decoder = cfg.setdefault("added_tokens_decoder", {})
+        for idx, token in tokens:
+            decoder[str(idx)] = entry_for(idx, token)
+        files["tokenizer_config.json"] = _dump(cfg)
+    if "added_tokens.json" in files or "tokenizer.model" in files:
+        extra = json.loads(files.get("added_tokens.json", b"{}"))
+        extra.update({token: idx for idx, token in tokens})
+        files["added_tokens.json"] = _dump(extra)
+    return files
+
+
+def _dump(obj: object) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

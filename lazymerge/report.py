@@ -1,0 +1,145 @@
+"""What the CLI shows: the plan (--dry-run), a live progress bar, the closing table, `inspect`.
+
+Rendering only; the CLI decides when. Everything goes to the Console it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.plan import MergePlan
+
+__all__ = ["print_checkpoint", "print_plan", "print_stats", "progress_bar"]
+
+
+def human(n: float) -> str:
+    """Bytes as a short decimal size: 13.48 GB, 512.0 MB, 812 B."""
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= factor:
+            return f"{n / factor:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+
+
+def print_plan(console: Console, plan: MergePlan) -> None:
+    """The whole plan: tensors, shards, sizes, checks. Computed from headers only."""
+    tensors = _table(f"Plan: {len(plan.tensors)} output tensors")
+    for col in ("tensor", "dtype", "shape", "made from", "shard"):
+        tensors.add_column(col, overflow="fold")
+    for t in sorted(plan.tensors, key=lambda t: (t.shard, t.offset)):
+        tensors.add_row(escape(t.name), t.dtype, str(list(t.shape)), escape(t.how), str(t.shard + 1))
+    console.print(tensors)
+    shards = _table(f"Output shards in {escape(str(plan.output_dir))}")
+    for col in ("file", "tensors", "size"):
+        shards.add_column(col)
+    for s in plan.shards:
+        shards.add_row(s.name, str(len(s.tensors)), human(s.size))
+    console.print(shards)
+    console.print(f"inputs: {', '.join(escape(i) for i in plan.inputs)}")
+    console.print(f"total tensor bytes (index total_size): {plan.total_size} ({human(plan.total_size)})")
+    console.print(f"reads {human(plan.input_bytes)} from the inputs, writes {human(plan.bytes_on_disk)}")
+    extra = ", ".join(sorted(plan.side_files))
+    console.print(f"side files: {escape(extra)}")
+    if plan.dropped:
+        console.print(f"dropped (not in the output architecture): {escape(', '.join(plan.dropped))}")
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}")
+    checks = "shapes and dtypes consistent; every tensor present"
+    if plan.free_bytes is not None:
+        checks += f"; free space {human(plan.free_bytes)} >= {human(plan.bytes_on_disk)} needed"
+    console.print(f"[green]checks passed:[/] {checks}")
+
+
+@contextmanager
+def progress_bar(console: Console, plan: MergePlan, disable: bool = False) -> Iterator[Callable]:
+    """A rich progress bar (bytes written, speed, ETA, current shard) fed by executor events."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+        transient=False,
+    )
+    total = sum(s.size for s in plan.shards)
+    task = progress.add_task("merging", total=total)
+
+    def callback(event) -> None:
+        description = f"merging {event.shard}" if event.kind == "chunk" else event.kind
+        if event.kind == "shard":
+            description = f"closed {event.shard}"
+        progress.update(task, completed=event.bytes_written, description=description)
+
+    with progress:
+        yield callback
+
+
+def print_stats(console: Console, plan: MergePlan, stats) -> None:
+    """The closing table of a run."""
+    table = _table("Merged")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rate = stats.bytes_read / stats.seconds / 1e9 if stats.seconds > 0 else math.inf
+    rows = [
+        ("output", escape(str(plan.output_dir))),
+        ("tensors", str(stats.tensors)),
+        ("shards", str(len(plan.shards))),
+        ("read", human(stats.bytes_read)),
+        ("written", human(stats.bytes_written)),
+        ("wall time", f"{stats.seconds:.2f} s"),
+        ("input throughput", f"{rate:.2f} GB/s"),
+        ("peak RSS", human(stats.peak_rss_bytes)),
+        ("device", stats.device),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def print_checkpoint(console: Console, ckpt: Checkpoint, list_tensors: bool = False) -> None:
+    """`lazymerge inspect`: format, shards, dtypes, and optionally every tensor."""
+    console.print(
+        f"[bold]{escape(ckpt.label)}[/]  ({ckpt.format}, {len(ckpt.files)} file(s), "
+        f"{len(ckpt.tensors)} tensors, {human(ckpt.total_bytes)})"
+    )
+    files = _table("Files")
+    for col in ("file", "tensors", "size"):
+        files.add_column(col)
+    per_file = Counter(t.file for t in ckpt.tensors.values())
+    for f in ckpt.files:
+        files.add_row(escape(f), str(per_file[f]), human(ckpt.file_sizes.get(f, 0)))
+    console.print(files)
+    dtypes = Counter()
+    for t in ckpt.tensors.values():
+        dtypes[t.dtype] += t.nbytes
+    console.print("dtypes: " + ", ".join(f"{d} {human(n)}" for d, n in dtypes.most_common()))
+    params = sum(t.numel for t in ckpt.tensors.values())
+    console.print(f"parameters: {params:,}")
+    if list_tensors:
+        table = _table("Tensors")
+        for col in ("tensor", "dtype", "shape", "file"):
+            table.add_column(col, overflow="fold")
+        for t in ckpt.tensors.values():
+            table.add_row(escape(t.name), t.dtype, str(list(t.shape)), escape(t.file))
+        console.print(table)
