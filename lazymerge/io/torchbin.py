@@ -26,6 +26,25 @@ __all__ = ["BinTensor", "read_bin_tensors"]
 
 _MAX_PICKLE_BYTES = 256 * 1024 * 1024
 
+# torch dtype globals, as `_rebuild_tensor_v3` pickles them for dtypes without a typed storage.
+_TORCH_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float64": "F64",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "uint16": "U16",
+    "uint32": "U32",
+    "uint64": "U64",
+    "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+
 _STORAGE_DTYPES = {
     "FloatStorage": "F32",
     "HalfStorage": "F16",
@@ -63,9 +82,15 @@ class _StorageRef:
 @dataclass(frozen=True)
 class _TensorRecord:
     storage: _StorageRef
-    storage_offset: int
+    storage_offset: int  # in elements of `dtype`
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _DtypeMarker:
+    dtype: str
 
 
 class _StorageType:
@@ -74,7 +99,14 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    return _TensorRecord(storage, int(storage_offset), tuple(size), tuple(stride))
+    return _TensorRecord(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, storage_offset, size, stride, _grad, _hooks, dtype, *_ignored):
+    # Used for dtypes without a typed storage (float8, uint16...): the storage is untyped bytes.
+    if not isinstance(dtype, _DtypeMarker):
+        raise ValueError("bad dtype in _rebuild_tensor_v3")
+    return _TensorRecord(storage, int(storage_offset), tuple(size), tuple(stride), dtype.dtype)
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -95,8 +127,14 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _rebuild_tensor_v3
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
+        if module == "torch.storage" and name == "UntypedStorage":
+            return _StorageType("ByteStorage")
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _DtypeMarker(_TORCH_DTYPES[name])
         raise HeaderError(
             self._source,
             f"the pickle references {module}.{name}, which a plain state dict never needs",
@@ -162,7 +200,8 @@ def _locate(path: Path, raw, members: dict, root: str, name: object, record: obj
     if not isinstance(name, str) or not isinstance(record, _TensorRecord):
         raise HeaderError(path, f"state dict entry {name!r:.80} is not a tensor")
     storage = record.storage
-    itemsize = DTYPE_SIZES[storage.dtype]
+    itemsize = DTYPE_SIZES[record.dtype]
+    capacity = storage.numel * DTYPE_SIZES[storage.dtype]  # storage size in bytes
     shape = record.shape
     if not all(isinstance(d, int) and d >= 0 for d in shape):
         raise HeaderError(path, f"tensor {name!r} has an invalid shape {shape!r}")
@@ -173,18 +212,18 @@ def _locate(path: Path, raw, members: dict, root: str, name: object, record: obj
             f"tensor {name!r} is not contiguous in its storage",
             hint="re-save the model with save_pretrained or convert it to safetensors",
         )
-    if record.storage_offset < 0 or record.storage_offset + numel > storage.numel:
+    if record.storage_offset < 0 or (record.storage_offset + numel) * itemsize > capacity:
         raise HeaderError(path, f"tensor {name!r} lies outside its storage")
     info = members.get(f"{root}/data/{storage.key}")
     if info is None:
         raise HeaderError(path, f"storage {storage.key} of tensor {name!r} is missing from the archive")
     if info.compress_type != zipfile.ZIP_STORED:
         raise HeaderError(path, f"storage {storage.key} is compressed; cannot read it lazily")
-    if info.file_size < storage.numel * itemsize:
+    if info.file_size < capacity:
         raise HeaderError(path, f"storage {storage.key} is shorter than its {storage.numel} elements")
     start = _member_data_offset(path, raw, info)
     offset = start + record.storage_offset * itemsize
-    return BinTensor(name, storage.dtype, shape, offset, numel * itemsize)
+    return BinTensor(name, record.dtype, shape, offset, numel * itemsize)
 
 
 def _member_data_offset(path: Path, raw, info: zipfile.ZipInfo) -> int:
