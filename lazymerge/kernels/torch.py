@@ -41,11 +41,11 @@ def linear_combine(
         raise ValueError("need one weight per input and at least one input")
     acc = _scratch(acc, n)
     tmp = _scratch(tmp, n)
-    acc.copy_(inputs[0])
-    acc.mul_(_f32(weights[0]))
+    # A 1-element fp32 weight (not a 0-d one) makes type promotion widen the F16/BF16 input to
+    # fp32 inside the multiply: conversion and multiply in one pass, one rounding, exact widening.
+    torch.mul(inputs[0], _f32(weights[0]), out=acc)
     for x, w in zip(inputs[1:], weights[1:], strict=True):
-        tmp.copy_(x)
-        tmp.mul_(_f32(w))
+        torch.mul(x, _f32(w), out=tmp)
         acc.add_(tmp)
     if divisor is not None:
         acc.div_(_f32(divisor))
@@ -54,8 +54,7 @@ def linear_combine(
 
 
 def _f32(value: float) -> torch.Tensor:
-    # A 0-d fp32 tensor keeps the scalar in fp32, as the kernels do, instead of a Python double.
-    return torch.tensor(value, dtype=torch.float32)
+    return torch.tensor([value], dtype=torch.float32)
 
 
 def _scratch(buf: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -126,7 +126,8 @@ def union_rows(
     owner: list[tuple[str, ...]] = []
     sft_only: list[tuple[int, str]] = []
     if rm_vocab is not None and sft_vocab is not None:
-        for token in rm_vocab.keys() & sft_vocab.keys():
+        # In id order, so the error names the first conflict, the same one on every run.
+        for token in sorted(rm_vocab.keys() & sft_vocab.keys(), key=rm_vocab.__getitem__):
             if rm_vocab[token] != sft_vocab[token]:
                 raise VocabularyError(
                     f"token {token!r} has id {rm_vocab[token]} in the reward model but "

@@ -1,0 +1,66 @@
+"""Peak RSS of a real merge in a child process stays bounded for a pair larger than 1 GB."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lazymerge.io.header import build_header
+
+HIDDEN = 2048
+# 10 tensors of 2048 x 16384 fp16 (64 MiB each) + embeddings: ~0.75 GB per model, 1.5 GB the pair.
+BIG = [(f"model.layers.{i}.mlp.up_proj.weight", (16384, HIDDEN)) for i in range(10)]
+
+
+def _write_streamed(path: Path, tensors: list[tuple[str, tuple[int, ...]]], seed: int) -> None:
+    """Write a safetensors file chunk by chunk, never holding a tensor in memory."""
+    header, offsets = build_header([(n, "F16", s) for n, s in tensors], {"format": "pt"})
+    rng = np.random.default_rng(seed)
+    block = rng.standard_normal(1 << 22, dtype=np.float32).astype(np.float16).tobytes()  # 8 MiB
+    total = max(end for _, end in offsets.values())
+    with open(path, "wb") as f:
+        f.write(header)
+        written = 0
+        while written < total:
+            n = min(len(block), total - written)
+            f.write(block[:n])
+            written += n
+
+
+def _model(folder: Path, vocab: int, head: str, seed: int) -> Path:
+    folder.mkdir()
+    tensors = [("model.embed_tokens.weight", (vocab, HIDDEN)), *BIG, ("model.norm.weight", (HIDDEN,))]
+    tensors.append((head, (1, HIDDEN) if head == "score.weight" else (vocab, HIDDEN)))
+    half = len(tensors) // 2
+    weight_map = {}
+    for k, part in enumerate((tensors[:half], tensors[half:])):
+        name = f"model-{k + 1:05d}-of-00002.safetensors"
+        _write_streamed(folder / name, part, seed + k)
+        weight_map.update({n: name for n, _ in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.slow
+def test_dogerm_peak_rss_bounded_for_1gb_pair(tmp_path: Path) -> None:
+    rm = _model(tmp_path / "rm", 32000, "score.weight", 1)
+    sft = _model(tmp_path / "sft", 32001, "lm_head.weight", 3)
+    pair_bytes = sum(p.stat().st_size for d in (rm, sft) for p in d.iterdir())
+    assert pair_bytes > 1e9
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lazymerge", "dogerm", "--reward-model", str(rm), "--domain-model", str(sft),
+           "--weight", "0.3", "--output", str(out), "--quiet", "--max-shard-size", "400MB"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    stderr = proc.stderr.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    peak_mb = usage.ru_maxrss / 1024
+    assert peak_mb <= 700, f"peak RSS {peak_mb:.0f} MB for a {pair_bytes / 1e9:.2f} GB pair"
+    written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert written > 0.7e9
