@@ -54,11 +54,12 @@ def plan_recipe(
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    check_disk: bool = True,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """Plan the merge a recipe describes. Returns the plan and the opened checkpoints."""
     method = spec.get("merge_method")
     if method == "dogerm":
-        return _plan_dogerm(spec, output, max_shard_size, overwrite)
+        return _plan_dogerm(spec, output, max_shard_size, overwrite, check_disk)
     if method != "linear":
         raise RecipeError(
             f"merge_method {method!r} is not supported",
@@ -121,6 +122,7 @@ def plan_recipe(
         side_files=side,
         dropped=dropped,
         overwrite=overwrite,
+        check_disk=check_disk,
     )
     return plan, checkpoints
 
@@ -153,7 +155,7 @@ def _linear_tensors(
 
 
 def _plan_dogerm(
-    spec: dict, output: str | os.PathLike[str], max_shard_size: int, overwrite: bool
+    spec: dict, output: str | os.PathLike[str], max_shard_size: int, overwrite: bool, check_disk: bool
 ) -> tuple[MergePlan, list[Checkpoint]]:
     from lazymerge.recipes.dogerm import plan_dogerm
 
@@ -167,7 +169,14 @@ def _plan_dogerm(
     rm = open_checkpoint(spec["reward_model"], label=str(spec["reward_model"]))
     sft = open_checkpoint(spec["domain_model"], label=str(spec["domain_model"]))
     plan = plan_dogerm(
-        rm, sft, weight, output, dtype=spec.get("dtype"), max_shard_size=max_shard_size, overwrite=overwrite
+        rm,
+        sft,
+        weight,
+        output,
+        dtype=spec.get("dtype"),
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        check_disk=check_disk,
     )
     return plan, [rm, sft]
 

@@ -17,7 +17,7 @@ from lazymerge.errors import RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, TensorRef
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
 from lazymerge.recipes.card import model_card
-from lazymerge.recipes.common import copy_tensor, dominant_dtype, normalize_dtype, output_config, source_at
+from lazymerge.recipes.common import copy_tensor, normalize_dtype, output_config, source_at
 from lazymerge.recipes.vocab import add_tokens, load_vocab, union_rows
 
 __all__ = ["HEAD_PREFIXES", "plan_dogerm"]
@@ -88,7 +88,7 @@ def plan_dogerm(
         "reward_model": rm.label,
         "domain_model": sft.label,
         "weight": lam,
-        "dtype": override or dominant_dtype(rm),
+        "dtype": override,  # None: every tensor keeps the reward model's dtype
     }
     side = _side_files(rm, sft, added, override, vocab_rows, recipe)
     return build_plan(

@@ -1,0 +1,53 @@
+"""One writer per output folder: an advisory lock file that dies with its process.
+
+`fcntl.flock` is released by the kernel when the holder exits, even on `kill -9`, so a stale lock
+from a dead process is recognised without guessing from pids; the pid inside is only for the
+error message.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from lazymerge.errors import OutputError
+
+__all__ = ["LOCK_NAME", "OutputLock"]
+
+LOCK_NAME = ".lazymerge.lock"
+
+
+class OutputLock:
+    """Context manager holding the output folder's lock for the duration of a run."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK_NAME
+        self.fd = -1
+
+    def __enter__(self) -> OutputLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = -1
+            raise OutputError(
+                f"{self.path.parent} is being written by another lazymerge run (pid {holder})",
+                hint="wait for it to finish, or choose another --output",
+            ) from None
+        # The lock is ours (any previous holder is dead): record our pid for the next reader.
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = -1

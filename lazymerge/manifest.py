@@ -1,0 +1,78 @@
+"""The resume manifest: which output shards are finished, with their sizes and checksums.
+
+Written atomically as each shard closes. `--resume` keeps a shard only if the manifest was made
+by the same plan (a fingerprint of the recipe, the inputs' tensor layout and every output header)
+and the file on disk still has the recorded size and sha256; everything else is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazymerge.io.writer import write_side_file
+from lazymerge.plan import MergePlan
+
+__all__ = ["MANIFEST_NAME", "Manifest", "plan_fingerprint", "sha256_file"]
+
+MANIFEST_NAME = "lazymerge_manifest.json"
+
+
+def plan_fingerprint(plan: MergePlan) -> str:
+    """A digest of everything that determines the output bytes (not the output folder)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(plan.recipe, sort_keys=True).encode())
+    for t in plan.tensors:
+        h.update(f"{t.name}|{t.dtype}|{t.shape}|{t.divisor}|{t.shard}|{t.offset}".encode())
+        for seg in t.segments:
+            for s in seg.sources:
+                h.update(f"{seg.start}|{seg.count}|{s.checkpoint}|{s.file}|{s.offset}|{s.dtype}|{s.weight!r}".encode())
+    for shard in plan.shards:
+        h.update(shard.name.encode())
+        h.update(shard.header)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, block: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """`{"fingerprint": ..., "shards": {name: {"size": n, "sha256": hex}}}` in the output folder."""
+
+    fingerprint: str
+    shards: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest | None:
+        path = directory / MANIFEST_NAME
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            return cls(str(obj["fingerprint"]), {str(k): dict(v) for k, v in obj["shards"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # absent or damaged: nothing can be trusted, redo everything
+
+    def save(self, directory: Path) -> None:
+        body = {"fingerprint": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
+        write_side_file(directory, MANIFEST_NAME, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+
+    def record(self, name: str, size: int, sha256: str) -> None:
+        self.shards[name] = {"size": size, "sha256": sha256}
+
+    def finished(self, directory: Path, name: str, expected_size: int) -> bool:
+        """True when `name` is recorded and the file on disk still matches size and checksum."""
+        entry = self.shards.get(name)
+        path = directory / name
+        if entry is None or entry.get("size") != expected_size or not path.is_file():
+            return False
+        if os.path.getsize(path) != expected_size:
+            return False
+        return sha256_file(path) == entry.get("sha256")
