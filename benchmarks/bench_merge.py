@@ -1,0 +1,856 @@
+"""Benchmark harness (not a test): merge contenders as child processes, wall time and peak RSS.
+
+Every contender runs as a child process; its wall time is measured around spawn -> `os.wait4`,
+its peak RSS is `ru_maxrss` from the same `wait4` (KiB on Linux; includes reaped grandchildren,
+and file-backed mapped pages, i.e. RSS as `top` shows it). Between runs the page cache is dropped
+when we are root, so every run reads cold; contenders are interleaved (A B C A B C ...) so slow
+drift of the machine hits all of them alike; medians over `--repeat` runs are reported.
+
+Contenders (see README.md): lazymerge-dogerm, lazymerge-linear, mergekit, naive, naive-dogerm,
+floor. Inputs are the synthetic pairs of `synthetic.py` (built on first use).
+
+    python benchmarks/bench_merge.py --size 1b --contenders floor,naive,lazymerge-dogerm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import synthetic  # noqa: E402  (a sibling script, not a package)
+
+ALL_CONTENDERS = ("floor", "naive", "naive-dogerm", "lazymerge-dogerm", "lazymerge-linear", "mergekit")
+DEFAULT_CONTENDERS = "floor,naive,lazymerge-dogerm,lazymerge-linear,mergekit"
+DOGERM_WEIGHT = 0.3
+MB = 1e6
+MIB = 1 << 20
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts
+# ---------------------------------------------------------------------------------------------
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts:
+                out[key] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+    except OSError:
+        pass
+    return out
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, object]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = meminfo()
+    return {
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model,
+        "ram_gb": round(mem.get("MemTotal", 0) / GB, 1),
+        "ram_available_gb": round(mem.get("MemAvailable", 0) / GB, 1),
+        "swap_gb": round(mem.get("SwapTotal", 0) / GB, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": package_version("torch"),
+        "safetensors": package_version("safetensors"),
+        "mergekit": package_version("mergekit"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Page cache
+# ---------------------------------------------------------------------------------------------
+
+
+def drop_caches() -> bool:
+    """sync, then drop the page cache; False when this process may not (not root, read-only /proc)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory cgroups
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """ "1G", "512M", "1.5GB", "1GiB" -> bytes (G/M/K are binary, as memory limits usually are)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    return int(float(t[:-1] if mult > 1 else t) * mult)
+
+
+def cgroup_mounts() -> tuple[list[Path], Path | None]:
+    """(cgroup2 mount points, cgroup v1 memory mount point or None) from /proc/mounts."""
+    v2: list[Path] = []
+    v1_memory: Path | None = None
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return v2, None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        mnt, fstype, opts = Path(parts[1]), parts[2], parts[3].split(",")
+        if fstype == "cgroup2":
+            v2.append(mnt)
+        elif fstype == "cgroup" and "memory" in opts:
+            v1_memory = mnt
+    return v2, v1_memory
+
+
+def own_cgroup_path(v1: bool) -> str:
+    """This process's cgroup path in the v1 memory hierarchy or in the v2 unified one."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hid, controllers, path = line.split(":", 2)
+            if v1 and "memory" in controllers.split(","):
+                return path
+            if not v1 and hid == "0" and controllers == "":
+                return path
+    except (OSError, ValueError):
+        pass
+    return "/"
+
+
+@dataclass
+class MemoryCgroup:
+    """A child memory cgroup with a limit; v2 `memory.max` or v1 `memory.limit_in_bytes`."""
+
+    path: Path
+    version: int
+    limit: int
+
+    def procs_file(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def oom_kills(self) -> int:
+        # v2: memory.events "oom_kill N"; v1 (kernel >= 4.13): memory.oom_control "oom_kill N".
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            for line in (self.path / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return -1
+
+    def peak_bytes(self) -> int:
+        """The cgroup's own peak charge (page cache included), -1 when the kernel does not say."""
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        try:
+            return int((self.path / name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def remove(self) -> None:
+        # rmdir fails while the kernel still lists exited tasks for a moment: retry briefly.
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def _try_v2(parent: Path, name: str, limit: int) -> MemoryCgroup | None:
+    child = parent / name
+    try:
+        child.mkdir()
+    except OSError:
+        return None
+    if not (child / "memory.max").exists():
+        # The memory controller must be delegated to children of `parent`.
+        try:
+            (parent / "cgroup.subtree_control").write_text("+memory")
+        except OSError:
+            pass
+    try:
+        (child / "memory.max").write_text(str(limit))
+        swap = child / "memory.swap.max"
+        if swap.exists():
+            swap.write_text("0")  # a limit that swaps instead of failing measures the disk
+        return MemoryCgroup(child, 2, limit)
+    except OSError:
+        try:
+            child.rmdir()
+        except OSError:
+            pass
+        return None
+
+
+def _try_v1(parent: Path, name: str, limit: int) -> MemoryCgroup | None:
+    child = parent / name
+    try:
+        child.mkdir()
+        (child / "memory.limit_in_bytes").write_text(str(limit))
+        memsw = child / "memory.memsw.limit_in_bytes"
+        if memsw.exists():  # no swapping around the limit either (memsw >= limit is required)
+            try:
+                memsw.write_text(str(limit))
+            except OSError:
+                pass
+        return MemoryCgroup(child, 1, limit)
+    except OSError:
+        try:
+            child.rmdir()
+        except OSError:
+            pass
+        return None
+
+
+def create_memory_cgroup(limit: int, name: str) -> tuple[MemoryCgroup | None, str]:
+    """A fresh child memory cgroup, or (None, why not). Tries v2 first, then v1.
+
+    Under our own cgroup first (nested limits are what a container allows), then at the root of
+    the hierarchy (v2 forbids controllers in a cgroup that holds processes, the root excepted).
+    """
+    v2_mounts, v1_memory = cgroup_mounts()
+    tried: list[str] = []
+    for mnt in v2_mounts:
+        controllers = (mnt / "cgroup.controllers").read_text().split() if (mnt / "cgroup.controllers").exists() else []
+        if "memory" not in controllers:
+            tried.append(f"v2 at {mnt}: no memory controller (controllers: {' '.join(controllers) or 'none'})")
+            continue
+        for parent in dict.fromkeys([mnt / own_cgroup_path(False).lstrip("/"), mnt]):
+            if parent.is_dir() and (cg := _try_v2(parent, name, limit)):
+                return cg, f"cgroup v2 at {cg.path}"
+        tried.append(f"v2 at {mnt}: cannot create a child with memory.max")
+    if v1_memory is not None:
+        for parent in dict.fromkeys([v1_memory / own_cgroup_path(True).lstrip("/"), v1_memory]):
+            if parent.is_dir() and (cg := _try_v1(parent, name, limit)):
+                return cg, f"cgroup v1 at {cg.path}"
+        tried.append(f"v1 at {v1_memory}: cannot create a child with memory.limit_in_bytes")
+    else:
+        tried.append("no cgroup v1 memory hierarchy mounted")
+    return None, "; ".join(tried)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one child
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    contender: str
+    step: str
+    repeat: int
+    wall_s: float
+    maxrss_kib: int
+    returncode: int
+    sync_s: float = 0.0
+    killed_by: str = ""
+    cgroup: str = ""
+    cgroup_limit: int = 0
+    cgroup_peak: int = -1
+    oom_kill: int = -1
+    log: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_child(
+    argv: list[str], log: Path, env: dict[str, str] | None, cgroup: MemoryCgroup | None
+) -> tuple[float, int, int, str]:
+    """Run argv; (wall s, ru_maxrss KiB, return code, signal name or "")."""
+
+    def enter_cgroup() -> None:
+        # Runs in the child between fork and exec: the merge itself starts inside the limit.
+        if cgroup is not None:
+            with open(cgroup.procs_file(), "w") as f:
+                f.write(str(os.getpid()))
+
+    with open(log, "wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            preexec_fn=enter_cgroup if cgroup else None,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen we reaped it ourselves
+    sig = ""
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+    return wall, int(usage.ru_maxrss), proc.returncode, sig
+
+
+def tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Contenders
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One child process of a contender (the floor has two: read and write)."""
+
+    label: str
+    argv: list[str]
+    output: Path | None  # removed after the run
+
+
+@dataclass
+class Contender:
+    name: str
+    pair: str  # "dogerm" or "causal": which synthetic pair it reads
+    steps: list[Step]
+    input_bytes: int
+    in_cgroup: bool = False
+    skip: str = ""  # why it does not run, when it does not
+
+
+@dataclass
+class Pair:
+    kind: str
+    first: Path
+    second: Path
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def load_pair(size: str, dtype: str, kind: str, cache: Path) -> Pair:
+    _, first, second = synthetic.pair_paths(size, dtype, kind, cache)
+    if not synthetic.is_complete(size, dtype, kind, cache):
+        # In a child: generating imports torch, which would raise every later child's ru_maxrss.
+        t0 = time.perf_counter()
+        argv = [sys.executable, str(BENCH_DIR / "synthetic.py"), "--size", size, "--dtype", dtype, "--kind", kind]
+        subprocess.run([*argv, "--cache", str(cache)], check=True, stdout=subprocess.DEVNULL)
+        print(f"built the {size} {dtype} {kind} pair in {time.perf_counter() - t0:.1f} s")
+    files = sorted(first.glob("*.safetensors")) + sorted(second.glob("*.safetensors"))
+    return Pair(kind, first, second, files)
+
+
+def linear_yaml(a: Path, b: Path, dtype: str) -> str:
+    """mergekit YAML for a 0.5/0.5 linear merge (json.dumps quotes paths as valid YAML)."""
+    return (
+        "merge_method: linear\n"
+        "models:\n"
+        f"  - model: {json.dumps(str(a))}\n"
+        "    parameters:\n"
+        "      weight: 0.5\n"
+        f"  - model: {json.dumps(str(b))}\n"
+        "    parameters:\n"
+        "      weight: 0.5\n"
+        f"dtype: {dtype}\n"
+    )
+
+
+def expected_output_bytes(pair: Pair) -> int:
+    """Tensor bytes the merge writes: the first model's, plus the SFT-only rows for DogeRM."""
+    out = synthetic.model_bytes(pair.first)
+    if pair.kind == "dogerm":
+        rm_vocab = json.loads((pair.first / "config.json").read_text())["vocab_size"]
+        sft = json.loads((pair.second / "config.json").read_text())
+        itemsize = 2  # fp16 / bf16
+        out += max(0, sft["vocab_size"] - rm_vocab) * sft["hidden_size"] * itemsize
+    return out
+
+
+def build_contenders(
+    names: list[str], pairs: dict[str, Pair], work: Path, dtype: str, args: argparse.Namespace
+) -> list[Contender]:
+    py = sys.executable
+    torch_dtype = synthetic.DTYPE_NAMES[dtype][1]
+    extra = shlex.split(args.lazymerge_args)
+    out: list[Contender] = []
+    for name in names:
+        if name == "floor":
+            for kind in sorted(pairs):
+                out.append(floor_contender(pairs[kind], work))
+            continue
+        if name == "lazymerge-dogerm":
+            p = pairs["dogerm"]
+            o = work / name
+            argv = [
+                py,
+                "-m",
+                "lazymerge",
+                "dogerm",
+                "--reward-model",
+                str(p.first),
+                "--domain-model",
+                str(p.second),
+                "--weight",
+                str(DOGERM_WEIGHT),
+                "--output",
+                str(o),
+                *extra,
+            ]
+            out.append(Contender(name, "dogerm", [Step(name, argv, o)], p.input_bytes, in_cgroup=True))
+        elif name == "lazymerge-linear":
+            p = pairs["causal"]
+            o, cfg = work / name, work / "linear.yaml"
+            cfg.write_text(linear_yaml(p.first, p.second, torch_dtype))
+            argv = [py, "-m", "lazymerge", "merge", str(cfg), "--output", str(o), *extra]
+            out.append(Contender(name, "causal", [Step(name, argv, o)], p.input_bytes, in_cgroup=True))
+        elif name == "mergekit":
+            p = pairs["causal"]
+            o, cfg = work / name, work / "mergekit.yml"
+            cfg.write_text(linear_yaml(p.first, p.second, torch_dtype))
+            exe = shutil.which("mergekit-yaml") or shutil.which("mergekit-yaml", path=str(Path(py).parent))
+            c = Contender(name, "causal", [], p.input_bytes)
+            if exe is None:
+                c.skip = "mergekit-yaml is not on PATH (pip install mergekit to compare)"
+            else:
+                c.steps = [Step(name, [exe, str(cfg), str(o), "--lazy-unpickle"], o)]
+            out.append(c)
+        elif name in ("naive", "naive-dogerm"):
+            kind = "causal" if name == "naive" else "dogerm"
+            p = pairs[kind]
+            o = work / name
+            mode = "_naive" if name == "naive" else "_naive-dogerm"
+            w = "0.5" if name == "naive" else str(DOGERM_WEIGHT)
+            argv = [py, str(Path(__file__).resolve()), mode, str(p.first), str(p.second), str(o), w]
+            c = Contender(name, kind, [Step(name, argv, o)], p.input_bytes)
+            c.skip = naive_memory_check(p, args.force_naive)
+            out.append(c)
+        else:
+            raise SystemExit(f"unknown contender {name!r}; known: {', '.join(ALL_CONTENDERS)}")
+    if args.cgroup_all:
+        for c in out:
+            c.in_cgroup = True
+    return out
+
+
+def floor_contender(pair: Pair, work: Path) -> Contender:
+    """Sequential read of every input byte, then a sequential write of the output's size."""
+    reads = " && ".join(f"dd if={shlex.quote(str(f))} of=/dev/null bs=16M status=none" for f in pair.files)
+    o = work / "floor-write.bin"
+    nbytes = expected_output_bytes(pair)
+    write = (
+        f"dd if=/dev/zero of={shlex.quote(str(o))} bs=16M count={nbytes} iflag=count_bytes conv=fdatasync status=none"
+    )
+    steps = [Step("read", ["sh", "-c", reads], None), Step("write", ["sh", "-c", write], o)]
+    return Contender(f"floor[{pair.kind}]", pair.kind, steps, pair.input_bytes)
+
+
+def naive_memory_check(pair: Pair, force: bool) -> str:
+    """Why naive must not run here (it would need about 3 models in RAM), or ""."""
+    need = 3 * synthetic.model_bytes(pair.second) + 2 * synthetic.model_bytes(pair.first) // 20
+    avail = meminfo().get("MemAvailable", 0)
+    if not force and avail and need > 0.9 * avail:
+        return f"needs about {need / GB:.1f} GB, {avail / GB:.1f} GB available (--force-naive runs it anyway)"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive full-load baselines (run as `bench_merge.py _naive A B OUT W` in a child)
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_all(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state: dict = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def _save_like(state: dict, like: Path, out: Path, vocab: int | None) -> None:
+    """Save `state` sharded as the model at `like` is, with its index, config and tokenizer."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    index = json.loads((like / "model.safetensors.index.json").read_text())
+    files: dict[str, list[str]] = {}
+    for name, file in index["weight_map"].items():
+        files.setdefault(file, []).append(name)
+    for file, names in files.items():
+        save_file({n: state[n] for n in names}, out / file, metadata={"format": "pt"})
+    index["metadata"]["total_size"] = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = json.loads((like / "config.json").read_text())
+    if vocab is not None:
+        config["vocab_size"] = vocab
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def naive_linear(a: Path, b: Path, out: Path, w: float) -> None:
+    """Everything in RAM at once: both models, then the whole result, then save_file."""
+    sa, sb = _load_all(a), _load_all(b)
+    merged = {k: (w * sa[k].float() + (1 - w) * sb[k].float()).to(sa[k].dtype) for k in sa}
+    _save_like(merged, a, out, None)
+    shutil.copy(a / "tokenizer.json", out / "tokenizer.json")
+
+
+def naive_dogerm(rm: Path, sft: Path, out: Path, lam: float) -> None:
+    """DogeRM semantics (DESIGN.md) with full loads: shared tensors averaged, score kept,
+    lm_head dropped, embedding rows only the SFT model has kept from it."""
+    import torch
+
+    srm, ssft = _load_all(rm), _load_all(sft)
+    merged = {}
+    for k, t in srm.items():
+        s = ssft.get(k)
+        if k.startswith("score.") or s is None:
+            merged[k] = t
+        elif k == "model.embed_tokens.weight":
+            n = min(t.shape[0], s.shape[0])
+            mixed = ((1 - lam) * t[:n].float() + lam * s[:n].float()).to(t.dtype)
+            merged[k] = torch.cat([mixed, s[n:].to(t.dtype)]) if s.shape[0] > n else torch.cat([mixed, t[n:]])
+        else:
+            merged[k] = ((1 - lam) * t.float() + lam * s.float()).to(t.dtype)
+    vocab = merged["model.embed_tokens.weight"].shape[0]
+    _save_like(merged, rm, out, vocab)
+    shutil.copy(sft / "tokenizer.json", out / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark loop
+# ---------------------------------------------------------------------------------------------
+
+
+def remove_output(path: Path | None) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def run_step(c: Contender, step: Step, rep: int, work: Path, limit: int | None, drop: bool) -> RunResult:
+    remove_output(step.output)
+    if drop:
+        drop_caches()
+    cg: MemoryCgroup | None = None
+    if limit is not None and c.in_cgroup:
+        cg, _ = create_memory_cgroup(
+            limit, f"lazymerge-bench-{os.getpid()}-{c.name}-{rep}".replace("[", "-").replace("]", "")
+        )
+    log = work / f"{c.name}-{step.label}-{rep}.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    wall, rss, rc, sig = run_child(step.argv, log, env, cg)
+    t0 = time.perf_counter()
+    os.sync()  # what the child left dirty in the page cache is part of its cost: shown apart
+    sync_s = time.perf_counter() - t0
+    r = RunResult(c.name, step.label, rep, wall, rss, rc, sync_s, sig)
+    if cg is not None:
+        r.cgroup, r.cgroup_limit, r.cgroup_peak, r.oom_kill = str(cg.path), cg.limit, cg.peak_bytes(), cg.oom_kills()
+        cg.remove()
+    if not r.ok:
+        r.log = tail(log)
+    remove_output(step.output)
+    log.unlink(missing_ok=True)
+    return r
+
+
+def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dict[str, object]]:
+    """One row per contender step (and floor read+write sums), medians over successful runs."""
+    rows: list[dict[str, object]] = []
+    floors: dict[str, float] = {}
+    for c in contenders:
+        if c.skip:
+            rows.append({"contender": c.name, "pair": c.pair, "skipped": c.skip})
+            continue
+        per_step: dict[str, dict[str, float]] = {}
+        for step in c.steps:
+            rs = [r for r in results if r.contender == c.name and r.step == step.label]
+            good = [r for r in rs if r.ok]
+            row: dict[str, object] = {
+                "contender": c.name if len(c.steps) == 1 else f"{c.name} {step.label}",
+                "pair": c.pair,
+                "runs": len(rs),
+                "ok": len(good),
+                "input_bytes": c.input_bytes,
+            }
+            if good:
+                row["wall_s"] = statistics.median(r.wall_s for r in good)
+                row["sync_s"] = statistics.median(r.sync_s for r in good)
+                row["peak_rss_mb"] = statistics.median(r.maxrss_kib for r in good) * 1024 / MB
+                per_step[step.label] = {"wall_s": float(row["wall_s"]), "peak_rss_mb": float(row["peak_rss_mb"])}
+            failed = [r for r in rs if not r.ok]
+            if failed:
+                row["failures"] = [f"rc={r.returncode} {r.killed_by}".strip() for r in failed]
+            cg = [r for r in rs if r.cgroup]
+            if cg:
+                row["cgroup_limit_mib"] = cg[0].cgroup_limit / MIB
+                row["cgroup_finished"] = sum(r.ok for r in cg)
+                row["cgroup_oom_kills"] = sum(max(r.oom_kill, 0) for r in cg)
+                row["cgroup_peak_mb"] = max(r.cgroup_peak for r in cg) / MB
+            rows.append(row)
+        if c.name.startswith("floor") and {"read", "write"} <= per_step.keys():
+            total = per_step["read"]["wall_s"] + per_step["write"]["wall_s"]
+            floors[c.pair] = total
+            rows.append(
+                {
+                    "contender": f"{c.name} read+write",
+                    "pair": c.pair,
+                    "wall_s": total,
+                    "input_bytes": c.input_bytes,
+                }
+            )
+    for row in rows:
+        wall = row.get("wall_s")
+        if isinstance(wall, float) and wall > 0:
+            if not str(row["contender"]).startswith("floor") or str(row["contender"]).endswith("read"):
+                row["input_gb_s"] = int(row["input_bytes"]) / GB / wall
+            if row["pair"] in floors:
+                row["ratio_to_floor"] = wall / floors[str(row["pair"])]
+    return rows
+
+
+def print_table(rows: list[dict[str, object]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v: object, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    t = Table(title=title)
+    for col in ("contender", "pair", "ok/runs", "wall s", "+sync s", "peak RSS MB", "input GB/s", "x floor", "notes"):
+        t.add_column(col, justify="left" if col in ("contender", "pair", "notes") else "right", no_wrap=True)
+    details: list[str] = []
+    for r in rows:
+        notes = []
+        if "skipped" in r:
+            notes.append("skipped")
+            details.append(f"{r['contender']} skipped: {r['skipped']}")
+        if r.get("failures"):
+            notes.append(f"{len(r['failures'])} failed")  # type: ignore[arg-type]
+            details.append(f"{r['contender']} failures: " + ", ".join(map(str, r["failures"])))  # type: ignore[call-overload]
+        if "cgroup_limit_mib" in r:
+            notes.append(
+                f"cgroup {r['cgroup_limit_mib']:.0f} MiB: done {r['cgroup_finished']}, oom_kill {r['cgroup_oom_kills']}"
+            )
+            details.append(f"{r['contender']}: cgroup peak charge (page cache included) {r['cgroup_peak_mb']:.0f} MB")
+        ok_runs = f"{r['ok']}/{r['runs']}" if "runs" in r else "-"
+        t.add_row(
+            str(r["contender"]),
+            str(r["pair"]),
+            ok_runs,
+            f(r.get("wall_s"), ".1f"),
+            f(r.get("sync_s"), ".1f"),
+            f(r.get("peak_rss_mb"), ",.0f"),
+            f(r.get("input_gb_s"), ".2f"),
+            f(r.get("ratio_to_floor"), ".2f"),
+            "; ".join(notes),
+        )
+    # Not a terminal (a log, CI): do not squeeze the table to 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    console.print(t)
+    for line in details:
+        console.print(line, highlight=False)
+
+
+def write_chart(rows: list[dict[str, object]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    data = [r for r in rows if isinstance(r.get("wall_s"), float)]
+    names = [str(r["contender"]) for r in data]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2))
+    ax1.barh(names, [float(r["wall_s"]) for r in data])
+    ax1.set_xlabel("wall s (median)")
+    ax2.barh(names, [float(r.get("peak_rss_mb", 0.0)) for r in data])
+    ax2.set_xlabel("peak RSS MB (median)")
+    ax2.set_yticklabels([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(synthetic.SIZES), default="tiny")
+    ap.add_argument("--dtype", choices=sorted(synthetic.DTYPES), default="fp16")
+    ap.add_argument("--contenders", default=DEFAULT_CONTENDERS, help=f"comma list of {', '.join(ALL_CONTENDERS)}")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs (warm reads)")
+    ap.add_argument(
+        "--cgroup-limit", default=None, help="run the lazymerge children in a memory cgroup with this limit, e.g. 1G"
+    )
+    ap.add_argument("--cgroup-all", action="store_true", help="put every contender, not only lazymerge, in the cgroup")
+    ap.add_argument(
+        "--force-naive", action="store_true", help="run naive even where it needs more RAM than is available"
+    )
+    ap.add_argument("--lazymerge-args", default="", help="extra arguments for the lazymerge CLI, e.g. '--quiet'")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="synthetic pairs (default: $LAZYMERGE_BENCH_CACHE or benchmarks/cache)"
+    )
+    ap.add_argument("--name", default=None, help="results name (default <size>-<dtype>)")
+    ap.add_argument("--results", type=Path, default=BENCH_DIR / "results")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    cache = args.cache or synthetic.default_cache()
+    info = machine_info()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+    drop = not args.no_drop_caches
+    if drop and not drop_caches():
+        print(
+            "WARNING: cannot drop the page cache (needs root and a writable /proc/sys/vm/drop_caches): runs are WARM-cache"
+        )
+        drop = False
+    print(f"page cache: {'dropped before every run' if drop else 'NOT dropped (warm reads)'}")
+
+    limit = parse_size(args.cgroup_limit) if args.cgroup_limit else None
+    cgroup_note = "none"
+    if limit is not None:
+        probe, cgroup_note = create_memory_cgroup(limit, f"lazymerge-bench-{os.getpid()}-probe")
+        if probe is None:
+            print(f"cannot create a memory cgroup, running without a limit: {cgroup_note}")
+            limit = None
+        else:
+            probe.remove()
+            print(f"memory limit {limit / MB:.0f} MB via {cgroup_note.split(' at ')[0]} (a child cgroup per run)")
+
+    pairs = {k: load_pair(args.size, args.dtype, k, cache) for k in sorted(kinds_needed(names))}
+    work = cache / "bench-out"
+    work.mkdir(parents=True, exist_ok=True)
+    contenders = build_contenders(names, pairs, work, args.dtype, args)
+    for c in contenders:
+        if c.skip:
+            print(f"skipping {c.name}: {c.skip}")
+
+    # Every child's ru_maxrss starts at this process's RSS (exec keeps the pre-exec high-water
+    # mark of the forked copy), so this is the smallest peak RSS a child can show.
+    harness_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+    print(f"harness RSS {harness_rss_mb:.0f} MB (the lowest peak RSS any child can report)")
+    results: list[RunResult] = []
+    runnable = [c for c in contenders if not c.skip]
+    for rep in range(args.repeat):
+        for c in runnable:  # interleaved: A B C, A B C, ...
+            for step in c.steps:
+                r = run_step(c, step, rep, work, limit, drop)
+                results.append(r)
+                status = "ok" if r.ok else f"FAILED rc={r.returncode} {r.killed_by}"
+                extra = f", cgroup oom_kill {r.oom_kill}" if r.cgroup else ""
+                print(
+                    f"[{rep + 1}/{args.repeat}] {c.name} {step.label}: {r.wall_s:.1f} s (+{r.sync_s:.1f} s sync), peak RSS {r.maxrss_kib * 1024 / MB:,.0f} MB, {status}{extra}"
+                )
+                if not r.ok and r.log:
+                    print("  " + r.log.replace("\n", "\n  "))
+
+    rows = summarize(contenders, results)
+    name = args.name or f"{args.size}-{args.dtype}"
+    title = f"lazymerge benchmark {name}: medians of {args.repeat}, {'cold' if drop else 'warm'} cache"
+    print_table(rows, title)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"{name}.json"
+    doc = {
+        "name": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": info,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "page_cache_dropped": drop,
+        "harness_rss_mb": harness_rss_mb,
+        "cgroup": cgroup_note if limit is not None else None,
+        "pairs": {
+            k: {"first": str(p.first), "second": str(p.second), "input_bytes": p.input_bytes} for k, p in pairs.items()
+        },
+        "summary": rows,
+        "runs": [asdict(r) for r in results],
+    }
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+    png = out.with_suffix(".png")
+    if write_chart(rows, png, title):
+        print(f"wrote {png}")
+    else:
+        print("matplotlib is not installed: no chart")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r.ok for r in results) else 1
+
+
+def kinds_needed(names: list[str]) -> set[str]:
+    """The synthetic pairs the chosen contenders read (the floor reads whichever others do)."""
+    need = set()
+    for n in names:
+        if n in ("lazymerge-dogerm", "naive-dogerm"):
+            need.add("dogerm")
+        elif n in ("lazymerge-linear", "mergekit", "naive"):
+            need.add("causal")
+    if not need and "floor" in names:
+        need.add("dogerm")
+    return need
+
+
+def child_main(argv: list[str]) -> int:
+    mode, a, b, out, w = argv
+    if mode == "_naive":
+        naive_linear(Path(a), Path(b), Path(out), float(w))
+    else:
+        naive_dogerm(Path(a), Path(b), Path(out), float(w))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("_naive", "_naive-dogerm"):
+        raise SystemExit(child_main(sys.argv[1:]))
+    raise SystemExit(main())
