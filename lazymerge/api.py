@@ -58,9 +58,20 @@ def merge(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     overwrite: bool = False,
+    resume: bool = False,
+    device: str = "auto",
     progress: ProgressCallback | None = None,
 ):
     """Merge models as a mergekit-style config describes (`merge_method: linear` or `dogerm`).
+
+    Args:
+        config: YAML/JSON path or dict.
+        output: the output folder.
+        resume: keep the shards a killed run of the same merge finished (checksums verified).
+        device: "auto" (CUDA when a GPU and Triton are usable), "cpu" or "cuda".
+
+    Returns:
+        lazymerge.execute.MergeStats.
 
     Example:
         >>> lazymerge.merge({"merge_method": "linear", "models": [
@@ -69,8 +80,10 @@ def merge(
     """
     from lazymerge.execute import execute
 
-    merge_plan, checkpoints = plan(config, output, max_shard_size=max_shard_size, overwrite=overwrite)
-    return execute(merge_plan, checkpoints, chunk_elements=chunk_elements, progress=progress)
+    merge_plan, checkpoints = plan(config, output, max_shard_size=max_shard_size, overwrite=overwrite or resume)
+    return execute(
+        merge_plan, checkpoints, chunk_elements=chunk_elements, progress=progress, resume=resume, device=device
+    )
 
 
 def dogerm(
@@ -84,6 +97,8 @@ def dogerm(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     overwrite: bool = False,
     dry_run: bool = False,
+    resume: bool = False,
+    device: str = "auto",
     progress: ProgressCallback | None = None,
 ):
     """DogeRM: merge a reward model with a domain SFT model, `(1 - weight) * RM + weight * SFT`.
@@ -95,6 +110,8 @@ def dogerm(
         output: folder for the merged reward model (shards, index, config, tokenizer, card).
         dtype: output dtype for floating tensors (default: the reward model's).
         dry_run: plan only; return the MergePlan without reading a tensor byte.
+        resume: keep the shards a killed run of the same merge finished (checksums verified).
+        device: "auto" (CUDA when a GPU and Triton are usable), "cpu" or "cuda".
 
     Returns:
         MergeStats of the run, or the MergePlan when `dry_run`.
@@ -107,14 +124,22 @@ def dogerm(
     """
     from lazymerge.recipes.dogerm import plan_dogerm
 
-    if not isinstance(weight, (int, float)):
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise RecipeError(f"weight must be a number, got {weight!r}")
     rm, sft = open_model(reward_model), open_model(domain_model)
     merge_plan = plan_dogerm(
-        rm, sft, weight, Path(output), dtype=dtype, max_shard_size=parse_size(max_shard_size), overwrite=overwrite
+        rm,
+        sft,
+        weight,
+        Path(output),
+        dtype=dtype,
+        max_shard_size=parse_size(max_shard_size),
+        overwrite=overwrite or resume,
     )
     if dry_run:
         return merge_plan
     from lazymerge.execute import execute
 
-    return execute(merge_plan, [rm, sft], chunk_elements=chunk_elements, progress=progress)
+    return execute(
+        merge_plan, [rm, sft], chunk_elements=chunk_elements, progress=progress, resume=resume, device=device
+    )

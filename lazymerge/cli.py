@@ -32,25 +32,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LazyMergeError as exc:
         if debug_enabled():
             raise
-        _stderr.print(f"[bold red]error:[/] {_escape(exc.message)}")
+        _line(f"[bold red]error:[/] {_escape(exc.message)}")
         if exc.hint:
-            _stderr.print(f"[dim]hint: {_escape(exc.hint)}[/]")
+            _line(f"[dim]hint: {_escape(exc.hint)}[/]")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        _stderr.print("[bold red]interrupted[/]: no output file that looks complete was left behind")
+        _line("[bold red]interrupted[/]: no output file that looks complete was left behind")
         return 130
     except OSError as exc:  # an environment problem we did not anticipate: still one line
         if debug_enabled():
             raise
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        _stderr.print(f"[bold red]error:[/] {_escape(exc.strerror or str(exc))}{_escape(where)}")
+        _line(f"[bold red]error:[/] {_escape(exc.strerror or str(exc))}{_escape(where)}")
         return EXIT_USER_ERROR
     except Exception as exc:
         if debug_enabled():
             raise
-        _stderr.print(f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))}")
-        _stderr.print("[dim]hint: rerun with LAZYMERGE_DEBUG=1 for a traceback and report it[/]")
+        _line(f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))}")
+        _line("[dim]hint: rerun with LAZYMERGE_DEBUG=1 for a traceback and report it[/]")
         return 1
+
+
+def _line(markup: str) -> None:
+    """One message line on stderr: never wrapped at the terminal width (a path can be long),
+    and no `:emoji:` codes expanded inside file names."""
+    _stderr.print(markup, soft_wrap=True, emoji=False)
 
 
 def _escape(text: str) -> str:
@@ -85,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.set_defaults(func=_cmd_inspect)
 
+    v = sub.add_parser("verify", help="check a merged model: headers, index, sizes, checksums, recomputed tensors")
+    v.add_argument("path", type=Path, help="merged model folder")
+    v.add_argument("--recompute", type=int, default=0, metavar="N", help="recompute N sampled tensors from the inputs")
+    v.set_defaults(func=_cmd_verify)
+
     demo = sub.add_parser("demo", help="build a small RM + SFT pair and DogeRM-merge them (offline)")
     demo.add_argument("--output", type=Path, default=Path("lazymerge-demo"), help="work folder")
     demo.set_defaults(func=_cmd_demo)
@@ -98,6 +109,11 @@ def _common_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and every check; read no tensor")
     p.add_argument("--overwrite", action="store_true", help="allow an output folder that holds a model")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", action="store_true", help="keep shards a killed run of the same command finished; redo the rest"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to merge (default auto)")
+    p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _cmd_dogerm(args: argparse.Namespace) -> int:
@@ -112,7 +128,7 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
         args.output,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite or args.resume,
     )
     return _run(plan, [rm, sft], args)
 
@@ -121,7 +137,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from lazymerge.api import plan
 
     merge_plan, checkpoints = plan(
-        args.config, args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite
+        args.config, args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite or args.resume
     )
     return _run(merge_plan, checkpoints, args)
 
@@ -133,11 +149,19 @@ def _run(plan: MergePlan, checkpoints: list, args: argparse.Namespace) -> int:
         print_plan(_stdout, plan)
         return 0
     for warning in plan.warnings:
-        _stderr.print(f"[yellow]warning:[/] {_escape(warning)}")
+        _line(f"[yellow]warning:[/] {_escape(warning)}")
     from lazymerge.execute import execute
 
     with progress_bar(_stderr, plan, disable=args.quiet) as callback:
-        stats = execute(plan, checkpoints, chunk_elements=args.chunk_elements, progress=callback)
+        stats = execute(
+            plan,
+            checkpoints,
+            chunk_elements=args.chunk_elements,
+            progress=callback,
+            resume=args.resume,
+            device=args.device,
+            workers=args.workers,
+        )
     print_stats(_stdout, plan, stats)
     return 0
 
@@ -147,6 +171,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from lazymerge.report import print_checkpoint
 
     print_checkpoint(_stdout, open_model(args.path), list_tensors=args.tensors)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from lazymerge.report import print_verify
+    from lazymerge.verify import verify
+
+    report = verify(args.path, recompute=args.recompute)
+    print_verify(_stdout, report)
+    if not report.ok:
+        failed = [c.name for c in report.checks if not c.ok]
+        _line(f"[bold red]error:[/] {_escape(str(args.path))} failed verification: {_escape(', '.join(failed))}")
+        return EXIT_USER_ERROR
     return 0
 
 

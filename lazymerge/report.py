@@ -9,6 +9,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,7 +26,11 @@ from rich.table import Table
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.plan import MergePlan
 
-__all__ = ["print_checkpoint", "print_plan", "print_stats", "progress_bar"]
+if TYPE_CHECKING:
+    from lazymerge.execute import MergeStats
+    from lazymerge.verify import VerifyReport
+
+__all__ = ["print_checkpoint", "print_plan", "print_stats", "print_verify", "progress_bar"]
 
 
 def human(n: float) -> str:
@@ -95,7 +100,7 @@ def progress_bar(console: Console, plan: MergePlan, disable: bool = False) -> It
         yield callback
 
 
-def print_stats(console: Console, plan: MergePlan, stats) -> None:
+def print_stats(console: Console, plan: MergePlan, stats: MergeStats) -> None:
     """The closing table of a run."""
     table = _table("Merged")
     table.add_column("what")
@@ -112,6 +117,8 @@ def print_stats(console: Console, plan: MergePlan, stats) -> None:
         ("peak RSS", human(stats.peak_rss_bytes)),
         ("device", stats.device),
     ]
+    if stats.resumed_shards:
+        rows.append(("kept from the earlier run", f"{stats.resumed_shards} shard(s), checksums verified"))
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
@@ -143,3 +150,13 @@ def print_checkpoint(console: Console, ckpt: Checkpoint, list_tensors: bool = Fa
         for t in ckpt.tensors.values():
             table.add_row(escape(t.name), t.dtype, str(list(t.shape)), escape(t.file))
         console.print(table)
+
+
+def print_verify(console: Console, report: VerifyReport) -> None:
+    """`lazymerge verify`: one row per check."""
+    table = _table(f"Verify {escape(str(report.folder))}")
+    for col in ("check", "result", "detail"):
+        table.add_column(col, overflow="fold")
+    for c in report.checks:
+        table.add_row(escape(c.name), "[green]ok[/]" if c.ok else "[bold red]FAIL[/]", escape(c.detail))
+    console.print(table)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from lazymerge.constants import PARTIAL_SUFFIX
-from lazymerge.errors import DiskSpaceError, OutputError
+from lazymerge.errors import DiskSpaceError, HeaderError, OutputError
 from lazymerge.plan import OutputShard
 
 __all__ = ["ShardWriter", "write_side_file"]
@@ -27,7 +27,7 @@ class ShardWriter:
         self.partial_path = directory / (shard.name + PARTIAL_SUFFIX)
         self.bytes_written = 0
         try:
-            self.fd = os.open(self.partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
             raise OutputError(f"cannot create {self.partial_path}: {exc.strerror}") from exc
         try:
@@ -43,7 +43,7 @@ class ShardWriter:
         try:
             os.posix_fallocate(self.fd, 0, size)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self._disk_full() from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
@@ -54,17 +54,20 @@ class ShardWriter:
         self._pwrite(data, offset)
         self.bytes_written += len(data)
 
-    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int) -> None:
-        """Copy bytes from another file without passing them through Python (copy_file_range)."""
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int, source: object = "input") -> None:
+        """Copy bytes from another file without passing them through Python (copy_file_range).
+
+        `source` names the input file in the error raised when it ends early (truncated since
+        its header was read)."""
         done = 0
         try:
             while done < nbytes:
                 n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, offset + done)
                 if n == 0:
-                    raise OutputError(f"input ended early while copying into {self.shard.name}")
+                    raise _input_ended(source)
                 done += n
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self._disk_full() from None
             if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
                 raise
@@ -72,7 +75,7 @@ class ShardWriter:
             while done < nbytes:
                 block = os.pread(src_fd, min(nbytes - done, 16 << 20), src_offset + done)
                 if not block:
-                    raise OutputError(f"input ended early while copying into {self.shard.name}") from None
+                    raise _input_ended(source) from None
                 self._pwrite(block, offset + done)
                 done += len(block)
         self.bytes_written += nbytes
@@ -111,6 +114,11 @@ class ShardWriter:
             os.close(self.fd)
             self.fd = -1
         self.partial_path.unlink(missing_ok=True)
+
+
+def _input_ended(source: object) -> HeaderError:
+    # The input is at fault (truncated after planning), not the output folder.
+    return HeaderError(source, "file ends before the tensor data its header promises: truncated?")
 
 
 def write_side_file(directory: Path, name: str, data: bytes) -> Path:
