@@ -72,6 +72,6 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, "pt") as h:
-            for k in h.keys():  # noqa: SIM118 - safe_open has no __iter__
+            for k in h.keys():
                 out[k] = h.get_tensor(k)
     return out

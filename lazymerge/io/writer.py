@@ -17,6 +17,24 @@ from lazymerge.plan import OutputShard
 
 __all__ = ["ShardWriter", "write_side_file"]
 
+_WRITEBACK_BYTES = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range():
+    # Linux's sync_file_range(2) is not in the os module; without it writeback is left to the kernel.
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_sync_file_range = _load_sync_file_range()
+
 
 class ShardWriter:
     """Writes one output shard: header at open, chunks at absolute offsets, rename at finish."""
@@ -26,6 +44,7 @@ class ShardWriter:
         self.final_path = directory / shard.name
         self.partial_path = directory / (shard.name + PARTIAL_SUFFIX)
         self.bytes_written = 0
+        self._dirty = 0
         try:
             self.fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as exc:
@@ -53,6 +72,15 @@ class ShardWriter:
         """Write `data` at the absolute file `offset`."""
         self._pwrite(data, offset)
         self.bytes_written += len(data)
+        self._start_writeback(offset, len(data))
+
+    def _start_writeback(self, offset: int, nbytes: int) -> None:
+        # Hand written pages to the disk now (asynchronously) instead of letting them pile up in
+        # the page cache until the fsync at the end of the shard, which would stall the pipeline.
+        self._dirty += nbytes
+        if self._dirty >= _WRITEBACK_BYTES and _sync_file_range is not None:
+            _sync_file_range(self.fd, offset + nbytes - self._dirty, self._dirty, _SYNC_FILE_RANGE_WRITE)
+            self._dirty = 0
 
     def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int, source: object = "input") -> None:
         """Copy bytes from another file without passing them through Python (copy_file_range).
