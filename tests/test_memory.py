@@ -54,8 +54,23 @@ def test_dogerm_peak_rss_bounded_for_1gb_pair(tmp_path: Path) -> None:
     pair_bytes = sum(p.stat().st_size for d in (rm, sft) for p in d.iterdir())
     assert pair_bytes > 1e9
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "lazymerge", "dogerm", "--reward-model", str(rm), "--domain-model", str(sft),
-           "--weight", "0.3", "--output", str(out), "--quiet", "--max-shard-size", "400MB"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lazymerge",
+        "dogerm",
+        "--reward-model",
+        str(rm),
+        "--domain-model",
+        str(sft),
+        "--weight",
+        "0.3",
+        "--output",
+        str(out),
+        "--quiet",
+        "--max-shard-size",
+        "400MB",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     stderr = proc.stderr.read().decode()

@@ -49,7 +49,10 @@ def _pair_tensors(rm_dtype: torch.dtype, sft_dtype: torch.dtype, rm_vocab: int, 
         "model.empty": torch.zeros(0, h, dtype=rm_dtype),
         "score.weight": r(1, h, dtype=rm_dtype),
     }
-    sft = {k: (r(*v.shape, dtype=sft_dtype) if v.dtype in FLOATS else v.view(torch.uint8).flip(0).view(v.dtype)) for k, v in rm.items()}
+    sft = {
+        k: (r(*v.shape, dtype=sft_dtype) if v.dtype in FLOATS else v.view(torch.uint8).flip(0).view(v.dtype))
+        for k, v in rm.items()
+    }
     del sft["score.weight"]
     sft["model.embed_tokens.weight"] = r(sft_vocab, h, dtype=sft_dtype)
     sft["lm_head.weight"] = r(sft_vocab, h, dtype=sft_dtype)
@@ -170,9 +173,7 @@ def test_linear_merge_matches_reference(tmp_path: Path, normalize: bool, n_model
     lazymerge.merge(config, tmp_path / "out", chunk_elements=100)
     divisor = sum(weights) if normalize else None
     want = {
-        k: reference_linear([m[k] for m in models], weights, torch.bfloat16, divisor)
-        for k in shapes
-        if k != "d.idx"
+        k: reference_linear([m[k] for m in models], weights, torch.bfloat16, divisor) for k in shapes if k != "d.idx"
     }
     want["d.idx"] = models[0]["d.idx"]
     assert_same(load_folder(tmp_path / "out"), want)
