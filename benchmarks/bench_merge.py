@@ -7,6 +7,7 @@ when we are root, so every run reads cold; contenders are interleaved (A B C A B
 drift of the machine hits all of them alike; medians over `--repeat` runs are reported.
 
 Contenders (see README.md): lazymerge-dogerm, lazymerge-linear, mergekit, naive, naive-dogerm,
+lazymerge-sweep5 (one DogeRM run writing 5 lambdas) vs lazymerge-dogerm-x5 (5 separate runs),
 floor. Inputs are the synthetic pairs of `synthetic.py` (built on first use).
 
     python benchmarks/bench_merge.py --size 1b --contenders floor,naive,lazymerge-dogerm
@@ -36,7 +37,18 @@ sys.path.insert(0, str(BENCH_DIR))
 
 import synthetic  # noqa: E402  (a sibling script, not a package)
 
-ALL_CONTENDERS = ("floor", "naive", "naive-dogerm", "lazymerge-dogerm", "lazymerge-linear", "mergekit")
+ALL_CONTENDERS = (
+    "floor",
+    "naive",
+    "naive-dogerm",
+    "lazymerge-dogerm",
+    "lazymerge-linear",
+    "mergekit",
+    "lazymerge-sweep5",
+    "lazymerge-dogerm-x5",
+)
+# DogeRM lambdas of the sweep contenders: one run writing 5 models vs 5 separate runs.
+SWEEP_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_CONTENDERS = "floor,naive,lazymerge-dogerm,lazymerge-linear,mergekit"
 DOGERM_WEIGHT = 0.3
 MB = 1e6
@@ -441,6 +453,19 @@ def build_contenders(
                 *extra,
             ]
             out.append(Contender(name, "dogerm", [Step(name, argv, o)], p.input_bytes, in_cgroup=True))
+        elif name in ("lazymerge-sweep5", "lazymerge-dogerm-x5"):
+            p = pairs["dogerm"]
+            o = work / name  # holds the 5 output folders; removed after the run
+            common = [py, "-m", "lazymerge", "dogerm", "--reward-model", str(p.first), "--domain-model", str(p.second)]
+            if name == "lazymerge-sweep5":
+                weights = ",".join(f"{w:g}" for w in SWEEP_WEIGHTS)
+                steps = [Step(name, [*common, "--weight", weights, "--output", str(o / "out-{weight}"), *extra], o)]
+            else:
+                steps = [
+                    Step(f"{name}-{w:g}", [*common, "--weight", f"{w:g}", "--output", str(o / f"out-{w:g}"), *extra], o)
+                    for w in SWEEP_WEIGHTS
+                ]
+            out.append(Contender(name, "dogerm", steps, p.input_bytes, in_cgroup=True))
         elif name == "lazymerge-linear":
             p = pairs["causal"]
             o, cfg = work / name, work / "linear.yaml"

@@ -76,13 +76,26 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dogerm", help="DogeRM: merge a reward model with a domain SFT model")
     d.add_argument("--reward-model", required=True, metavar="RM", help="reward model folder or file")
     d.add_argument("--domain-model", required=True, metavar="SFT", help="domain SFT model folder or file")
-    d.add_argument("--weight", required=True, type=float, metavar="LAMBDA", help="lambda in [0, 1]")
+    d.add_argument(
+        "--weight",
+        required=True,
+        type=_weights,
+        metavar="LAMBDA",
+        help="lambda in [0, 1]; a list (0.1,0.2,0.3) sweeps in one read: --output 'out-{weight}'",
+    )
     d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the RM's)")
     _common_output_args(d)
     d.set_defaults(func=_cmd_dogerm)
 
     m = sub.add_parser("merge", help="merge models as a mergekit YAML config describes")
-    m.add_argument("config", type=Path, help="mergekit-style YAML (merge_method: linear | dogerm)")
+    m.add_argument(
+        "config", type=Path, help="mergekit-style YAML (linear, task_arithmetic, ties, dare, slerp, dogerm...)"
+    )
+    m.add_argument(
+        "--sweep",
+        metavar="KEY=V1,V2",
+        help="merge once per value of a config key (e.g. parameters.lambda=0.5,1) in one read; --output 'out-{lambda}'",
+    )
     _common_output_args(m)
     m.set_defaults(func=_cmd_merge)
 
@@ -114,17 +127,44 @@ def _common_output_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to merge (default auto)")
     p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+    _hub_args(p)
+
+
+def _hub_args(p: argparse.ArgumentParser) -> None:
+    hub = p.add_argument_group("Hugging Face Hub (models may also be given as owner/name[@revision])")
+    hub.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="upload each shard as it is written; commit once at the end"
+    )
+    hub.add_argument("--private", action="store_true", help="create the pushed repo private")
+    hub.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing; default main)")
+    hub.add_argument("--commit-message", metavar="MSG", help="message of the one commit")
+    hub.add_argument(
+        "--delete-after-upload", action="store_true", help="delete each local shard once uploaded (about one on disk)"
+    )
+    hub.add_argument(
+        "--low-disk", action="store_true", help="download Hub inputs to a private folder; delete each shard once read"
+    )
+    hub.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
 
 
 def _cmd_dogerm(args: argparse.Namespace) -> int:
     from lazymerge.api import open_model
     from lazymerge.recipes.dogerm import plan_dogerm
 
-    rm, sft = open_model(args.reward_model), open_model(args.domain_model)
+    rm = open_model(args.reward_model, low_disk=args.low_disk, token=args.token)
+    sft = open_model(args.domain_model, low_disk=args.low_disk, token=args.token)
+    if len(args.weight) > 1:
+        from lazymerge.sweep import dogerm_plans
+
+        plans = dogerm_plans(
+            rm, sft, args.weight, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+        return _run_sweep(plans, [rm, sft], args)
     plan = plan_dogerm(
         rm,
         sft,
-        args.weight,
+        args.weight[0],
         args.output,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
@@ -136,10 +176,51 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from lazymerge.api import plan
 
+    if args.sweep:
+        from lazymerge.sweep import parse_values, sweep_plans
+
+        key, _, values = args.sweep.partition("=")
+        plans, checkpoints = sweep_plans(
+            args.config, args.output, key.strip(), parse_values(values), max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+        return _run_sweep(plans, checkpoints, args)
+
     merge_plan, checkpoints = plan(
-        args.config, args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite or args.resume
+        args.config,
+        args.output,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite or args.resume,
+        low_disk=args.low_disk,
+        token=args.token,
     )
     return _run(merge_plan, checkpoints, args)
+
+
+def _weights(text: str) -> list[float]:
+    from lazymerge.sweep import parse_values
+
+    try:
+        return parse_values(text)
+    except LazyMergeError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _run_sweep(plans: list[MergePlan], checkpoints: list, args: argparse.Namespace) -> int:
+    """K outputs from one read of the inputs (no progress bar; one line per output)."""
+    if args.dry_run or args.resume or getattr(args, "push_to_hub", None):
+        _line("[bold red]error:[/] a sweep does not support --dry-run, --resume or --push-to-hub yet")
+        return EXIT_USER_ERROR
+    from lazymerge.execute import execute_sweep
+
+    all_stats = execute_sweep(
+        plans, checkpoints, chunk_elements=args.chunk_elements, device=args.device, workers=args.workers
+    )
+    for plan, stats in zip(plans, all_stats, strict=True):
+        _stdout.print(f"{_escape(str(plan.output_dir))}: {stats.bytes_written / 1e9:.2f} GB written", soft_wrap=True)
+    first = all_stats[0]
+    _stdout.print(f"{len(plans)} models from one read of {first.bytes_read / 1e9:.2f} GB in {first.seconds:.1f} s")
+    return 0
 
 
 def _run(plan: MergePlan, checkpoints: list, args: argparse.Namespace) -> int:
@@ -150,12 +231,16 @@ def _run(plan: MergePlan, checkpoints: list, args: argparse.Namespace) -> int:
         return 0
     for warning in plan.warnings:
         _line(f"[yellow]warning:[/] {_escape(warning)}")
-    from lazymerge.execute import execute
+    from lazymerge.push import execute_and_push
 
-    with progress_bar(_stderr, plan, disable=args.quiet) as callback:
-        stats = execute(
+    pusher = _pusher(args)
+    with progress_bar(_stderr, plan, disable=args.quiet, upload=pusher is not None) as callback:
+        if pusher is not None:
+            pusher.on_upload = callback.upload
+        stats, pushed = execute_and_push(
             plan,
             checkpoints,
+            pusher,
             chunk_elements=args.chunk_elements,
             progress=callback,
             resume=args.resume,
@@ -163,7 +248,28 @@ def _run(plan: MergePlan, checkpoints: list, args: argparse.Namespace) -> int:
             workers=args.workers,
         )
     print_stats(_stdout, plan, stats)
+    if pushed is not None:
+        reused = f" ({len(pushed.reused)} shard(s) already on the Hub, not re-sent)" if pushed.reused else ""
+        where = f"{pushed.repo_id}@{pushed.revision}"
+        _stdout.print(f"pushed to {_escape(where)}{reused}: {_escape(pushed.commit_url)}")
     return 0
+
+
+def _pusher(args: argparse.Namespace):
+    if args.push_to_hub is None:
+        if args.delete_after_upload:
+            raise LazyMergeError("--delete-after-upload needs --push-to-hub", hint="add --push-to-hub OWNER/NAME")
+        return None
+    from lazymerge.push import HubPusher
+
+    return HubPusher(
+        args.push_to_hub,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        delete_after_upload=args.delete_after_upload,
+        token=args.token,
+    )
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -7,15 +7,19 @@ Any key we do not implement is named in the error instead of being silently igno
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from lazymerge.constants import DEFAULT_MAX_SHARD_SIZE, MERGEABLE_DTYPES
 from lazymerge.errors import MissingTensorError, RecipeError, ShapeMismatchError
-from lazymerge.io.checkpoint import Checkpoint, open_checkpoint
+from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.hub import open_any
+from lazymerge.methods_config import METHODS
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
-from lazymerge.recipes.card import model_card
+from lazymerge.recipes.card import hub_base_models, model_card
 from lazymerge.recipes.common import copy_tensor, normalize_dtype, output_config, source_at
 
 __all__ = ["load_recipe", "plan_recipe"]
@@ -55,15 +59,25 @@ def plan_recipe(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     check_disk: bool = True,
+    low_disk: bool = False,
+    token: str | bool | None = None,
 ) -> tuple[MergePlan, list[Checkpoint]]:
-    """Plan the merge a recipe describes. Returns the plan and the opened checkpoints."""
+    """Plan the merge a recipe describes. Returns the plan and the opened checkpoints.
+
+    A model may be a local folder/file or a Hub repo id (`owner/name[@revision]`, opened from
+    remote headers; `low_disk` and `token` apply to those)."""
     method = spec.get("merge_method")
+    opener = functools.partial(open_any, low_disk=low_disk, token=token)
     if method == "dogerm":
-        return _plan_dogerm(spec, output, max_shard_size, overwrite, check_disk)
+        return _plan_dogerm(spec, output, max_shard_size, overwrite, check_disk, opener)
+    if method in METHODS:
+        from lazymerge.methods_config import plan_method
+
+        return plan_method(spec, output, max_shard_size, overwrite, check_disk, opener)
     if method != "linear":
         raise RecipeError(
             f"merge_method {method!r} is not supported",
-            hint="supported: linear, dogerm",
+            hint=f"supported: linear, dogerm, {', '.join(METHODS)}",
         )
     _reject_unknown(spec, _TOP_KEYS, "the recipe")
     models = spec.get("models")
@@ -86,7 +100,7 @@ def plan_recipe(
             raise RecipeError(
                 f"models[{i}].parameters.weight must be a number (per-tensor weight lists are not supported)"
             )
-        checkpoints.append(open_checkpoint(entry["model"], label=entry["model"]))
+        checkpoints.append(opener(entry["model"], label=entry["model"]))
         weights.append(float(weight))
     divisor = None
     if normalize:
@@ -111,7 +125,7 @@ def plan_recipe(
     config = output_config(first, out_dtype)
     if config is not None:
         side["config.json"] = config
-    side["README.md"] = model_card(recipe, [c.label for c in checkpoints]).encode("utf-8")
+    side["README.md"] = model_card(recipe, [c.label for c in checkpoints], hub_base_models(checkpoints)).encode("utf-8")
     plan = build_plan(
         recipe=recipe,
         inputs=[c.label for c in checkpoints],
@@ -154,8 +168,49 @@ def _linear_tensors(
     return tensors, dropped
 
 
-def _plan_dogerm(
+def _plan_method(
     spec: dict, output: str | os.PathLike[str], max_shard_size: int, overwrite: bool, check_disk: bool
+) -> tuple[MergePlan, list[Checkpoint]]:
+    from lazymerge.methods_config import method_tensors, open_method_models
+
+    _reject_unknown(spec, _TOP_KEYS, "the recipe")
+    out_dtype = normalize_dtype(spec.get("out_dtype")) or normalize_dtype(spec.get("dtype"))
+    checkpoints, model_params = open_method_models(spec)
+    tensors, dropped = method_tensors(spec, checkpoints, model_params, out_dtype)
+    recipe = json.loads(json.dumps(spec, default=str))
+    base = checkpoints[0]
+    side: dict[str, bytes] = {}
+    from lazymerge.constants import CARRIED_FILES, TOKENIZER_FILES
+
+    for name in (*TOKENIZER_FILES, *CARRIED_FILES):
+        if (path := base.side_file(name)) is not None:
+            side[name] = path.read_bytes()
+    config = output_config(base, out_dtype)
+    if config is not None:
+        side["config.json"] = config
+    side["README.md"] = model_card(recipe, [c.label for c in checkpoints]).encode("utf-8")
+    plan = build_plan(
+        recipe=recipe,
+        inputs=[c.label for c in checkpoints],
+        input_dirs=[c.root for c in checkpoints],
+        output_dir=Path(output),
+        tensors=tensors,
+        max_shard_size=max_shard_size,
+        side_files=side,
+        dropped=dropped,
+        overwrite=overwrite,
+        check_disk=check_disk,
+    )
+    return plan, checkpoints
+
+
+def _plan_dogerm(
+    spec: dict,
+    output: str | os.PathLike[str],
+    max_shard_size: int,
+    overwrite: bool,
+    check_disk: bool,
+    opener: Callable[..., Checkpoint] = open_any,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     from lazymerge.recipes.dogerm import plan_dogerm
 
@@ -166,8 +221,8 @@ def _plan_dogerm(
     weight = spec["weight"]
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise RecipeError("`weight` must be a number between 0 and 1")
-    rm = open_checkpoint(spec["reward_model"], label=str(spec["reward_model"]))
-    sft = open_checkpoint(spec["domain_model"], label=str(spec["domain_model"]))
+    rm = opener(str(spec["reward_model"]), label=str(spec["reward_model"]))
+    sft = opener(str(spec["domain_model"]), label=str(spec["domain_model"]))
     plan = plan_dogerm(
         rm,
         sft,

@@ -11,6 +11,7 @@ prints; progress goes to a callback.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -18,21 +19,22 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from lazymerge import methods
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
-from lazymerge.errors import HeaderError, OutputError
+from lazymerge.errors import HeaderError, OutputError, PlanError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import ShardWriter, write_side_file
-from lazymerge.kernels.backend import Backend, CpuBackend, select_backend
+from lazymerge.kernels.backend import _TORCH_DTYPES, Backend, CpuBackend, DeviceError, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.manifest import Manifest, plan_fingerprint
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor, iter_chunks
 
-__all__ = ["MergeStats", "ProgressEvent", "execute", "tensor_bytes"]
+__all__ = ["MergeStats", "ProgressEvent", "execute", "execute_sweep", "tensor_bytes"]
 
 _DONE = object()
 
@@ -73,7 +75,7 @@ class _Slot:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.inputs: list[torch.Tensor] = []
-        self.out = backend.allocate(0)
+        self.outs: list[torch.Tensor] = [backend.allocate(0)]  # one per output of a sweep
 
     def input(self, i: int, nbytes: int = 0) -> torch.Tensor:
         while len(self.inputs) <= i:
@@ -82,10 +84,16 @@ class _Slot:
             self.inputs[i] = self.backend.allocate(nbytes)
         return self.inputs[i]
 
-    def output(self, nbytes: int) -> torch.Tensor:
-        if self.out.numel() < nbytes:
-            self.out = self.backend.allocate(nbytes)
-        return self.out
+    @property
+    def out(self) -> torch.Tensor:
+        return self.outs[0]
+
+    def output(self, nbytes: int, k: int = 0) -> torch.Tensor:
+        while len(self.outs) <= k:
+            self.outs.append(self.backend.allocate(0))
+        if self.outs[k].numel() < nbytes:
+            self.outs[k] = self.backend.allocate(nbytes)
+        return self.outs[k]
 
 
 def execute(
@@ -117,41 +125,111 @@ def execute(
         OutputError: the folder is locked by another run, or holds a different merge (--resume).
         DiskSpaceError, HeaderError: disk full, or an input truncated since it was planned.
     """
+    return _execute_many(
+        [plan],
+        checkpoints,
+        chunk_elements=chunk_elements,
+        progress=progress,
+        resume=resume,
+        device=device,
+        workers=workers,
+    )[0]
+
+
+def execute_sweep(
+    plans: Sequence[MergePlan],
+    checkpoints: Sequence[Checkpoint],
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    device: str = "cpu",
+    workers: int | None = None,
+) -> list[MergeStats]:
+    """Write K merged models that read the same input ranges (a parameter sweep) in one pass.
+
+    Every chunk of the inputs is read once and merged K times, once per plan; each output has
+    its own folder, writer, manifest and index. The plans must read the same inputs in the same
+    order (same recipe shape, different weights or parameters).
+
+    Raises:
+        PlanError: the plans do not read the same input ranges.
+    """
+    return _execute_many(
+        list(plans),
+        checkpoints,
+        chunk_elements=chunk_elements,
+        progress=progress,
+        resume=False,
+        device=device,
+        workers=workers,
+    )
+
+
+def _execute_many(
+    plans: list[MergePlan],
+    checkpoints: Sequence[Checkpoint],
+    *,
+    chunk_elements: int,
+    progress: Callable[[ProgressEvent], None] | None,
+    resume: bool,
+    device: str,
+    workers: int | None,
+) -> list[MergeStats]:
     start = time.perf_counter()
     _return_freed_buffers_to_the_os()
-    out_dir = plan.output_dir
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out_dir}: {exc.strerror}") from exc
-    backend, reason = select_backend(device)
-    with OutputLock(out_dir), backend:
-        manifest, done = _resume_state(plan, resume)
+    dirs = [p.output_dir for p in plans]
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise OutputError("two outputs of the sweep go to the same folder", hint="put {weight} in --output")
+    for out_dir in dirs:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create {out_dir}: {exc.strerror}") from exc
+    cpu_only = sorted({t.method for p in plans for t in p.tensors if t.method != "linear"})
+    if cpu_only and device == "auto":
+        backend, reason = CpuBackend(), f"cpu: {', '.join(cpu_only)} run on the CPU backend"
+    elif cpu_only and device == "cuda":
+        raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
+    else:
+        backend, reason = select_backend(device)
+    with contextlib.ExitStack() as stack:
+        for out_dir in dirs:
+            stack.enter_context(OutputLock(out_dir))
+        stack.enter_context(backend)
+        states = [_resume_state(p, resume) for p in plans]
+        done = states[0][1]
         # Side files first: none of them makes the folder look like a finished model; the index
         # does, so it goes last.
-        for name, data in plan.side_files.items():
-            if not name.endswith(".index.json"):
-                write_side_file(out_dir, name, data)
-        todo = [k for k in range(len(plan.shards)) if k not in done]
-        run = _Run(plan, checkpoints, chunk_elements, progress, backend, workers, todo, manifest)
+        for p in plans:
+            for name, data in p.side_files.items():
+                if not name.endswith(".index.json"):
+                    write_side_file(p.output_dir, name, data)
+        todo = [k for k in range(len(plans[0].shards)) if k not in done]
+        run = _Run(plans, checkpoints, chunk_elements, progress, backend, workers, todo, [m for m, _ in states])
         for k in sorted(done):
-            run.report("skip", plan.shards[k].name, out_dir / plan.shards[k].name)
+            run.report("skip", plans[0].shards[k].name, dirs[0] / plans[0].shards[k].name)
         run.go()
-        for name, data in plan.side_files.items():
-            if name.endswith(".index.json"):
-                write_side_file(out_dir, name, data)
+        for p in plans:
+            for name, data in p.side_files.items():
+                if name.endswith(".index.json"):
+                    write_side_file(p.output_dir, name, data)
     if progress:
         progress(ProgressEvent("done", "", run.bytes_written, run.total_bytes, run.bytes_read))
-    return MergeStats(
-        tensors=len(plan.tensors),
-        bytes_read=run.bytes_read,
-        bytes_written=run.bytes_written,
-        seconds=time.perf_counter() - start,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        device=reason,
-        files=[out_dir / s.name for s in plan.shards],
-        resumed_shards=len(done),
-    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return [
+        MergeStats(
+            tensors=len(p.tensors),
+            bytes_read=run.bytes_read,
+            bytes_written=run.written[k],
+            seconds=seconds,
+            peak_rss_bytes=peak,
+            device=reason,
+            files=[p.output_dir / s.name for s in p.shards],
+            resumed_shards=len(done),
+        )
+        for k, p in enumerate(plans)
+    ]
 
 
 def _return_freed_buffers_to_the_os() -> None:
@@ -185,28 +263,31 @@ def _resume_state(plan: MergePlan, resume: bool) -> tuple[Manifest, set[int]]:
 
 
 class _Run:
-    """One execution: the stages and their shared state."""
+    """One execution of one plan, or of K plans reading the same input ranges (a sweep)."""
 
     def __init__(
         self,
-        plan: MergePlan,
+        plans: list[MergePlan],
         checkpoints: Sequence[Checkpoint],
         chunk_elements: int,
         progress: Callable[[ProgressEvent], None] | None,
         backend: Backend,
         workers: int | None,
         shards: list[int],
-        manifest: Manifest,
+        manifests: list[Manifest],
     ) -> None:
-        self.plan = plan
+        self.plans = plans
+        self.plan = plans[0]
         self.checkpoints = checkpoints
         self.progress = progress
         self.backend = backend
-        self.manifest = manifest
-        self.tasks = list(iter_chunks(plan, chunk_elements, shards))
-        self.total_bytes = sum(s.size for s in plan.shards)
+        self.manifests = manifests
+        self.variants = [list(iter_chunks(p, chunk_elements, shards)) for p in plans]
+        self.tasks = self.variants[0]
+        _check_same_reads(self.variants)
+        self.total_bytes = sum(s.size for p in plans for s in p.shards)
         self.bytes_read = 0
-        self.bytes_written = sum(s.size for k, s in enumerate(plan.shards) if k not in shards)
+        self.written = [sum(s.size for k, s in enumerate(p.shards) if k not in shards) for p in plans]
         if backend.name == "cpu":
             self.workers = [CpuBackend() for _ in range(workers or os.cpu_count() or 1)]
         else:
@@ -223,6 +304,14 @@ class _Run:
         self.fds: dict[tuple[int, str], int] = {}
         self.fd_lock = threading.Lock()
         self.last_use = self._last_uses()
+        self.by_name = [{t.name: t for t in p.tensors} for p in plans]
+        # Statistics of methods that need them: [variant][tensor name] -> stats.
+        self.stats: list[dict[str, object]] = [{} for _ in plans]
+        self._stats_bufs: list[torch.Tensor] = []
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(self.written)
 
     def _last_uses(self) -> dict[tuple[int, str], int]:
         last: dict[tuple[int, str], int] = {}
@@ -243,6 +332,7 @@ class _Run:
         if self.backend.name == "cpu":
             torch.set_num_threads(1)  # parallelism comes from the workers
         try:
+            self._global_stats()
             for t in [*threads, writer]:
                 t.daemon = True
                 t.start()
@@ -253,7 +343,8 @@ class _Run:
         except BaseException as exc:  # KeyboardInterrupt in the calling thread
             self._fail(exc)
             for t in [*threads, writer]:
-                t.join()
+                if t.is_alive() or t.ident is not None:
+                    t.join()
         finally:
             torch.set_num_threads(previous_threads)
             for fd in self.fds.values():
@@ -291,14 +382,54 @@ class _Run:
                 continue
         return _DONE
 
+    # -- statistics passes -------------------------------------------------------------------------
+    def _global_stats(self) -> None:
+        """Methods with model-wide statistics (global TIES) get them before any chunk is merged."""
+        for k, plan in enumerate(self.plans):
+            groups: dict[str, list[OutputTensor]] = {}
+            for t in plan.tensors:
+                if t.method != "linear" and t.segments:
+                    method = methods.get(t.method)
+                    if method.needs_stats and method.is_global(t.params):
+                        groups.setdefault(t.method, []).append(t)
+            for name, tensors in groups.items():
+                tensors.sort(key=lambda t: t.params.get("ordinal", 0))
+                acc = methods.get(name).new_stats(tensors[0].params, sum(t.numel for t in tensors))  # type: ignore[misc]
+                self._stats_passes(tensors, acc)
+                result = acc.result()
+                for t in tensors:
+                    self.stats[k][t.name] = result
+
+    def _tensor_stats(self, k: int, name: str) -> object:
+        """Per-tensor statistics, computed the first time the reader meets the tensor."""
+        if name not in self.stats[k]:
+            tensor = self.by_name[k][name]
+            acc = methods.get(tensor.method).new_stats(tensor.params, tensor.numel)  # type: ignore[misc]
+            self._stats_passes([tensor], acc)
+            self.stats[k] = {name: acc.result()}  # the previous tensor's are no longer needed
+        return self.stats[k][name]
+
+    def _stats_passes(self, tensors: list[OutputTensor], acc: methods.StatsAccumulator) -> None:
+        def read(checkpoint: int, file: str, offset: int, buf: torch.Tensor) -> None:
+            # Pages stay cached: the merge pass reads them again right after.
+            self._read_into(checkpoint, file, offset, buf, drop=False)
+
+        stats_passes(tensors, acc, read, self._stats_bufs)
+
+    def _with_stats(self, k: int, task: ChunkTask) -> ChunkTask:
+        if task.method == "linear" or task.copy or not methods.get(task.method).needs_stats:
+            return task
+        return replace(task, stats=self._tensor_stats(k, task.tensor))
+
     # -- stage 1: read -------------------------------------------------------------------------
     def _read_stage(self) -> None:
         try:
             for i, task in enumerate(self.tasks):
                 if not isinstance(task, ChunkTask) or task.copy:
-                    if not self._put(self.to_compute, (i, task, None)):
+                    if not self._put(self.to_compute, (i, [v[i] for v in self.variants], None)):
                         return
                     continue
+                tasks = [self._with_stats(k, v[i]) for k, v in enumerate(self.variants)]  # type: ignore[arg-type]
                 slot = self._get(self.free_slots)
                 if slot is _DONE:
                     return
@@ -306,7 +437,7 @@ class _Run:
                     nbytes = task.count * DTYPE_SIZES[src.dtype]
                     self._read_into(src.checkpoint, src.file, src.offset, slot.input(j, nbytes)[:nbytes])
                     self._release_if_done(src.checkpoint, src.file, i)
-                if not self._put(self.to_compute, (i, task, slot)):
+                if not self._put(self.to_compute, (i, tasks, slot)):
                     return
         finally:
             for _ in self.workers:
@@ -323,7 +454,7 @@ class _Run:
                 self.fds[key] = fd
             return fd
 
-    def _read_into(self, checkpoint: int, file: str, offset: int, buf: torch.Tensor) -> None:
+    def _read_into(self, checkpoint: int, file: str, offset: int, buf: torch.Tensor, drop: bool = True) -> None:
         fd = self.fd(checkpoint, file)
         view = memoryview(buf.numpy())
         done = 0
@@ -333,8 +464,9 @@ class _Run:
                 path = self.checkpoints[checkpoint].local_file(file)
                 raise HeaderError(path, "file ends before the tensor data its header promises: truncated?")
             done += n
-        # Consumed input pages leave the page cache, so a merge does not evict everything else.
-        os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+        if drop:
+            # Consumed input pages leave the page cache, so a merge does not evict everything else.
+            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
         self.bytes_read += len(view)
 
     def _release_if_done(self, checkpoint: int, file: str, i: int) -> None:
@@ -351,19 +483,19 @@ class _Run:
             item = self._get(self.to_compute)
             if item is _DONE:
                 return
-            i, task, slot = item
-            handle = None
+            i, tasks, slot = item
+            handles = None
             if slot is not None:
-                inputs = [slot.input(j) for j in range(len(task.sources))]
-                handle = backend.submit(task, inputs, slot.output(task.out_nbytes))
-            if not self._put(self.to_write, (i, task, slot, handle)):
+                inputs = [slot.input(j) for j in range(len(tasks[0].sources))]
+                handles = [backend.submit(t, inputs, slot.output(t.out_nbytes, k)) for k, t in enumerate(tasks)]
+            if not self._put(self.to_write, (i, tasks, slot, handles)):
                 return
 
     # -- stage 3: write, in task order ------------------------------------------------------------
     def _write_stage(self) -> None:
         pending: dict[int, tuple] = {}
         expected = 0
-        writer: _HashingWriter | None = None
+        writers: list[_HashingWriter] | None = None
         try:
             while True:
                 item = self._get(self.to_write)
@@ -374,50 +506,118 @@ class _Run:
                 pending[item[0]] = item
                 # Workers finish out of order; the file and its checksum are written in order.
                 while expected in pending:
-                    _, task, slot, handle = pending.pop(expected)
-                    writer = self._write_one(expected, task, slot, handle, writer)
+                    _, tasks, slot, handles = pending.pop(expected)
+                    writers = self._write_one(expected, tasks, slot, handles, writers)
                     expected += 1
         finally:
-            if writer is not None:
+            for writer in writers or []:
                 writer.abort()
 
     def _write_one(
-        self, i: int, task: object, slot: _Slot | None, handle: object, writer: _HashingWriter | None
-    ) -> _HashingWriter | None:
-        if isinstance(task, tuple):
-            return self._shard_boundary(task, writer)
-        assert writer is not None and isinstance(task, ChunkTask)
+        self, i: int, tasks: list, slot: _Slot | None, handles: list | None, writers: list[_HashingWriter] | None
+    ) -> list[_HashingWriter] | None:
+        if isinstance(tasks[0], tuple):
+            return self._shard_boundary(tasks[0], writers)
+        assert writers is not None
+        first = tasks[0]
         if slot is None:
-            src = task.sources[0]
+            src = first.sources[0]
             source = self.checkpoints[src.checkpoint].local_file(src.file)
-            writer.copy_from(self.fd(src.checkpoint, src.file), src.offset, task.out_nbytes, task.out_offset, source)
-            self.bytes_read += task.out_nbytes
+            writers[0].copy_from(
+                self.fd(src.checkpoint, src.file), src.offset, first.out_nbytes, first.out_offset, source
+            )
+            # The other outputs copy from the first one's (cached) file: the input is read once.
+            for writer, task in zip(writers[1:], tasks[1:], strict=True):
+                writer.copy_from(
+                    writers[0].fd, first.out_offset, task.out_nbytes, task.out_offset, writers[0].shard.name
+                )
+            self.bytes_read += first.out_nbytes
             self._release_if_done(src.checkpoint, src.file, i)
         else:
-            self.backend.wait(handle)
-            writer.write(memoryview(slot.out[: task.out_nbytes].numpy()), task.out_offset)
+            for k, (writer, task, handle) in enumerate(zip(writers, tasks, handles or [], strict=True)):
+                self.backend.wait(handle)
+                writer.write(memoryview(slot.outs[k][: task.out_nbytes].numpy()), task.out_offset)
             self.free_slots.put(slot)
-        self.bytes_written += task.out_nbytes
-        self.report("chunk", writer.shard.name)
-        return writer
+        for k, task in enumerate(tasks):
+            self.written[k] += task.out_nbytes
+        self.report("chunk", writers[0].shard.name)
+        return writers
 
-    def _shard_boundary(self, marker: tuple[str, int], writer: _HashingWriter | None) -> _HashingWriter | None:
+    def _shard_boundary(
+        self, marker: tuple[str, int], writers: list[_HashingWriter] | None
+    ) -> list[_HashingWriter] | None:
         kind, k = marker
-        shard = self.plan.shards[k]
         if kind == "start":
-            self.bytes_written += len(shard.header)
-            return _HashingWriter(self.plan.output_dir, shard)
-        assert writer is not None
-        digest = writer.digest()
-        path = writer.finish()
-        self.manifest.record(shard.name, shard.size, digest)
-        self.manifest.save(self.plan.output_dir)
-        self.report("shard", shard.name, path)
+            for v, plan in enumerate(self.plans):
+                self.written[v] += len(plan.shards[k].header)
+            return [_HashingWriter(plan.output_dir, plan.shards[k]) for plan in self.plans]
+        assert writers is not None
+        for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):
+            shard = plan.shards[k]
+            digest = writer.digest()
+            path = writer.finish()
+            manifest.record(shard.name, shard.size, digest)
+            manifest.save(plan.output_dir)
+            self.report("shard", shard.name, path)
         return None
 
     def report(self, kind: str, shard: str, path: Path | None = None) -> None:
         if self.progress is not None:
             self.progress(ProgressEvent(kind, shard, self.bytes_written, self.total_bytes, self.bytes_read, path))
+
+
+def stats_passes(
+    tensors: list[OutputTensor],
+    acc: methods.StatsAccumulator,
+    read: Callable[[int, str, int, torch.Tensor], None],
+    bufs: list[torch.Tensor] | None = None,
+) -> None:
+    """Feed `acc` the tensors' chunks, pass after pass, in buffers of STATS_CHUNK elements.
+
+    The chunking of these passes is fixed (not the run's chunk size), so statistics that are
+    floating-point reductions do not depend on the run's settings.
+    """
+    step = methods.STATS_CHUNK
+    bufs = [] if bufs is None else bufs
+    while acc.needs_pass():
+        for t in tensors:
+            key = t.params.get("ordinal", 0)
+            for seg in t.segments:
+                for first in range(0, seg.count, step):
+                    n = min(step, seg.count - first)
+                    xs = []
+                    for j, s in enumerate(seg.sources):
+                        itemsize = DTYPE_SIZES[s.dtype]
+                        while len(bufs) <= j:
+                            bufs.append(torch.empty(step * 4, dtype=torch.uint8))
+                        buf = bufs[j][: n * itemsize]
+                        read(s.checkpoint, s.file, s.offset + first * itemsize, buf)
+                        xs.append(buf.view(_TORCH_DTYPES[s.dtype]).float())
+                    acc.update(xs, seg.start + first, key)
+        acc.end_pass()
+
+
+def _check_same_reads(variants: list[list]) -> None:
+    """The K plans of a sweep must read the same input ranges, chunk for chunk."""
+    first = variants[0]
+    for other in variants[1:]:
+        ok = len(other) == len(first)
+        for a, b in zip(first, other, strict=False) if ok else ():
+            if isinstance(a, ChunkTask) != isinstance(b, ChunkTask):
+                ok = False
+            elif not isinstance(a, ChunkTask):
+                ok = a == b
+            else:
+                ok = (a.count, a.copy, a.out_dtype) == (b.count, b.copy, b.out_dtype) and [
+                    (s.checkpoint, s.file, s.offset, s.dtype) for s in a.sources
+                ] == [(s.checkpoint, s.file, s.offset, s.dtype) for s in b.sources]
+            if not ok:
+                break
+        if not ok:
+            raise PlanError(
+                "the merges of a sweep must read the same tensors from the same inputs in the same layout",
+                hint="sweep a weight or a method parameter, not the models, dtype or shard size",
+            )
 
 
 class _HashingWriter(ShardWriter):
@@ -461,8 +661,29 @@ def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: Out
     base = tensor.offset
     backend = CpuBackend()
     fds: dict[tuple[int, str], int] = {}
+
+    def read(checkpoint: int, file: str, offset: int, buf: torch.Tensor) -> None:
+        key = (checkpoint, file)
+        if key not in fds:
+            fds[key] = os.open(checkpoints[checkpoint].local_file(file), os.O_RDONLY)
+        data = os.pread(fds[key], buf.numel(), offset)
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
     try:
+        stats = None
+        if tensor.method != "linear" and tensor.segments and (method := methods.get(tensor.method)).needs_stats:
+            group = [tensor]
+            if method.is_global(tensor.params):
+                group = sorted(
+                    (t for t in plan.tensors if t.method == tensor.method and t.segments),
+                    key=lambda t: t.params.get("ordinal", 0),
+                )
+            acc = method.new_stats(tensor.params, sum(t.numel for t in group))  # type: ignore[misc]
+            stats_passes(group, acc, read)
+            stats = acc.result()
         for task in _tensor_tasks(plan, tensor):
+            if stats is not None:
+                task = replace(task, stats=stats)
             buffers = []
             for s in task.sources:
                 key = (s.checkpoint, s.file)

@@ -13,9 +13,34 @@ from pathlib import Path
 
 from lazymerge.errors import OutputError
 
-__all__ = ["LOCK_NAME", "OutputLock"]
+__all__ = ["LOCK_NAME", "OutputLock", "lock_holder"]
 
 LOCK_NAME = ".lazymerge.lock"
+
+
+def lock_holder(directory: Path) -> str | None:
+    """The pid (as text) of a live run holding `directory`'s lock, or None; takes no lock, creates
+    nothing. A lock file left by a dead process is not held: flock died with its holder."""
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock, if we got it
+    return None
+
+
+def _busy(directory: Path, holder: str) -> OutputError:
+    return OutputError(
+        f"{directory} is being written by another lazymerge run (pid {holder})",
+        hint="wait for it to finish, or choose another --output",
+    )
 
 
 class OutputLock:
@@ -26,21 +51,29 @@ class OutputLock:
         self.fd = -1
 
     def __enter__(self) -> OutputLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(f"cannot create {self.path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot create {self.path}: {exc.strerror}") from exc
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(self.fd)
+                self.fd = -1
+                raise _busy(self.path.parent, holder) from None
+            # A finishing run unlinks the file before it closes it: a lock won on that unlinked
+            # file would not exclude the next run, which creates a new one. Retry on the new file.
+            try:
+                same = os.path.samestat(os.fstat(self.fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(self.fd)
             self.fd = -1
-            raise OutputError(
-                f"{self.path.parent} is being written by another lazymerge run (pid {holder})",
-                hint="wait for it to finish, or choose another --output",
-            ) from None
         # The lock is ours (any previous holder is dead): record our pid for the next reader.
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)

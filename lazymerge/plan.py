@@ -18,6 +18,7 @@ from pathlib import Path
 from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
 from lazymerge.errors import DiskSpaceError, OutputError, PlanError
 from lazymerge.io.header import build_header
+from lazymerge.lock import lock_holder
 
 __all__ = [
     "ChunkTask",
@@ -65,6 +66,11 @@ class OutputTensor:
     divisor: float | None = None
     shard: int = -1
     offset: int = -1  # absolute byte offset in the shard file
+    # A registered method (lazymerge.methods) other than "linear" reads its sources in order
+    # (the base model first) and takes its per-tensor parameters from `params`, not from the
+    # sources' weights.
+    method: str = "linear"
+    params: dict = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -76,7 +82,7 @@ class OutputTensor:
 
     def segment_is_copy(self, segment: Segment) -> bool:
         """True when a segment is a plain byte copy (one source, same dtype, no arithmetic)."""
-        if len(segment.sources) != 1 or self.divisor is not None:
+        if len(segment.sources) != 1 or self.divisor is not None or self.method != "linear":
             return False
         src = segment.sources[0]
         return src.dtype == self.dtype and (src.weight == 1.0 or self.dtype not in MERGEABLE_DTYPES)
@@ -217,6 +223,11 @@ def _check_output_dir(output_dir: Path, input_dirs: list[Path], overwrite: bool)
             raise OutputError(f"the output folder {output_dir} is an input folder")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{output_dir} exists and is not a folder")
+    if out.is_dir() and (holder := lock_holder(out)) is not None:  # say so before "holds a model"
+        raise OutputError(
+            f"{output_dir} is being written by another lazymerge run (pid {holder})",
+            hint="wait for it to finish, or choose another --output",
+        )
     if out.is_dir() and not overwrite:
         existing = [
             p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
@@ -251,6 +262,11 @@ class ChunkTask:
     sources: tuple[Source, ...]
     divisor: float | None
     copy: bool  # a plain byte copy from sources[0]
+    method: str = "linear"
+    params: dict | None = field(default=None, compare=False)
+    tensor: str = ""  # the output tensor's name (keys counter-based randomness)
+    element_start: int = 0  # index in the tensor of the chunk's first element
+    stats: object = field(default=None, compare=False)  # from the method's statistics pass
 
     @property
     def out_nbytes(self) -> int:
@@ -278,5 +294,20 @@ def iter_chunks(plan: MergePlan, chunk_elements: int, shards: list[int] | None =
                         for s in seg.sources
                     )
                     out_offset = t.offset + (seg.start + first) * itemsize
-                    yield ChunkTask(k, out_offset, n, t.dtype, sources, t.divisor, copy)
+                    if t.method == "linear":
+                        yield ChunkTask(k, out_offset, n, t.dtype, sources, t.divisor, copy)
+                    else:
+                        yield ChunkTask(
+                            k,
+                            out_offset,
+                            n,
+                            t.dtype,
+                            sources,
+                            None,
+                            False,
+                            t.method,
+                            t.params,
+                            t.name,
+                            seg.start + first,
+                        )
         yield ("end", k)

@@ -75,8 +75,11 @@ def print_plan(console: Console, plan: MergePlan) -> None:
 
 
 @contextmanager
-def progress_bar(console: Console, plan: MergePlan, disable: bool = False) -> Iterator[Callable]:
-    """A rich progress bar (bytes written, speed, ETA, current shard) fed by executor events."""
+def progress_bar(console: Console, plan: MergePlan, disable: bool = False, upload: bool = False) -> Iterator[Callable]:
+    """A rich progress bar (bytes written, speed, ETA, current shard) fed by executor events.
+
+    With `upload`, a second line shows the bytes pushed to the Hub; the yielded callback then has
+    an `upload(done, total)` attribute for the pusher to call (from its own thread)."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -95,6 +98,15 @@ def progress_bar(console: Console, plan: MergePlan, disable: bool = False) -> It
         if event.kind == "shard":
             description = f"closed {event.shard}"
         progress.update(task, completed=event.bytes_written, description=description)
+
+    if upload:
+        up = progress.add_task("uploading (waits for the first shard)", total=total)
+
+        def on_upload(done: int, upload_total: int) -> None:
+            label = "uploaded, committing" if done >= upload_total else "uploading to the Hub"
+            progress.update(up, completed=done, total=upload_total or total, description=label)
+
+        callback.upload = on_upload  # type: ignore[attr-defined]
 
     with progress:
         yield callback

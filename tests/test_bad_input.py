@@ -431,8 +431,13 @@ def test_real_disk_full_while_writing(
 
         monkeypatch.setattr(os, "posix_fallocate", no_fallocate)
     out = small_tmpfs / "out"
-    assert_user_error(dogerm(capsys, rm, sft, out), "disk full while writing model.safetensors", str(out))
+    inputs = {p: (p.read_bytes(), p.stat().st_mtime_ns) for d in (rm, sft) for p in sorted(d.iterdir())}
+    line = assert_user_error(dogerm(capsys, rm, sft, out), "disk full while writing model.safetensors", str(out))
+    size = sum(p.stat().st_size for p in rm.iterdir()) / 1e6  # the merged file is about the RM's size
+    needs = re.search(r"it needs ([0-9.]+) MB", line)
+    assert needs and abs(float(needs.group(1)) - size) < 0.1 * size, line  # the space it needs, in MB
     assert_nothing_complete(out)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in inputs} == inputs, "an input changed"
     assert shutil.disk_usage(small_tmpfs).used < 1 << 20, "the partial shard still takes the space"
 
 
@@ -485,7 +490,7 @@ RECIPES: dict[str, tuple[Callable[[Path, Path], dict | str], str]] = {
         "models[0] has unsupported key(s): density",
     ),
     "unknown parameter": (lambda a, b: _linear(a, b, parameters={"t": 0.5}), "unsupported key(s): t"),
-    "unknown merge_method": (lambda a, b: {**_linear(a, b), "merge_method": "ties"}, "merge_method 'ties'"),
+    "unknown merge_method": (lambda a, b: {**_linear(a, b), "merge_method": "della"}, "merge_method 'della'"),
     "one model": (lambda a, b: _linear(a), "at least two"),
     "weights sum to zero": (lambda a, b: _linear(a, b, weights=(1.0, -1.0)), "the weights sum to 0"),
     "weight list": (lambda a, b: _linear(a, b, weights=([0.1, 0.9], 1.0)), "must be a number"),  # type: ignore[arg-type]

@@ -293,7 +293,8 @@ def _check_files(out: Path, rm_dir: Path, sft_dir: Path) -> None:
     card = (out / "README.md").read_text()
     assert card.startswith("---\n")
     front = yaml.safe_load(card.split("---\n")[1])
-    assert front["base_model"] == [str(rm_dir), str(sft_dir)]  # the inputs, as they were named
+    assert "base_model" not in front  # Hub repo ids only; local folders without _name_or_path are left out
+    assert f"- `{rm_dir}`" in card and f"- `{sft_dir}`" in card  # the body lists the inputs as they were named
     assert {"merge", "lazymerge"} <= set(front["tags"])
 
 

@@ -72,7 +72,7 @@ class Checkpoint:
             return None
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
             raise CheckpointError(f"{self.label}: {name} is not valid JSON ({exc})") from None
         if not isinstance(obj, dict):
             raise CheckpointError(f"{self.label}: {name} is not a JSON object")
@@ -123,7 +123,7 @@ def open_checkpoint(path: str | os.PathLike[str], label: str | None = None) -> C
 def _read_index(label: str, index_path: Path) -> dict[str, str]:
     try:
         obj = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"{label}: {index_path.name} is not valid JSON ({exc})") from None
     weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -152,12 +152,17 @@ def _from_files(label: str, root: Path, files: list[str], weight_map: dict[str, 
     fmt = "bin" if files[0].endswith(".bin") else "safetensors"
     for file in files:
         path = root / file
-        if not path.is_file():
+        try:
+            found = path.is_file()
+            size = path.stat().st_size if found else 0
+        except OSError as exc:  # a name too long for the file system, a permission problem...
+            raise CheckpointError(f"{label}: cannot open shard {file[:120]!r} ({exc.strerror or exc})") from None
+        if not found:
             raise CheckpointError(
                 f"{label}: shard {file} is listed in the index but missing",
                 hint="the download is incomplete; fetch the missing shard",
             )
-        sizes[file] = path.stat().st_size
+        sizes[file] = size
         refs, file_metadata = _read_file_tensors(path, file)
         metadata = metadata or file_metadata
         for ref in refs:

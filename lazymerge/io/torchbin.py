@@ -18,6 +18,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from lazymerge.constants import DTYPE_SIZES
 from lazymerge.errors import HeaderError
@@ -116,7 +117,7 @@ def _rebuild_parameter(data, *_ignored):
 class _StateDictUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals of a plain tensor state dict."""
 
-    def __init__(self, file, source: Path) -> None:
+    def __init__(self, file, source: object) -> None:
         super().__init__(file)
         self._source = source
 
@@ -150,25 +151,41 @@ class _StateDictUnpickler(pickle.Unpickler):
         return _StorageRef(str(key), storage_type.dtype, numel)
 
 
-def read_bin_tensors(path: str | os.PathLike[str]) -> list[BinTensor]:
+def read_bin_tensors(source: str | os.PathLike[str] | BinaryIO, *, name: str | None = None) -> list[BinTensor]:
     """List the tensors of a PyTorch zip checkpoint as byte ranges of the file.
+
+    `source` is a path, or an open seekable binary file object (for example a ranged reader of a
+    remote file: only the zip directory, data.pkl and each storage's local header are read).
+    `name` labels errors (default: the path, or the file object's `name`).
 
     Raises:
         HeaderError: not a zip checkpoint, an unsupported object in the pickle, a compressed or
             missing storage, a non-contiguous tensor, or a tensor outside its storage.
     """
-    path = Path(path)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label: object = name or path
+        try:
+            raw = open(path, "rb")
+        except OSError as exc:
+            raise HeaderError(label, f"cannot read: {exc.strerror or exc}") from exc
+        with raw:
+            return _read_bin(raw, label)
+    return _read_bin(source, name or getattr(source, "name", "<file object>"))
+
+
+def _read_bin(raw: BinaryIO, path: object) -> list[BinTensor]:
     try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+        zf = zipfile.ZipFile(raw)
+    except OSError as exc:
+        raise HeaderError(path, f"cannot read: {exc.strerror or exc}") from exc
+    except Exception:  # BadZipFile, or a damaged directory (undecodable name, bad offsets...)
         raise HeaderError(
             path,
             "not a zip-format PyTorch checkpoint (legacy or truncated .bin)",
             hint="re-save it with torch>=1.6 or convert it to safetensors",
         ) from None
-    except OSError as exc:
-        raise HeaderError(path, f"cannot read: {exc.strerror or exc}") from exc
-    with zf, open(path, "rb") as raw:
+    with zf:
         members = {info.filename: info for info in zf.infolist()}
         pkl_name = next((n for n in members if n.endswith("data.pkl") and n.count("/") == 1), None)
         if pkl_name is None:
@@ -187,16 +204,25 @@ def read_bin_tensors(path: str | os.PathLike[str]) -> list[BinTensor]:
             raise HeaderError(path, f"cannot read the pickled state dict ({type(exc).__name__})") from None
         if not isinstance(state, dict):
             raise HeaderError(path, "the pickle is not a state dict")
-        return [_locate(path, raw, members, root, name, record) for name, record in state.items()]
+        size = raw.seek(0, os.SEEK_END)
+        return [_locate(path, raw, size, members, root, name, record) for name, record in state.items()]
 
 
-def _check_byteorder(path: Path, zf: zipfile.ZipFile, members: dict, root: str) -> None:
+def _check_byteorder(path: object, zf: zipfile.ZipFile, members: dict, root: str) -> None:
     info = members.get(f"{root}/byteorder")
-    if info is not None and zf.read(info).strip() not in (b"little", b""):
+    if info is None:
+        return
+    if info.file_size > 64:
+        raise HeaderError(path, f"{root}/byteorder is {info.file_size} bytes; expected 'little' or 'big'")
+    try:
+        order = zf.read(info)
+    except Exception as exc:  # a damaged member (bad local header, compression, name): one clear error
+        raise HeaderError(path, f"cannot read {root}/byteorder ({type(exc).__name__})") from None
+    if order.strip() not in (b"little", b""):
         raise HeaderError(path, "big-endian checkpoint; only little-endian files are supported")
 
 
-def _locate(path: Path, raw, members: dict, root: str, name: object, record: object) -> BinTensor:
+def _locate(path: object, raw, size: int, members: dict, root: str, name: object, record: object) -> BinTensor:
     if not isinstance(name, str) or not isinstance(record, _TensorRecord):
         raise HeaderError(path, f"state dict entry {name!r:.80} is not a tensor")
     storage = record.storage
@@ -221,12 +247,12 @@ def _locate(path: Path, raw, members: dict, root: str, name: object, record: obj
         raise HeaderError(path, f"storage {storage.key} is compressed; cannot read it lazily")
     if info.file_size < capacity:
         raise HeaderError(path, f"storage {storage.key} is shorter than its {storage.numel} elements")
-    start = _member_data_offset(path, raw, info)
+    start = _member_data_offset(path, raw, size, info)
     offset = start + record.storage_offset * itemsize
     return BinTensor(name, record.dtype, shape, offset, numel * itemsize)
 
 
-def _member_data_offset(path: Path, raw, info: zipfile.ZipInfo) -> int:
+def _member_data_offset(path: object, raw, size: int, info: zipfile.ZipInfo) -> int:
     # The central directory gives the local header's position; the data follows that header,
     # whose name and extra-field lengths can differ from the central copy.
     raw.seek(info.header_offset)
@@ -235,7 +261,7 @@ def _member_data_offset(path: Path, raw, info: zipfile.ZipInfo) -> int:
         raise HeaderError(path, f"bad local zip header for {info.filename}")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     start = info.header_offset + 30 + name_len + extra_len
-    if start + info.file_size > os.fstat(raw.fileno()).st_size:
+    if start + info.file_size > size:
         raise HeaderError(path, f"member {info.filename} runs past the end of the file: truncated?")
     return start
 

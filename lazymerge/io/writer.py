@@ -121,9 +121,10 @@ class ShardWriter:
             raise OutputError(f"cannot write {self.partial_path}: {exc.strerror}") from exc
 
     def _disk_full(self) -> DiskSpaceError:
+        size = self.shard.size
+        needs = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"  # never "0.00 GB"
         return DiskSpaceError(
-            f"disk full while writing {self.shard.name}: it needs {self.shard.size / 1e9:.2f} GB "
-            f"at {self.final_path.parent}"
+            f"disk full while writing {self.shard.name}: it needs {needs} at {self.final_path.parent}"
         )
 
     def finish(self) -> Path:

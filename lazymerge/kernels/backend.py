@@ -140,6 +140,12 @@ class CpuBackend(Backend):
     def submit(self, task: ChunkTask, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> Handle:
         xs = _typed_inputs(task, inputs)
         y = _typed(out, task.count, task.out_dtype, "out")
+        if task.method != "linear":
+            from lazymerge import methods
+
+            fp32 = [x if x.dtype == torch.float32 else x.float() for x in xs]
+            y.copy_(methods.get(task.method).combine(fp32, task.params or {}, task.stats, task.element_start))
+            return None
         if self._acc.numel() < task.count:
             self._acc = torch.empty(task.count, dtype=torch.float32)
             self._tmp = torch.empty(task.count, dtype=torch.float32)
@@ -260,6 +266,10 @@ class CudaBackend(Backend):
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._real)
 
     def submit(self, task: ChunkTask, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> Handle:
+        if task.method != "linear":
+            raise DeviceError(
+                f"merge method {task.method!r} runs on the CPU backend only", hint="use --device cpu or --device auto"
+            )
         host_in = _typed_inputs(task, inputs)
         host_out = _typed(out, task.count, task.out_dtype, "out")
         entry = self._ring[self._next]

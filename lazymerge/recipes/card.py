@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
-__all__ = ["model_card"]
+__all__ = ["hub_base_models", "model_card"]
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 _DOGERM_TEXT = """\
 This is a **DogeRM** merge (Lin, Li, Lee and Chen, *DogeRM: Equipping Reward Models with Domain
@@ -27,18 +30,43 @@ that model's row: unlike the paper's script, a reward-model-only row is kept, no
 """
 
 
-def model_card(recipe: dict, base_models: list[str]) -> str:
-    """A README.md with YAML front matter (base_model, tags, library_name) and the recipe."""
+def hub_base_models(checkpoints: list) -> list[str]:
+    """The inputs' Hub repo ids for `base_model`: the repo of a Hub input; for a local folder its
+    config.json `_name_or_path` when that is a repo id; local-only inputs are left out."""
+    ids: list[str] = []
+    for ckpt in checkpoints:
+        repo = getattr(ckpt, "repo_id", None)
+        if repo is None:
+            try:
+                config = ckpt.read_json("config.json") or {}
+            except Exception:  # a broken config only costs the card its base_model entry
+                config = {}
+            name = config.get("_name_or_path")
+            repo = name if isinstance(name, str) and _HUB_ID.fullmatch(name) and "--" not in name else None
+        if repo is not None and repo not in ids:
+            ids.append(repo)
+    return ids
+
+
+def model_card(recipe: dict, inputs: list[str], base_models: list[str] | None = None) -> str:
+    """A README.md with YAML front matter (base_model, tags, library_name) and the recipe.
+
+    `inputs` are listed in the body as they were named; `base_models` (Hub repo ids only; default:
+    the inputs that are written `owner/name[@revision]`) go to the front matter, which has no
+    `base_model` key when there are none."""
     from lazymerge import __version__
 
-    lines = ["---", "base_model:"]
-    lines += [f"- {json.dumps(m)}" for m in base_models]
+    if base_models is None:
+        base_models = [m.split("@", 1)[0] for m in inputs if _HUB_ID.fullmatch(m.split("@", 1)[0])]
+    lines = ["---"]
+    if base_models:
+        lines += ["base_model:"] + [f"- {json.dumps(m)}" for m in base_models]
     lines += ["library_name: transformers", "tags:", "- merge", "- lazymerge"]
     if recipe.get("merge_method") == "dogerm":
         lines.append("- dogerm")
     lines += ["---", "", "# Merged model", ""]
     lines.append(f"Made with [lazymerge](https://pypi.org/project/lazymerge/) {__version__} from:")
-    lines += [""] + [f"- `{m}`" for m in base_models] + [""]
+    lines += [""] + [f"- `{m}`" for m in inputs] + [""]
     if recipe.get("merge_method") == "dogerm":
         lines += [_DOGERM_TEXT.format(weight=recipe.get("weight", 0.0))]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True), "```", ""]

@@ -16,7 +16,7 @@ from lazymerge.constants import CARRIED_FILES, DEFAULT_MAX_SHARD_SIZE, MERGEABLE
 from lazymerge.errors import RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, TensorRef
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
-from lazymerge.recipes.card import model_card
+from lazymerge.recipes.card import hub_base_models, model_card
 from lazymerge.recipes.common import copy_tensor, normalize_dtype, output_config, source_at
 from lazymerge.recipes.vocab import add_tokens, load_vocab, union_rows
 
@@ -146,5 +146,5 @@ def _side_files(
     for name in CARRIED_FILES:
         if (path := rm.side_file(name)) is not None:
             files[name] = path.read_bytes()
-    files["README.md"] = model_card(recipe, [rm.label, sft.label]).encode("utf-8")
+    files["README.md"] = model_card(recipe, [rm.label, sft.label], hub_base_models([rm, sft])).encode("utf-8")
     return files

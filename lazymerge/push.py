@@ -1,0 +1,277 @@
+"""Push a merge to the Hugging Face Hub while it runs: each shard uploads the moment it closes.
+
+The executor reports a "shard" event (from its writer thread) when an output shard is renamed to
+its final name; `HubPusher.wrap` turns that into an LFS pre-upload on one background thread
+(`preupload_lfs_files`), so shard k goes up while shard k+1 is merged. Nothing is visible in the
+repo until `HubPusher.commit` makes ONE commit with every shard plus the index, config,
+tokenizer and model card: the repo never shows half a model. The LFS protocol skips objects the
+server already holds, so a killed push that is run again does not upload finished shards again
+(the output is deterministic: a re-merged shard has the same sha256).
+
+`delete_after_upload` deletes each local shard once uploaded, and the merge waits for a shard's
+upload before it starts writing the next one: at most one output shard is on local disk.
+
+The executor knows nothing of this: the pusher only wraps its progress callback.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lazymerge.errors import HubError, LazyMergeError
+from lazymerge.io.hub import hub_errors, scrub
+
+if TYPE_CHECKING:
+    from lazymerge.execute import MergeStats, ProgressEvent
+    from lazymerge.io.checkpoint import Checkpoint
+    from lazymerge.plan import MergePlan
+
+__all__ = ["HubPusher", "PushResult", "execute_and_push"]
+
+UploadCallback = Callable[[int, int], None]  # (bytes uploaded so far, bytes to upload)
+
+# Weight files of an earlier, different model in the target repo: replaced, never left mixed in.
+_STALE_WEIGHTS = (
+    "model*.safetensors",
+    "pytorch_model*.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+@dataclass
+class PushResult:
+    """What a push did: the repo, the commit, and which shards the server already held."""
+
+    repo_id: str
+    revision: str
+    commit_url: str
+    uploaded: list[str] = field(default_factory=list)  # shards whose bytes went over the wire
+    reused: list[str] = field(default_factory=list)  # shards the server already held (not re-sent)
+
+
+class _CountingReader(io.BufferedReader):
+    """A shard file that reports the bytes the upload reads from it (for the progress line)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(io.FileIO(path, "rb"), buffer_size=1 << 20)
+        self.on_read: Callable[[int], None] | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if self.on_read is not None and data:
+            self.on_read(len(data))
+        return data
+
+
+@dataclass
+class _Job:
+    name: str
+    path: Path
+    size: int
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class HubPusher:
+    """Creates (or reuses) the target repo, uploads shards in the background, commits once.
+
+    Args:
+        repo_id: `owner/name`, or `name` for the token's own namespace.
+        private: create the repo private (an existing repo keeps its visibility).
+        revision: the branch to commit to (created from main when missing); default main.
+        commit_message: default names lazymerge, the method and the inputs.
+        delete_after_upload: delete each local shard once uploaded; the merge waits for each
+            upload before writing the next shard (at most one output shard on disk).
+        token: a Hub token with write access; None uses HF_TOKEN or the stored login.
+
+    Raises:
+        HubError: the token is refused or lacks write access, the repo id is invalid.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        delete_after_upload: bool = False,
+        token: str | bool | None = None,
+    ) -> None:
+        from huggingface_hub import HfApi
+
+        self.token = token
+        self.revision = revision or "main"
+        self.commit_message = commit_message
+        self.delete_after_upload = delete_after_upload
+        self.api = HfApi(token=token)
+        self.on_upload: UploadCallback | None = None
+        self.uploaded_bytes = 0
+        self.total_bytes = 0
+        self._ops: dict[str, Any] = {}
+        self._uploaded: list[str] = []
+        self._reused: list[str] = []
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        with hub_errors(repo_id, token=token, writing=True):
+            self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if self.revision != "main":
+                self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
+        self._thread = threading.Thread(target=self._work, name="lazymerge-upload", daemon=True)
+        self._thread.start()
+
+    # ---- feeding -------------------------------------------------------------------------------------------
+    def wrap(
+        self, progress: Callable[[ProgressEvent], None] | None, plan: MergePlan | None = None
+    ) -> Callable[[ProgressEvent], None]:
+        """The executor's progress callback: `progress` first, then queue each finished shard."""
+        if plan is not None:
+            self.total_bytes = sum(s.size for s in plan.shards)
+        sizes = {s.name: s.size for s in plan.shards} if plan is not None else {}
+
+        def callback(event: ProgressEvent) -> None:
+            if progress is not None:
+                progress(event)
+            if event.kind in ("shard", "skip") and event.path is not None:
+                self.submit(event.shard, Path(event.path), sizes.get(event.shard))
+
+        return callback
+
+    def submit(self, name: str, path: Path, size: int | None = None) -> None:
+        """Queue one finished shard for upload (blocks until uploaded with delete_after_upload)."""
+        self._raise_if_failed()
+        job = _Job(name, path, size if size is not None else path.stat().st_size)
+        self._jobs.put(job)
+        if self.delete_after_upload:
+            while not job.done.wait(0.05):
+                if self._cancel.is_set():
+                    break
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            error = self._error
+            if isinstance(error, LazyMergeError):
+                raise error
+            raise HubError(scrub(f"upload to {self.repo_id} failed: {error}", self.token))
+
+    # ---- the upload thread ---------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if self._error is None and not self._cancel.is_set():
+                    self._upload(job)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                job.done.set()
+
+    def _upload(self, job: _Job) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        sent = 0
+
+        def count(n: int) -> None:
+            nonlocal sent
+            step = max(0, min(n, job.size - sent))  # a retried request reads the file again
+            sent += step
+            self._advance(step)
+
+        reader = _CountingReader(job.path)
+        try:
+            op = CommitOperationAdd(path_in_repo=job.name, path_or_fileobj=reader)  # hashes the file
+            reader.on_read = count
+            with hub_errors(self.repo_id, token=self.token, writing=True):
+                self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision)
+            if op._upload_mode != "lfs":  # a small file the server stores in git: commit its bytes
+                op.path_or_fileobj = job.path.read_bytes()
+        finally:
+            reader.close()
+        self._advance(job.size - sent)  # a shard the server already held counts as done
+        with self._lock:
+            self._ops[job.name] = op
+            (self._uploaded if sent else self._reused).append(job.name)
+        if self.delete_after_upload:
+            job.path.unlink(missing_ok=True)
+
+    def _advance(self, n: int) -> None:
+        with self._lock:
+            self.uploaded_bytes += n
+            done, total = self.uploaded_bytes, self.total_bytes
+        if self.on_upload is not None and n:
+            self.on_upload(done, total)
+
+    # ---- the commit ----------------------------------------------------------------------------------------
+    def commit(self, plan: MergePlan) -> PushResult:
+        """Wait for the uploads, then make the one commit: shards + index, config, tokenizer, card."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        self._jobs.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        missing = [s.name for s in plan.shards if s.name not in self._ops]
+        if missing:
+            raise HubError(f"{self.repo_id}: shard(s) never uploaded: {', '.join(missing)}")
+        operations: list[Any] = [self._ops[s.name] for s in plan.shards]
+        names = {s.name for s in plan.shards}
+        for name in sorted(plan.side_files):
+            path = plan.output_dir / name
+            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=path.read_bytes()))
+            names.add(name)
+        message = self.commit_message or _default_message(plan)
+        with hub_errors(self.repo_id, self.revision, token=self.token, writing=True):
+            existing = self.api.list_repo_files(self.repo_id, revision=self.revision)
+            stale = [
+                f
+                for f in existing
+                if f not in names and "/" not in f and any(fnmatch.fnmatch(f, p) for p in _STALE_WEIGHTS)
+            ]
+            operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
+            info = self.api.create_commit(self.repo_id, operations, commit_message=message, revision=self.revision)
+        return PushResult(self.repo_id, self.revision, str(info.commit_url), list(self._uploaded), list(self._reused))
+
+    def close(self) -> None:
+        """Stop the upload thread without committing (after a failed merge); never blocks long."""
+        self._cancel.set()
+        self._jobs.put(None)
+        self._thread.join(timeout=1.0)
+
+
+def _default_message(plan: MergePlan) -> str:
+    from lazymerge import __version__
+
+    method = plan.recipe.get("merge_method", "merge")
+    return f"Upload {method} merge of {', '.join(plan.inputs)} (lazymerge {__version__})"[:500]
+
+
+def execute_and_push(
+    plan: MergePlan,
+    checkpoints: Sequence[Checkpoint],
+    pusher: HubPusher | None,
+    *,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    **execute_kwargs: Any,
+) -> tuple[MergeStats, PushResult | None]:
+    """`execute(plan, ...)`, uploading each shard as it closes and committing once at the end."""
+    from lazymerge.execute import execute
+
+    if pusher is None:
+        return execute(plan, checkpoints, progress=progress, **execute_kwargs), None
+    try:
+        stats = execute(plan, checkpoints, progress=pusher.wrap(progress, plan), **execute_kwargs)
+        result = pusher.commit(plan)
+    finally:
+        pusher.close()
+    return stats, result

@@ -1,0 +1,187 @@
+"""One writer per output folder: a second merge into a folder another run is writing fails at once
+(exit 2, one line naming the other run's pid) and damages nothing; a lock file left by a dead
+process does not block."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazymerge.cli import main
+from lazymerge.lock import LOCK_NAME, OutputLock, lock_holder
+from lazymerge.manifest import MANIFEST_NAME
+from lazymerge.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
+
+
+def dogerm_args(pair: tuple[Path, Path], out: Path, *extra: object) -> list[str]:
+    rm, sft = pair
+    args = ["dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.3", "-o", out, "-q"]
+    return [str(a) for a in [*args, "--device", "cpu", "--max-shard-size", "60kB", *extra]]
+
+
+def cli(capsys, args: list[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
+
+
+def assert_busy(result: tuple[int, str, str], out: Path, pid: int) -> None:
+    code, stdout, err = result
+    assert code == 2, (code, err)
+    assert stdout == ""
+    lines = err.splitlines()
+    assert 1 <= len(lines) <= 2, err
+    assert lines[0].startswith("error: ") and "another lazymerge run" in lines[0], err
+    assert f"pid {pid}" in lines[0] and str(out) in lines[0], err
+    assert "Traceback" not in err
+
+
+def folder_state(out: Path) -> dict[str, tuple[int, int, bytes]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize("extra", [(), ("--overwrite",), ("--resume",)])
+def test_second_merge_fails_while_the_lock_is_held(capsys, llama_pair, tmp_path: Path, extra: tuple) -> None:
+    out = tmp_path / "out"
+    assert cli(capsys, dogerm_args(llama_pair, out))[0] == 0  # a finished model is there
+    before = folder_state(out)
+    with OutputLock(out):
+        assert lock_holder(out) == str(os.getpid())
+        start = time.monotonic()
+        assert_busy(cli(capsys, dogerm_args(llama_pair, out, *extra)), out, os.getpid())
+        assert time.monotonic() - start < 10, "the second run did not fail at once"
+        assert (out / LOCK_NAME).read_text().strip() == str(os.getpid()), "the lock file was taken over"
+        during = folder_state(out)
+    assert {k: v for k, v in during.items() if k != LOCK_NAME} == before
+    assert not (out / LOCK_NAME).exists(), "the lock file outlived its holder"
+
+
+def _child(args: list[str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "LAZYMERGE_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "lazymerge", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def test_second_merge_fails_while_another_process_is_mid_run(capsys, llama_pair, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    reference = tmp_path / "reference"
+    assert cli(capsys, dogerm_args(llama_pair, reference, "--chunk-elements", "64"))[0] == 0
+    # Small chunks make the child's merge last a second or two; stop it once a shard has closed,
+    # so the folder already holds model-0000k files (the second run must still blame the lock).
+    proc = _child(dogerm_args(llama_pair, out, "--chunk-elements", "64"))
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / MANIFEST_NAME).exists():
+            assert proc.poll() is None, f"the first run ended before it could be stopped: {proc.stderr.read()}"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGSTOP)
+        wait_stopped(proc.pid)
+        assert proc.poll() is None, "the first run finished before it was stopped: make its merge slower"
+        assert lock_holder(out) == str(proc.pid)
+        snapshot = folder_state(out)
+        for extra in [(), ("--overwrite",), ("--resume",)]:
+            assert_busy(cli(capsys, dogerm_args(llama_pair, out, "--chunk-elements", "64", *extra)), out, proc.pid)
+        assert folder_state(out) == snapshot, "the refused run touched the folder of the running one"
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    # The first run finished intact: same bytes as an undisturbed run, and it verifies.
+    got = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    want = {p.name: p.read_bytes() for p in sorted(reference.iterdir())}
+    assert got == want
+    assert verify(out).ok
+
+
+def wait_stopped(pid: int) -> None:
+    """SIGSTOP is asynchronous: wait until every thread of `pid` is in state T (stopped)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that just ended
+        if states and all(s in "Tt" for s in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError("the child did not stop")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_lock_of_a_dead_process_does_not_block(capsys, llama_pair, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = _dead_pid()
+    (out / LOCK_NAME).write_text(f"{dead}\n")  # present, but no process holds its flock
+    assert lock_holder(out) is None
+    code, _, err = cli(capsys, dogerm_args(llama_pair, out))
+    assert code == 0, err
+    assert not (out / LOCK_NAME).exists()
+    assert verify(out).ok
+
+
+def test_stale_lock_of_a_killed_run_does_not_block_resume(capsys, llama_pair, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = _child(dogerm_args(llama_pair, out, "--chunk-elements", "64"))
+    deadline = time.monotonic() + 60
+    while not (out / LOCK_NAME).exists() or not (out / LOCK_NAME).read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert (out / LOCK_NAME).exists(), "SIGKILL leaves the lock file behind"
+    assert lock_holder(out) is None, "but the kernel released the flock"
+    code, _, err = cli(capsys, dogerm_args(llama_pair, out, "--resume"))
+    assert code == 0, err
+    assert verify(out).ok
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_lock_retries_when_the_file_it_opened_was_unlinked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A finishing run unlinks the lock file, then closes it. A run that opened the old file just
+    # before must not keep a lock on the unlinked inode (a third run would then lock a new file).
+    out = tmp_path / "out"
+    out.mkdir()
+    real_flock = __import__("fcntl").flock
+    calls = []
+
+    def flock_after_unlink(fd: int, op: int) -> None:
+        if not calls:  # the first attempt: the previous holder finishes right now
+            (out / LOCK_NAME).unlink()
+        calls.append(fd)
+        real_flock(fd, op)
+
+    monkeypatch.setattr("lazymerge.lock.fcntl.flock", flock_after_unlink)
+    with OutputLock(out) as lock:
+        assert len(calls) == 2, "the lock on the unlinked file was not retried"
+        assert os.path.samestat(os.fstat(lock.fd), os.stat(out / LOCK_NAME))

@@ -1,0 +1,88 @@
+"""Sweeps: K outputs from one read equal K separate runs, byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_methods import tiny_llama
+
+import lazymerge
+from lazymerge.cli import main
+from lazymerge.errors import LazyMergeError
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_dogerm_sweep_equals_separate_runs_and_reads_once(tmp_path: Path, llama_pair: tuple[Path, Path]) -> None:
+    rm, sft = llama_pair
+    weights = [0.1, 0.25, 0.5]
+    stats = lazymerge.dogerm(
+        rm, sft, weights, tmp_path / "sweep-{weight}", max_shard_size="100kB", chunk_elements=500, device="cpu"
+    )
+    assert len(stats) == 3
+    for w in weights:
+        single = lazymerge.dogerm(rm, sft, w, tmp_path / f"single-{w:g}", max_shard_size="100kB", device="cpu")
+        assert _bytes(tmp_path / f"sweep-{w:g}") == _bytes(tmp_path / f"single-{w:g}")
+    assert stats[0].bytes_read == single.bytes_read  # the inputs were read once, not three times
+
+
+def test_merge_sweep_with_stats_method(tmp_path: Path) -> None:
+    models = [tiny_llama(tmp_path / f"m{i}", i) for i in range(3)]
+    config = {
+        "merge_method": "ties",
+        "base_model": str(models[0]),
+        "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.4}} for m in models[1:]],
+        "parameters": {"lambda": 1.0},
+    }
+    values = [0.5, 1.5]
+    stats = lazymerge.sweep(
+        config, tmp_path / "out-{lambda}", "parameters.lambda", values, chunk_elements=77, device="cpu"
+    )
+    for v in values:
+        config["parameters"]["lambda"] = v
+        lazymerge.merge(config, tmp_path / f"single-{v:g}", device="cpu")
+        assert _bytes(tmp_path / f"out-{v:g}") == _bytes(tmp_path / f"single-{v:g}")
+    assert stats[0].bytes_written == stats[1].bytes_written
+
+
+def test_sweep_needs_distinct_outputs(tmp_path: Path, llama_pair: tuple[Path, Path]) -> None:
+    rm, sft = llama_pair
+    with pytest.raises(LazyMergeError, match="same folder"):
+        lazymerge.dogerm(rm, sft, [0.1, 0.2], tmp_path / "same", device="cpu")
+
+
+def test_sweep_of_a_layout_key_is_refused(tmp_path: Path) -> None:
+    models = [tiny_llama(tmp_path / f"m{i}", i) for i in range(2)]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(models[0]),
+        "models": [{"model": str(models[1]), "parameters": {"weight": 1.0}}],
+    }
+    with pytest.raises(LazyMergeError, match="same"):
+        lazymerge.sweep(config, tmp_path / "o-{i}", "dtype", ["float32", "bfloat16"], device="cpu")
+
+
+def test_cli_dogerm_weight_list(tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    rm, sft = llama_pair
+    out = str(tmp_path / "cli-{weight}")
+    code = main(
+        [
+            "dogerm",
+            "--reward-model",
+            str(rm),
+            "--domain-model",
+            str(sft),
+            "--weight",
+            "0.2,0.4",
+            "--output",
+            out,
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "cli-0.2").is_dir() and (tmp_path / "cli-0.4").is_dir()
+    assert "2 models from one read" in capsys.readouterr().out

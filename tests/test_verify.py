@@ -1,0 +1,189 @@
+"""`lazymerge verify OUT [--recompute N]`: passes on good outputs (sharded or single file, with or
+without the manifest) and fails, with exit 2, one error line and the table of checks, on a flipped
+byte, a truncated shard, an index that lies (missing tensor, wrong total_size, a tensor moved to
+another shard), and on altered tensor bytes that only recomputation can catch."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from lazymerge.cli import main
+from lazymerge.io.header import read_header
+from lazymerge.manifest import MANIFEST_NAME, Manifest, sha256_file
+from lazymerge.verify import verify
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
+
+
+def cli(capsys, *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
+
+
+def merge(capsys, pair: tuple[Path, Path], out: Path, shard_size: str = "60kB") -> Path:
+    rm, sft = pair
+    args = ["dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.3", "-o", out, "-q"]
+    code, _, err = cli(capsys, *args, "--device", "cpu", "--max-shard-size", shard_size)
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture
+def merged(capsys, llama_pair, tmp_path: Path) -> Path:
+    out = merge(capsys, llama_pair, tmp_path / "out")
+    assert len(list(out.glob("model-*.safetensors"))) >= 3
+    return out
+
+
+def assert_passes(capsys, out: Path, *extra: object) -> str:
+    report = verify(out, recompute=int(extra[1]) if extra else 0)
+    assert report.ok, [c for c in report.checks if not c.ok]
+    code, stdout, err = cli(capsys, "verify", out, *extra)
+    assert code == 0, err
+    assert err == ""
+    assert "FAIL" not in stdout
+    return stdout
+
+
+def assert_fails(capsys, out: Path, failing: set[str], *extra: object) -> str:
+    """Exit 2; stderr is one `error:` line naming exactly the failing checks; stdout is the table."""
+    code, stdout, err = cli(capsys, "verify", out, *extra)
+    assert code == 2, (code, stdout, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "failed verification" in lines[0], err
+    assert "Traceback" not in stdout + err
+    named = {n.strip() for n in lines[0].split("failed verification: ", 1)[1].split(",")}
+    assert {n.split(" ")[0] for n in named} == failing, (named, failing)
+    assert "FAIL" in stdout and "check" in stdout, stdout
+    report = verify(out, recompute=int(extra[1]) if extra else 0)
+    assert not report.ok
+    return lines[0]
+
+
+def shards(out: Path) -> list[Path]:
+    return sorted(out.glob("model-*.safetensors"))
+
+
+def regenerate_manifest(out: Path) -> None:
+    """Re-record every shard's current size and sha256, as if the manifest had been made to match."""
+    manifest = Manifest.load(out)
+    assert manifest is not None
+    for path in shards(out):
+        manifest.record(path.name, path.stat().st_size, sha256_file(path))
+    manifest.save(out)
+
+
+# -- passing ------------------------------------------------------------------------------------------
+
+
+def test_good_sharded_output_passes_with_and_without_manifest(capsys, merged: Path) -> None:
+    stdout = assert_passes(capsys, merged)
+    assert "shards match" in stdout
+    assert_passes(capsys, merged, "--recompute", "3")
+    (merged / MANIFEST_NAME).unlink()
+    stdout = assert_passes(capsys, merged)
+    assert "no manifest" in stdout
+
+
+def test_good_single_file_output_passes(capsys, llama_pair, tmp_path: Path) -> None:
+    out = merge(capsys, llama_pair, tmp_path / "single", shard_size="5GB")
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert not (out / INDEX).exists()
+    assert_passes(capsys, out, "--recompute", "3")
+    (out / MANIFEST_NAME).unlink()
+    assert_passes(capsys, out)
+
+
+# -- failing ------------------------------------------------------------------------------------------
+
+
+def test_flipped_byte_fails_the_checksum(capsys, merged: Path) -> None:
+    victim = shards(merged)[1]
+    raw = bytearray(victim.read_bytes())
+    raw[-3] ^= 0x01  # tensor data: the header still parses, sizes are right
+    victim.write_bytes(bytes(raw))
+    assert_fails(capsys, merged, {"checksums"})
+
+
+def test_truncated_shard_fails_header_and_checksum(capsys, merged: Path) -> None:
+    victim = shards(merged)[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-10])
+    line = assert_fails(capsys, merged, {"header", "index", "checksums"})
+    assert victim.name in line
+    report = verify(merged)
+    header_check = next(c for c in report.checks if c.name == f"header {victim.name}")
+    assert "truncated?" in header_check.detail
+
+
+def _edit_index(out: Path, edit) -> None:
+    obj = json.loads((out / INDEX).read_text())
+    edit(obj)
+    (out / INDEX).write_text(json.dumps(obj, indent=2))
+
+
+def test_index_naming_a_missing_tensor_fails(capsys, merged: Path) -> None:
+    _edit_index(merged, lambda o: o["weight_map"].__setitem__("model.ghost.weight", shards(merged)[0].name))
+    assert_fails(capsys, merged, {"index"})
+    assert "model.ghost.weight" in next(c.detail for c in verify(merged).checks if c.name == "index")
+
+
+def test_index_with_a_wrong_total_size_fails(capsys, merged: Path) -> None:
+    _edit_index(merged, lambda o: o["metadata"].__setitem__("total_size", o["metadata"]["total_size"] + 2))
+    assert_fails(capsys, merged, {"index"})
+    assert "total_size" in next(c.detail for c in verify(merged).checks if c.name == "index")
+
+
+def test_index_naming_a_missing_shard_file_fails(capsys, merged: Path) -> None:
+    last = shards(merged)[-1]
+    last.unlink()
+    assert_fails(capsys, merged, {"index", "checksums"})
+    assert last.name in next(c.detail for c in verify(merged).checks if c.name == "index")
+
+
+def test_tensor_moved_to_another_shard_fails(capsys, merged: Path) -> None:
+    # The shards are rewritten (valid files) with one tensor moved from the first to the second,
+    # the index is left as it was, and the manifest is made to match the new files: only the
+    # index-vs-shards check can tell.
+    first, second = shards(merged)[:2]
+    a, b = load_file(first), load_file(second)
+    name = sorted(a)[0]
+    b[name] = a.pop(name)
+    meta = read_header(first).metadata
+    save_file(a, first, metadata=meta)
+    save_file(b, second, metadata=meta)
+    regenerate_manifest(merged)
+    line = assert_fails(capsys, merged, {"index"})
+    assert "index" in line
+    detail = next(c.detail for c in verify(merged).checks if c.name == "index")
+    assert name in detail and second.name in detail
+
+
+def test_altered_tensor_with_a_matching_manifest_fails_only_recompute(capsys, merged: Path) -> None:
+    # Every tensor gets one byte changed (so whichever 3 are sampled, one is altered), and the
+    # manifest is regenerated to match: headers, index, sizes and checksums all pass.
+    for path in shards(merged):
+        header = read_header(path)
+        raw = bytearray(path.read_bytes())
+        for entry in header.tensors.values():
+            if entry.nbytes:
+                raw[header.data_start + entry.begin] ^= 0x01
+        path.write_bytes(bytes(raw))
+    regenerate_manifest(merged)
+    assert_passes(capsys, merged)
+    line = assert_fails(capsys, merged, {"recompute"}, "--recompute", "3")
+    assert "recompute" in line
+    detail = next(c.detail for c in verify(merged, recompute=3).checks if c.name == "recompute")
+    assert detail.startswith("differ: ")
