@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,17 @@ def _model(folder: Path, vocab: int, head: str, seed: int) -> Path:
     return folder
 
 
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 @pytest.mark.slow
 def test_dogerm_peak_rss_bounded_for_1gb_pair(tmp_path: Path) -> None:
     rm = _model(tmp_path / "rm", 32000, "score.weight", 1)
@@ -71,11 +82,16 @@ def test_dogerm_peak_rss_bounded_for_1gb_pair(tmp_path: Path) -> None:
         "--max-shard-size",
         "400MB",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # ru_maxrss of a child forked from pytest starts at pytest's own RSS (torch, transformers...),
+    # so read the child's post-exec high-water mark (VmHWM) while it runs instead.
+    peak_kb = 0
+    while proc.poll() is None:
+        peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
+        time.sleep(0.02)
     stderr = proc.stderr.read().decode()
-    assert os.waitstatus_to_exitcode(status) == 0, stderr
-    peak_mb = usage.ru_maxrss / 1024
-    assert peak_mb <= 700, f"peak RSS {peak_mb:.0f} MB for a {pair_bytes / 1e9:.2f} GB pair"
+    assert proc.returncode == 0, stderr
+    peak_mb = peak_kb / 1024
+    assert 100 < peak_mb <= 700, f"peak RSS {peak_mb:.0f} MB for a {pair_bytes / 1e9:.2f} GB pair"
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert written > 0.7e9
