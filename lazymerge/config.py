@@ -19,8 +19,7 @@ from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.hub import open_any
 from lazymerge.methods_config import METHODS
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
-from lazymerge.recipes.card import hub_base_models, model_card
-from lazymerge.recipes.common import copy_tensor, normalize_dtype, output_config, source_at
+from lazymerge.recipes.common import carried_side_files, copy_tensor, normalize_dtype, source_at
 
 __all__ = ["load_recipe", "plan_recipe"]
 
@@ -115,17 +114,7 @@ def plan_recipe(
         "parameters": {"normalize": normalize},
         "dtype": out_dtype,
     }
-    first = checkpoints[0]
-    side: dict[str, bytes] = {}
-    from lazymerge.constants import CARRIED_FILES, TOKENIZER_FILES
-
-    for name in (*TOKENIZER_FILES, *CARRIED_FILES):
-        if (path := first.side_file(name)) is not None:
-            side[name] = path.read_bytes()
-    config = output_config(first, out_dtype)
-    if config is not None:
-        side["config.json"] = config
-    side["README.md"] = model_card(recipe, [c.label for c in checkpoints], hub_base_models(checkpoints)).encode("utf-8")
+    side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype)
     plan = build_plan(
         recipe=recipe,
         inputs=[c.label for c in checkpoints],
@@ -166,42 +155,6 @@ def _linear_tensors(
         tensors.append(OutputTensor(name, out_dtype or ref.dtype, ref.shape, segments, how, divisor))
     dropped = sorted({n for c in checkpoints[1:] for n in c.tensors if n not in first.tensors})
     return tensors, dropped
-
-
-def _plan_method(
-    spec: dict, output: str | os.PathLike[str], max_shard_size: int, overwrite: bool, check_disk: bool
-) -> tuple[MergePlan, list[Checkpoint]]:
-    from lazymerge.methods_config import method_tensors, open_method_models
-
-    _reject_unknown(spec, _TOP_KEYS, "the recipe")
-    out_dtype = normalize_dtype(spec.get("out_dtype")) or normalize_dtype(spec.get("dtype"))
-    checkpoints, model_params = open_method_models(spec)
-    tensors, dropped = method_tensors(spec, checkpoints, model_params, out_dtype)
-    recipe = json.loads(json.dumps(spec, default=str))
-    base = checkpoints[0]
-    side: dict[str, bytes] = {}
-    from lazymerge.constants import CARRIED_FILES, TOKENIZER_FILES
-
-    for name in (*TOKENIZER_FILES, *CARRIED_FILES):
-        if (path := base.side_file(name)) is not None:
-            side[name] = path.read_bytes()
-    config = output_config(base, out_dtype)
-    if config is not None:
-        side["config.json"] = config
-    side["README.md"] = model_card(recipe, [c.label for c in checkpoints]).encode("utf-8")
-    plan = build_plan(
-        recipe=recipe,
-        inputs=[c.label for c in checkpoints],
-        input_dirs=[c.root for c in checkpoints],
-        output_dir=Path(output),
-        tensors=tensors,
-        max_shard_size=max_shard_size,
-        side_files=side,
-        dropped=dropped,
-        overwrite=overwrite,
-        check_disk=check_disk,
-    )
-    return plan, checkpoints
 
 
 def _plan_dogerm(

@@ -117,9 +117,7 @@ def plan_method(
     """Plan a task_arithmetic / ties / dare / breadcrumbs / slerp merge from a mergekit config."""
     import json
 
-    from lazymerge.constants import CARRIED_FILES, TOKENIZER_FILES
-    from lazymerge.recipes.card import hub_base_models, model_card
-    from lazymerge.recipes.common import normalize_dtype, output_config
+    from lazymerge.recipes.common import carried_side_files, normalize_dtype
 
     unknown = sorted(set(spec) - _TOP_KEYS)
     if unknown:
@@ -131,16 +129,7 @@ def plan_method(
     checkpoints, model_params = open_method_models(spec, opener)
     tensors, dropped = method_tensors(spec, checkpoints, model_params, out_dtype)
     recipe = json.loads(json.dumps(spec, default=str))
-    base = checkpoints[0]
-    side: dict[str, bytes] = {}
-    for name in (*TOKENIZER_FILES, *CARRIED_FILES):
-        if (path := base.side_file(name)) is not None:
-            side[name] = path.read_bytes()
-    config = output_config(base, out_dtype)
-    if config is not None:
-        side["config.json"] = config
-    card = model_card(recipe, [c.label for c in checkpoints], hub_base_models(checkpoints))
-    side["README.md"] = card.encode("utf-8")
+    side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype)
     plan = build_plan(
         recipe=recipe,
         inputs=[c.label for c in checkpoints],
