@@ -44,6 +44,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 DOGERM_WEIGHT = 0.3
 KERNEL_TARGET = 0.80  # fraction of device-to-device copy bandwidth
+E2E_TARGET_GBPS = 5.0  # GB of input consumed per second, 7B merge from memory
 GB = 1e9
 
 # Set in main() once the mode is known: torch/triton/lazymerge are imported late because the
@@ -428,21 +429,75 @@ def check_identity(report: Report, it: Item, work: Path, size: str, device: str,
 
 
 # ---------------------------------------------------------------------------------------------
+# [4] task-vector method kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def check_methods(report: Report, it: Item, work: Path, size: str, device: str) -> None:
+    """task_arithmetic / dare_linear / dare_ties of a causal pair (base + one model), written by
+    the cuda and the cpu backend: the shards must be byte-identical."""
+    import synthetic
+
+    import lazymerge
+
+    need(report, 40, "the method identity check")
+    t = time.perf_counter()
+    base, other = synthetic.make_pair(size, "fp16", "causal", work)
+    report.say(f"pair {size} causal: {base.parent} ({time.perf_counter() - t:.1f} s)")
+    bad, nbytes = [], 0
+    for method in ("task_arithmetic", "dare_linear", "dare_ties"):
+        need(report, 25, f"the {method} merges")
+        params = {"weight": 0.7} | ({"density": 0.4} if method != "task_arithmetic" else {})
+        config = {
+            "merge_method": method,
+            "base_model": str(base),
+            "models": [{"model": str(other), "parameters": params}],
+            "parameters": {"lambda": 0.9, "normalize": method == "dare_ties"},
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+        }
+        outs = {}
+        for dev in (device, "cpu"):
+            outs[dev] = work / f"methods-{method}-{dev}"
+            shutil.rmtree(outs[dev], ignore_errors=True)
+            stats = lazymerge.merge(config, outs[dev], device=dev, overwrite=True)
+            it.details.append(f"{method} on {dev}: {stats.seconds:.1f} s ({stats.device})")
+            report.say(it.details[-1])
+            if ran_on(stats) != dev:
+                raise AssertionError(f"{method}: asked for {dev!r}, the merge reports {stats.device!r}")
+        w, _, n = compare_folders(outs[device], outs["cpu"])
+        bad += [f"{method}/{x}" for x in w]
+        nbytes += n
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(base.parent, ignore_errors=True)
+    if bad:
+        it.status, it.summary = "FAIL", f"weight files differ: {', '.join(bad)}"
+    else:
+        it.status, it.summary = "PASS", f"3 methods: {size_str(nbytes)} of shards byte-identical {device} vs cpu"
+
+
+# ---------------------------------------------------------------------------------------------
 # [2] kernel throughput
 # ---------------------------------------------------------------------------------------------
 
 
-def _timed(fn: Callable[[], Any], iters: int) -> float:
-    """Seconds per call, from CUDA events around `iters` back-to-back calls (after a warm-up)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
+def _timed(fn: Callable[[], Any], iters: int, repeats: int = 3) -> float:
+    """Seconds per call: the median over `repeats` of CUDA-event timings around `iters`
+    back-to-back calls, after warm-up calls (the first timing of a run also pays clock ramp-up)."""
+    for _ in range(3):
         fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1000 / iters
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / iters)
+    return sorted(times)[len(times) // 2]
 
 
 def _copy_bandwidth(nbytes: int, iters: int) -> float:
@@ -502,6 +557,21 @@ def check_kernel(report: Report, it: Item, has_cuda: bool) -> None:
             if not same:
                 raise AssertionError(f"{label}: kernel output differs from the torch reference")
         del xs, y
+    # The task-vector kernel (task_arithmetic / DARE): informational, same measure.
+    from lazymerge.kernels import triton_methods as tm
+
+    for method in tm.GPU_METHODS:
+        if report.left() < 15:
+            break
+        xs = [(torch.randn(n, device="cuda", generator=g) * 0.02).to(f16) for _ in range(3)]
+        params = {"tensor": "bench", "weights": [0.5, 0.5], "densities": [0.5, 0.5], "seed": 1, "lambda": 1.0}
+        y = torch.empty(n, dtype=f16, device="cuda")
+        secs = _timed(lambda xs=xs, y=y, m=method, p=params: tm.task_vector_combine(m, xs, p, y, 0), iters)
+        bw = 4 * n * 2 / secs
+        it.details.append(f"{method} fp16 x3 -> fp16: {bw / GB:.0f} GB/s = {bw / copy_bw:.0%} of copy (info)")
+        report.say(it.details[-1])
+        it.data[f"{method} fp16 x3"] = {"GBps": bw / GB, "ratio": bw / copy_bw}
+        del xs, y
     torch.cuda.empty_cache()
     it.data["copy_GBps"] = copy_bw / GB
     assert first_ratio is not None
@@ -553,15 +623,27 @@ def check_end_to_end(report: Report, it: Item, work: Path, size: str, device: st
         trm, tsft = make_pair(report, "tiny", work)
         run_dogerm(trm, tsft, work / "e2e-warmup", device)
         shutil.rmtree(work / "e2e-warmup", ignore_errors=True)
-    runs = [("pipeline on", False), ("pipeline off", True)]
-    for label, sync in runs:
+    # Runs 3 to 5 are informational: what the GPU path's larger default chunks and the extra
+    # read and write threads of lazymerge.execute buy (DEFAULT + 1: an explicit size the executor keeps).
+    from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS
+
+    runs = [
+        ("pipeline on", False, {}, {}),
+        ("pipeline off", True, {}, {}),
+        ("pipeline on, 2 Mi-element chunks", False, {}, {"chunk_elements": DEFAULT_CHUNK_ELEMENTS + 1}),
+        ("pipeline on, one read thread", False, {"LAZYMERGE_READ_THREADS": "0"}, {}),
+        ("pipeline on, one write thread", False, {"LAZYMERGE_WRITE_THREADS": "0"}, {}),
+    ]
+    os.environ["LAZYMERGE_PROFILE"] = "1"  # the executor prints its stages' busy seconds
+    for label, sync, env, extra in runs:
         need(report, 30, f"the {label} run")
         if not tmpfs:
             report.say(f"prewarm {prewarm(rm) + prewarm(sft):.1f} s")
+        os.environ.update(env)
         with sync_env(sync):
             if integrated:
                 out = work / f"e2e-{size}"
-                stats = run_dogerm(rm, sft, out, device)
+                stats = run_dogerm(rm, sft, out, device, **extra)
                 shutil.rmtree(out, ignore_errors=True)
                 if ran_on(stats) != device:
                     raise AssertionError(f"asked for device={device!r} but the merge reports {stats.device!r}")
@@ -570,6 +652,8 @@ def check_end_to_end(report: Report, it: Item, work: Path, size: str, device: st
             else:
                 gbps = backend_throughput(rm, sft, work, chunk, pipelined=not sync)
                 note = "backend-level loop, no output files"
+        for k in env:
+            os.environ.pop(k, None)
         results[label] = gbps
         it.details.append(f"{label}: {size_str(gbps * GB)}/s of input ({note})")
         report.say(it.details[-1])
@@ -593,8 +677,10 @@ def check_end_to_end(report: Report, it: Item, work: Path, size: str, device: st
     if not integrated:
         it.status, it.summary = "FAIL", "execute has no device= yet; " + what
     else:
-        # Pipelining must not cost throughput (5% allowance for run-to-run noise).
-        it.status, it.summary = ("PASS" if speedup >= 0.95 else "FAIL"), what
+        # The issue's target (>= 5 GB/s of input on an H100-class card), and pipelining must not
+        # cost throughput (5% allowance for run-to-run noise).
+        ok = results["pipeline on"] >= E2E_TARGET_GBPS and speedup >= 0.95
+        it.status, it.summary = ("PASS" if ok else "FAIL"), what + f"; target >= {E2E_TARGET_GBPS:g} GB/s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--identity-size", default="1b")
     ap.add_argument("--e2e-size", default="7b")
     ap.add_argument("--chunk-elements", type=int, default=0, help="for the fallback loops (default: lazymerge's)")
-    ap.add_argument("--only", default="1,2,3", help="items to run, e.g. 2 or 1,3")
+    ap.add_argument("--only", default="1,2,3,4", help="items to run, e.g. 2 or 1,3")
     ap.add_argument("--no-cpu-ref", action="store_true", help="skip the informational CPU run in [3]")
     ap.add_argument("--keep", action="store_true", help="keep generated pairs (tmpfs ones are removed by default)")
     ap.add_argument("--json", help="also write the report as JSON here")
@@ -649,6 +735,11 @@ def main(argv: list[str] | None = None) -> int:
             "1",
             f"bit identity, cuda vs cpu ({args.identity_size})",
             lambda it: check_identity(report, it, work, args.identity_size, device, chunk),
+        ),
+        (
+            "4",
+            f"method kernels, cuda vs cpu ({args.identity_size} causal pair)",
+            lambda it: check_methods(report, it, work, args.identity_size, device),
         ),
         (
             "3",

@@ -12,13 +12,13 @@ prints; progress goes to a callback.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import queue
 import resource
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,8 +28,9 @@ from lazymerge import methods
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.errors import HeaderError, OutputError, PlanError
 from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.digest import BlockHasher, hash_pool
 from lazymerge.io.writer import ShardWriter, write_side_file
-from lazymerge.kernels.backend import _TORCH_DTYPES, Backend, CpuBackend, DeviceError, select_backend
+from lazymerge.kernels.backend import _TORCH_DTYPES, Backend, CpuBackend, DeviceError, gpu_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.manifest import Manifest, plan_fingerprint
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor, iter_chunks
@@ -64,6 +65,11 @@ class MergeStats:
     device: str
     files: list[Path] = field(default_factory=list)
     resumed_shards: int = 0
+
+
+# The GPU path's chunk size (when the caller left the default) and number of host slots.
+CUDA_CHUNK_ELEMENTS = 4 * DEFAULT_CHUNK_ELEMENTS
+_CUDA_SLOTS = 6
 
 
 class _Slot:
@@ -142,6 +148,7 @@ def execute_sweep(
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     progress: Callable[[ProgressEvent], None] | None = None,
+    resume: bool = False,
     device: str = "cpu",
     workers: int | None = None,
 ) -> list[MergeStats]:
@@ -149,7 +156,9 @@ def execute_sweep(
 
     Every chunk of the inputs is read once and merged K times, once per plan; each output has
     its own folder, writer, manifest and index. The plans must read the same inputs in the same
-    order (same recipe shape, different weights or parameters).
+    order (same recipe shape, different weights or parameters). With `resume`, each output keeps
+    the shards its own manifest records as finished; a shard is merged only for the outputs that
+    lack it, and each input range is still read once.
 
     Raises:
         PlanError: the plans do not read the same input ranges.
@@ -159,7 +168,7 @@ def execute_sweep(
         checkpoints,
         chunk_elements=chunk_elements,
         progress=progress,
-        resume=False,
+        resume=resume,
         device=device,
         workers=workers,
     )
@@ -185,7 +194,14 @@ def _execute_many(
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {out_dir}: {exc.strerror}") from exc
-    cpu_only = sorted({t.method for p in plans for t in p.tensors if t.method != "linear"})
+    cpu_only = sorted(
+        {
+            t.method
+            for p in plans
+            for t in p.tensors
+            if not all(gpu_capable(t.method, len(seg.sources)) for seg in t.segments)
+        }
+    )
     if cpu_only and device == "auto":
         backend, reason = CpuBackend(), f"cpu: {', '.join(cpu_only)} run on the CPU backend"
     elif cpu_only and device == "cuda":
@@ -197,38 +213,60 @@ def _execute_many(
             stack.enter_context(OutputLock(out_dir))
         stack.enter_context(backend)
         states = [_resume_state(p, resume) for p in plans]
-        done = states[0][1]
         # Side files first: none of them makes the folder look like a finished model; the index
         # does, so it goes last.
         for p in plans:
             for name, data in p.side_files.items():
                 if not name.endswith(".index.json"):
                     write_side_file(p.output_dir, name, data)
-        todo = [k for k in range(len(plans[0].shards)) if k not in done]
-        run = _Run(plans, checkpoints, chunk_elements, progress, backend, workers, todo, [m for m, _ in states])
-        for k in sorted(done):
-            run.report("skip", plans[0].shards[k].name, dirs[0] / plans[0].shards[k].name)
-        run.go()
+        # Shards grouped by which outputs still need them (one group unless the outputs of a
+        # resumed sweep kept different shards): one pass per group, so each range is read once.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k in range(len(plans[0].shards)):
+            who = tuple(v for v, (_, done) in enumerate(states) if k not in done)
+            if who:
+                groups.setdefault(who, []).append(k)
+        total = sum(s.size for p in plans for s in p.shards)
+        written = sum(p.shards[k].size for p, (_, done) in zip(plans, states, strict=True) for k in done)
+        read = 0
+        for v, (_, done) in enumerate(states):
+            for k in sorted(done):
+                if progress is not None:
+                    name = plans[v].shards[k].name
+                    progress(ProgressEvent("skip", name, written, total, read, dirs[v] / name))
+        for who, shards in groups.items():
+            manifests = [states[v][0] for v in who]
+            run = _Run([plans[v] for v in who], checkpoints, chunk_elements, None, backend, workers, shards, manifests)
+            begun = run.bytes_written  # a run counts its plans' other shards as written: report sweep totals
+            if progress is not None:
+                run.progress = lambda e, shift=written - begun, before=read: progress(
+                    replace(
+                        e, bytes_written=e.bytes_written + shift, total_bytes=total, bytes_read=e.bytes_read + before
+                    )
+                )
+            run.go()
+            written += run.bytes_written - begun
+            read += run.bytes_read
         for p in plans:
             for name, data in p.side_files.items():
                 if name.endswith(".index.json"):
                     write_side_file(p.output_dir, name, data)
     if progress:
-        progress(ProgressEvent("done", "", run.bytes_written, run.total_bytes, run.bytes_read))
+        progress(ProgressEvent("done", "", written, total, read))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return [
         MergeStats(
             tensors=len(p.tensors),
-            bytes_read=run.bytes_read,
-            bytes_written=run.written[k],
+            bytes_read=read,
+            bytes_written=sum(s.size for s in p.shards),
             seconds=seconds,
             peak_rss_bytes=peak,
             device=reason,
             files=[p.output_dir / s.name for s in p.shards],
             resumed_shards=len(done),
         )
-        for k, p in enumerate(plans)
+        for p, (_, done) in zip(plans, states, strict=True)
     ]
 
 
@@ -282,6 +320,10 @@ class _Run:
         self.progress = progress
         self.backend = backend
         self.manifests = manifests
+        if backend.name == "cuda" and chunk_elements == DEFAULT_CHUNK_ELEMENTS:
+            # Larger chunks on the GPU path: the per-chunk host work (a kernel launch, events,
+            # several syscalls) is paid 4x less often; still bounded (see slots below).
+            chunk_elements = CUDA_CHUNK_ELEMENTS
         self.variants = [list(iter_chunks(p, chunk_elements, shards)) for p in plans]
         self.tasks = self.variants[0]
         _check_same_reads(self.variants)
@@ -293,7 +335,9 @@ class _Run:
         else:
             self.workers = [backend]  # one thread enqueues; the GPU overlaps the chunks itself
         # Enough slots for every worker to hold one chunk, plus one being read and one written.
-        slots = 2 * len(self.workers) + 2
+        # The GPU path keeps a deeper queue: reads, device work and writes are separate stages
+        # whose speeds jitter, and pinned 8 Mi-element chunks of fp16 cost 48 MB per slot.
+        slots = 2 * len(self.workers) + 2 if backend.name == "cpu" else _CUDA_SLOTS
         self.free_slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(slots):
             self.free_slots.put(_Slot(backend))
@@ -308,6 +352,16 @@ class _Run:
         # Statistics of methods that need them: [variant][tensor name] -> stats.
         self.stats: list[dict[str, object]] = [{} for _ in plans]
         self._stats_bufs: list[torch.Tensor] = []
+        # Shard checksums are computed off the writer thread, several blocks at once.
+        self.hash_pool = hash_pool()
+        # The inputs of a chunk are read by threads of their own where cores are plentiful: one
+        # thread copying from the page cache (or a fast SSD) cannot feed a GPU. On 2-3 cores
+        # those copies would only take CPU from the merge workers.
+        self.read_pool = _read_pool(max((len(t.sources) for t in self.tasks if isinstance(t, ChunkTask)), default=1))
+        self.count_lock = threading.Lock()
+        self.write_pool = _write_pool()
+        # Seconds each stage spent working (not waiting on queues): LAZYMERGE_PROFILE=1 prints them.
+        self.busy = {"read": 0.0, "gpu wait": 0.0, "write": 0.0, "shard close": 0.0}
 
     @property
     def bytes_written(self) -> int:
@@ -349,6 +403,12 @@ class _Run:
             torch.set_num_threads(previous_threads)
             for fd in self.fds.values():
                 os.close(fd)
+            self.hash_pool.shutdown(cancel_futures=True)
+            for pool in (self.read_pool, self.write_pool[0] if self.write_pool else None):
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+        if os.environ.get("LAZYMERGE_PROFILE") == "1":
+            print("lazymerge profile (busy s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items()), flush=True)
         if self.errors:
             raise self.errors[0]
 
@@ -433,10 +493,19 @@ class _Run:
                 slot = self._get(self.free_slots)
                 if slot is _DONE:
                     return
-                for j, src in enumerate(task.sources):
-                    nbytes = task.count * DTYPE_SIZES[src.dtype]
-                    self._read_into(src.checkpoint, src.file, src.offset, slot.input(j, nbytes)[:nbytes])
-                    self._release_if_done(src.checkpoint, src.file, i)
+                bufs = [slot.input(j, task.count * DTYPE_SIZES[s.dtype]) for j, s in enumerate(task.sources)]
+                reads = [
+                    (s.checkpoint, s.file, s.offset, buf[: task.count * DTYPE_SIZES[s.dtype]])
+                    for s, buf in zip(task.sources, bufs, strict=True)
+                ]
+                # Each input file is still read in order; only different files overlap.
+                pending = [self.read_pool.submit(self._read_into, *r) for r in reads[1:]] if self.read_pool else []
+                for r in reads[: 1 if pending else len(reads)]:
+                    self._read_into(*r)
+                for f in pending:
+                    f.result()
+                for s in task.sources:
+                    self._release_if_done(s.checkpoint, s.file, i)
                 if not self._put(self.to_compute, (i, tasks, slot)):
                     return
         finally:
@@ -455,6 +524,7 @@ class _Run:
             return fd
 
     def _read_into(self, checkpoint: int, file: str, offset: int, buf: torch.Tensor, drop: bool = True) -> None:
+        began = time.perf_counter()
         fd = self.fd(checkpoint, file)
         view = memoryview(buf.numpy())
         done = 0
@@ -467,7 +537,9 @@ class _Run:
         if drop:
             # Consumed input pages leave the page cache, so a merge does not evict everything else.
             os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
-        self.bytes_read += len(view)
+        with self.count_lock:  # reads of different inputs may run on different threads
+            self.bytes_read += len(view)
+            self.busy["read"] += time.perf_counter() - began
 
     def _release_if_done(self, checkpoint: int, file: str, i: int) -> None:
         if self.last_use.get((checkpoint, file)) == i:
@@ -535,8 +607,12 @@ class _Run:
             self._release_if_done(src.checkpoint, src.file, i)
         else:
             for k, (writer, task, handle) in enumerate(zip(writers, tasks, handles or [], strict=True)):
+                began = time.perf_counter()
                 self.backend.wait(handle)
+                waited = time.perf_counter()
                 writer.write(memoryview(slot.outs[k][: task.out_nbytes].numpy()), task.out_offset)
+                self.busy["gpu wait"] += waited - began
+                self.busy["write"] += time.perf_counter() - waited
             self.free_slots.put(slot)
         for k, task in enumerate(tasks):
             self.written[k] += task.out_nbytes
@@ -550,12 +626,16 @@ class _Run:
         if kind == "start":
             for v, plan in enumerate(self.plans):
                 self.written[v] += len(plan.shards[k].header)
-            return [_HashingWriter(plan.output_dir, plan.shards[k]) for plan in self.plans]
+            return [
+                _HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.write_pool) for plan in self.plans
+            ]
         assert writers is not None
         for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):
             shard = plan.shards[k]
+            began = time.perf_counter()
             digest = writer.digest()
             path = writer.finish()
+            self.busy["shard close"] += time.perf_counter() - began
             manifest.record(shard.name, shard.size, digest)
             manifest.save(plan.output_dir)
             self.report("shard", shard.name, path)
@@ -620,39 +700,67 @@ def _check_same_reads(variants: list[list]) -> None:
             )
 
 
-class _HashingWriter(ShardWriter):
-    """A ShardWriter that computes the shard's sha256 as its bytes go out, in file order.
+def _read_pool(max_sources: int) -> ThreadPoolExecutor | None:
+    """Threads for the 2nd..nth input of a chunk; LAZYMERGE_READ_THREADS overrides (0: none)."""
+    env = os.environ.get("LAZYMERGE_READ_THREADS")
+    n = int(env) if env and env.isdigit() else (max_sources - 1 if (os.cpu_count() or 1) >= 4 else 0)
+    n = min(n, max_sources - 1)
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-read") if n > 0 else None
 
-    Copied ranges (copy_file_range never passes through Python) are read back from the output
-    file, which is still in the page cache, so the digest covers exactly what is on disk.
+
+def _write_pool() -> tuple[ThreadPoolExecutor, int] | None:
+    """Threads that write one chunk's output in pieces; LAZYMERGE_WRITE_THREADS overrides (0 or
+    1: the writer thread alone). Used where cores are plentiful, as for reads."""
+    env = os.environ.get("LAZYMERGE_WRITE_THREADS")
+    n = int(env) if env and env.isdigit() else (2 if (os.cpu_count() or 1) >= 4 else 0)
+    return (ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-write"), n) if n > 1 else None
+
+
+class _HashingWriter(ShardWriter):
+    """A ShardWriter that checksums the shard as its bytes go out (`lazymerge.io.digest`).
+
+    Writes arrive in file order; each completed 16 MiB block is hashed on the run's hash pool
+    from the output file itself, so the digest covers exactly what is on disk, copied ranges
+    included, and the writer thread never waits for sha256.
     """
 
-    def __init__(self, directory: Path, shard: object) -> None:
-        super().__init__(directory, shard)
-        self._sha = hashlib.sha256(self.shard.header)
+    def __init__(
+        self,
+        directory: Path,
+        shard: object,
+        pool: ThreadPoolExecutor,
+        write_pool: tuple[ThreadPoolExecutor, int] | None = None,
+    ) -> None:
+        super().__init__(directory, shard, write_pool)
+        self._hasher = BlockHasher(self.fd, self.shard.size, pool)
         self._next = len(self.shard.header)
 
     def write(self, data: memoryview | bytes, offset: int) -> None:
+        self._check_order(offset)
         super().write(data, offset)
-        self._advance(offset, len(data))
-        self._sha.update(data)
+        self._advance(len(data))
 
     def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int, source: object = "input") -> None:
+        self._check_order(offset)
         super().copy_from(src_fd, src_offset, nbytes, offset, source)
-        self._advance(offset, nbytes)
-        done = 0
-        while done < nbytes:
-            block = os.pread(self.fd, min(nbytes - done, 16 << 20), offset + done)
-            self._sha.update(block)
-            done += len(block)
+        self._advance(nbytes)
 
-    def _advance(self, offset: int, n: int) -> None:
+    def _check_order(self, offset: int) -> None:
         if offset != self._next:
             raise RuntimeError(f"out-of-order write at {offset} (expected {self._next}) in {self.shard.name}")
+
+    def _advance(self, n: int) -> None:
         self._next += n
+        self._hasher.advance(self._next)
 
     def digest(self) -> str:
-        return self._sha.hexdigest()
+        return self._hasher.digest()
+
+    def abort(self) -> None:
+        hasher = getattr(self, "_hasher", None)  # None when ShardWriter.__init__ itself failed
+        if hasher is not None:
+            hasher.close()  # before the file goes: a running block hash still maps it
+        super().abort()
 
 
 def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: OutputTensor) -> bytes:

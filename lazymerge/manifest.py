@@ -2,21 +2,21 @@
 
 Written atomically as each shard closes. `--resume` keeps a shard only if the manifest was made
 by the same plan (a fingerprint of the recipe, the inputs' tensor layout and every output header)
-and the file on disk still has the recorded size and sha256; everything else is redone.
+and the file on disk still has the recorded size and digest; everything else is redone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lazymerge.io.digest import ALGORITHM, file_digest
 from lazymerge.io.writer import write_side_file
 from lazymerge.plan import MergePlan
 
-__all__ = ["MANIFEST_NAME", "Manifest", "plan_fingerprint", "sha256_file"]
+__all__ = ["MANIFEST_NAME", "Manifest", "plan_fingerprint"]
 
 MANIFEST_NAME = "lazymerge_manifest.json"
 
@@ -38,17 +38,11 @@ def plan_fingerprint(plan: MergePlan) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: Path, block: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class Manifest:
-    """`{"fingerprint": ..., "shards": {name: {"size": n, "sha256": hex}}}` in the output folder."""
+    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ...}}}`.
+
+    The digest is `lazymerge.io.digest`'s block digest (parallel sha256), not a plain sha256."""
 
     fingerprint: str
     shards: dict[str, dict] = field(default_factory=dict)
@@ -66,8 +60,14 @@ class Manifest:
         body = {"fingerprint": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
         write_side_file(directory, MANIFEST_NAME, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
-    def record(self, name: str, size: int, sha256: str) -> None:
-        self.shards[name] = {"size": size, "sha256": sha256}
+    def record(self, name: str, size: int, digest: str) -> None:
+        self.shards[name] = {"size": size, "digest": digest, "algorithm": ALGORITHM}
+
+    def matches(self, path: Path, entry: dict) -> bool:
+        """Whether the file at `path` has the size and digest recorded in `entry`."""
+        if entry.get("algorithm") != ALGORITHM or not path.is_file() or path.stat().st_size != entry.get("size"):
+            return False
+        return file_digest(path) == entry.get("digest")
 
     def finished(self, directory: Path, name: str, expected_size: int) -> bool:
         """True when `name` is recorded and the file on disk still matches size and checksum."""
@@ -75,6 +75,4 @@ class Manifest:
         path = directory / name
         if entry is None or entry.get("size") != expected_size or not path.is_file():
             return False
-        if os.path.getsize(path) != expected_size:
-            return False
-        return sha256_file(path) == entry.get("sha256")
+        return self.matches(path, entry)

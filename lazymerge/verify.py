@@ -16,7 +16,7 @@ from pathlib import Path
 from lazymerge.constants import SAFE_INDEX_NAME
 from lazymerge.errors import LazyMergeError
 from lazymerge.io.header import read_header
-from lazymerge.manifest import Manifest, sha256_file
+from lazymerge.manifest import Manifest
 
 __all__ = ["Check", "VerifyReport", "verify"]
 
@@ -108,8 +108,7 @@ def _check_manifest(folder: Path, report: VerifyReport) -> None:
         return
     bad = []
     for name, entry in sorted(manifest.shards.items()):
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+        if not manifest.matches(folder / name, entry):
             bad.append(name)
     report.add("checksums", not bad, f"mismatch: {', '.join(bad)}" if bad else f"{len(manifest.shards)} shards match")
 

@@ -13,8 +13,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from lazymerge.cli import main
+from lazymerge.io.digest import file_digest
 from lazymerge.io.header import read_header
-from lazymerge.manifest import MANIFEST_NAME, Manifest, sha256_file
+from lazymerge.manifest import MANIFEST_NAME, Manifest
 from lazymerge.verify import verify
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -81,7 +82,7 @@ def regenerate_manifest(out: Path) -> None:
     manifest = Manifest.load(out)
     assert manifest is not None
     for path in shards(out):
-        manifest.record(path.name, path.stat().st_size, sha256_file(path))
+        manifest.record(path.name, path.stat().st_size, file_digest(path))
     manifest.save(out)
 
 

@@ -38,12 +38,14 @@ from lazymerge.plan import ChunkTask
 
 __all__ = [
     "DEVICES",
+    "GPU_METHODS",
     "SYNC_ENV",
     "Backend",
     "CpuBackend",
     "CudaBackend",
     "DeviceError",
     "Handle",
+    "gpu_capable",
     "select_backend",
 ]
 
@@ -266,9 +268,10 @@ class CudaBackend(Backend):
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._real)
 
     def submit(self, task: ChunkTask, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> Handle:
-        if task.method != "linear":
+        if not gpu_capable(task.method, len(task.sources)):
             raise DeviceError(
-                f"merge method {task.method!r} runs on the CPU backend only", hint="use --device cpu or --device auto"
+                f"merge method {task.method!r} with {len(task.sources)} inputs runs on the CPU backend only",
+                hint="use --device cpu or --device auto",
             )
         host_in = _typed_inputs(task, inputs)
         host_out = _typed(out, task.count, task.out_dtype, "out")
@@ -296,8 +299,13 @@ class CudaBackend(Backend):
             self._compute.wait_event(uploaded)
             if entry.d2h_done is not None:
                 self._compute.wait_event(entry.d2h_done)
-            weights = [s.weight for s in task.sources]
-            self._lt.linear_combine(dev_in, weights, dev_out, task.divisor, acc=entry.acc)
+            if task.method == "linear":
+                weights = [s.weight for s in task.sources]
+                self._lt.linear_combine(dev_in, weights, dev_out, task.divisor, acc=entry.acc)
+            else:
+                from lazymerge.kernels.triton_methods import task_vector_combine
+
+                task_vector_combine(task.method, dev_in, task.params or {}, dev_out, task.element_start)
             computed.record(self._compute)
 
         # 3. Download into the caller's pinned buffer. Its completion implies the uploads (and so
@@ -347,6 +355,19 @@ class CudaBackend(Backend):
             entry.out = self._device_buffer(out_bytes)
         if need_acc:
             entry.acc = torch.empty(max(task.count, self._capacity // 4), dtype=torch.float32, device=self.device)
+
+
+# Methods with a fused GPU kernel (lazymerge.kernels.triton_methods), and how many inputs that
+# kernel takes (the base model plus 7); everything else runs on the CPU backend.
+GPU_METHODS = ("linear", "task_arithmetic", "dare_linear", "dare_ties")
+_GPU_METHOD_MAX_INPUTS = 8
+
+
+def gpu_capable(method: str, n_inputs: int) -> bool:
+    """Whether CudaBackend can merge a chunk of `method` with `n_inputs` sources."""
+    if method == "linear":
+        return True
+    return method in GPU_METHODS and 2 <= n_inputs <= _GPU_METHOD_MAX_INPUTS
 
 
 def select_backend(device: str = "auto") -> tuple[Backend, str]:

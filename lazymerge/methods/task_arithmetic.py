@@ -23,6 +23,7 @@ def generalized_task_arithmetic(
     *,
     keep: Sequence[torch.Tensor | None] | None = None,
     rescale: Sequence[float | None] | None = None,
+    factors: Sequence[torch.Tensor | None] | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lam: float = 1.0,
@@ -34,6 +35,7 @@ def generalized_task_arithmetic(
         weights: one per non-base model.
         keep: per model, a bool mask of the delta elements kept (None: all kept).
         rescale: per model, a divisor applied to kept deltas (DARE's 1 - p), or None.
+        factors: per model, a multiplier of the masked delta (mergekit's L1 rescale), or None.
         consensus: TIES sign election (mergekit's `sum` consensus) and disjoint mean.
         normalize: divide by the sum of the weights (of the agreeing models with consensus).
         lam: mergekit's `lambda`, applied after normalisation.
@@ -49,17 +51,19 @@ def generalized_task_arithmetic(
             deltas[i] = deltas[i] * keep[i].to(torch.float32)
         if rescale is not None and rescale[i] is not None:
             deltas[i] = deltas[i] / torch.tensor(rescale[i], dtype=torch.float32)
+        if factors is not None and factors[i] is not None:
+            deltas[i] = deltas[i] * factors[i]
     w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(-1)
     deltas.mul_(w)
     if consensus:
         sign = deltas.sign()
-        majority = (deltas.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
+        majority = (_sum_models(deltas) >= 0).to(torch.float32) * 2 - 1
         mask = sign == majority
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        mixed = _sum_models(deltas * mask)
+        divisor = _sum_models(w * mask)
         divisor[divisor == 0] = 1
     else:
-        mixed = deltas.sum(dim=0)
+        mixed = _sum_models(deltas)
         divisor = w.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
@@ -67,6 +71,20 @@ def generalized_task_arithmetic(
     if lam != 1:
         mixed *= lam
     return base + mixed
+
+
+def _sum_models(rows: torch.Tensor) -> torch.Tensor:
+    """Sum over the models (dim 0) from +0.0, in model order.
+
+    Not `rows.sum(dim=0)`: torch picks its reduction order by shape (measured: with 7 models
+    and fewer than ~64k elements per chunk it is not row by row), so the bytes of a merge would
+    depend on the chunk size, and the GPU kernel could not follow it. In order from +0.0 is
+    what torch does for large tensors (mergekit's case) and what the GPU kernel does.
+    """
+    acc = torch.zeros(rows.shape[1:], dtype=rows.dtype)
+    for row in rows:
+        acc += row
+    return acc
 
 
 @register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089")
