@@ -1,4 +1,4 @@
-"""mergekit configs for the task-vector methods and SLERP: parameters resolved per tensor.
+"""mergekit configs for the task-vector methods, SLERP and Model Stock: parameters resolved per tensor.
 
 Semantics are mergekit's (0.1.5): a parameter is looked up in the model's own `parameters`, then
 in the top-level `parameters`, then takes the method's default; a value is a number, a gradient
@@ -30,8 +30,16 @@ _GTA: dict[str, tuple[bool, bool, tuple[str, ...]]] = {
     "dare_ties": (False, True, ("weight", "density")),
     "breadcrumbs": (False, False, ("weight", "density", "gamma")),
     "breadcrumbs_ties": (False, False, ("weight", "density", "gamma")),
+    "della": (True, True, ("weight", "density", "epsilon")),
+    "della_linear": (False, True, ("weight", "density", "epsilon")),
 }
-METHODS = (*_GTA, "slerp")
+# Methods whose statistics need no task-vector parameters: only these top-level keys.
+_OTHER: dict[str, tuple[str, ...]] = {
+    "slerp": ("t",),
+    "model_stock": ("filter_wise",),
+    "multislerp": ("weight", "normalize_weights", "eps"),
+}
+METHODS = (*_GTA, *_OTHER)
 _SHARED = {
     "normalize": bool,
     "rescale": bool,
@@ -40,8 +48,26 @@ _SHARED = {
     "seed": int,  # lazymerge: DARE's mask seed
     "global_magnitude": bool,  # lazymerge: one magnitude threshold per model over all tensors
 }
-_DEFAULTS = {"lambda": 1.0, "int8_mask": False, "seed": 0, "global_magnitude": False, "density": 1.0, "gamma": 0.01}
-_TYPES = {"weight": float, "density": float, "gamma": float, "t": float, **_SHARED}
+_DEFAULTS = {
+    "lambda": 1.0,
+    "int8_mask": False,
+    "seed": 0,
+    "global_magnitude": False,
+    "density": 1.0,
+    "gamma": 0.01,
+    "epsilon": 0.15,
+}
+_TYPES = {
+    "weight": float,
+    "density": float,
+    "gamma": float,
+    "epsilon": float,
+    "t": float,
+    "filter_wise": bool,
+    "normalize_weights": bool,
+    "eps": float,
+    **_SHARED,
+}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -114,7 +140,7 @@ def plan_method(
     check_disk: bool,
     opener: Callable[..., Checkpoint] = open_checkpoint,
 ) -> tuple[MergePlan, list[Checkpoint]]:
-    """Plan a task_arithmetic / ties / dare / breadcrumbs / slerp merge from a mergekit config."""
+    """Plan a task_arithmetic / ties / dare / breadcrumbs / della / slerp / model_stock merge from a mergekit config."""
     import json
 
     from lazymerge.recipes.common import carried_side_files, normalize_dtype
@@ -156,7 +182,7 @@ def open_method_models(
     models = spec.get("models")
     if not isinstance(models, list) or not models:
         raise RecipeError(f"merge_method {method} needs a `models` list")
-    per_model = _GTA[method][2] if method in _GTA else ()
+    per_model = _GTA[method][2] if method in _GTA else ("weight",) if method == "multislerp" else ()
     others: list[tuple[str, dict]] = []
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
@@ -178,6 +204,8 @@ def open_method_models(
         others.append((entry["model"], params))
     if method == "slerp" and len(others) != 1:
         raise RecipeError("slerp merges exactly two models: `base_model` and one other")
+    if method == "model_stock" and len(others) < 2:
+        raise RecipeError("model_stock needs `base_model` and at least two other models")
     if not others:
         raise RecipeError(f"merge_method {method} needs at least one model besides the base model")
     checkpoints = [opener(base, label=base)] + [opener(m, label=m) for m, _ in others]
@@ -201,9 +229,7 @@ def method_tensors(
     top = spec.get("parameters") or {}
     if not isinstance(top, dict):
         raise RecipeError("`parameters` must be a mapping")
-    allowed = set(_SHARED) | ({"t"} if method == "slerp" else set(_GTA[method][2]) if method in _GTA else set())
-    if method == "slerp":
-        allowed -= {"normalize", "rescale", "lambda", "int8_mask", "seed", "global_magnitude"}
+    allowed = set(_OTHER[method]) if method in _OTHER else set(_SHARED) | set(_GTA[method][2])
     bad = sorted(set(top) - allowed)
     if bad:
         raise RecipeError(
@@ -229,7 +255,7 @@ def method_tensors(
             tensors.append(copy_tensor(0, ref, out_dtype, f"base model ({ref.dtype} is copied, not merged)"))
             continue
         t = _layer_t(name, n_layers)
-        params = _tensor_params(method, name, t, top, model_params)
+        params = _tensor_params(method, name, t, top, model_params, ref.shape)
         params["ordinal"] = ordinal
         ordinal += 1
         sources = tuple(source_at(i, r, 0) for i, r in enumerate(refs))
@@ -250,9 +276,29 @@ def method_tensors(
     return tensors, dropped
 
 
-def _tensor_params(method: str, name: str, t: float, top: dict, model_params: list[dict]) -> dict:
+def _tensor_params(
+    method: str, name: str, t: float, top: dict, model_params: list[dict], shape: tuple[int, ...]
+) -> dict:
     if method == "slerp":
         return {"tensor": name, "t": _resolve("t", [top], name, t, None, name)}
+    if method == "model_stock":
+        if _resolve("filter_wise", [top], name, t, False, name):
+            raise RecipeError(
+                "model_stock `filter_wise: true` (one angle per row) is not supported",
+                hint="remove `filter_wise`: lazymerge computes one angle per tensor, mergekit's default",
+            )
+        return {"tensor": name}
+    if method == "multislerp":
+        weights = [
+            _resolve("weight", [scope, top], name, t, None, f"models[{i}] tensor {name}")
+            for i, scope in enumerate(model_params[1:])
+        ]
+        return {
+            "tensor": name,
+            "weights": weights,
+            "normalize_weights": _resolve("normalize_weights", [top], name, t, True, name),
+            "eps": _resolve("eps", [top], name, t, 1e-8, name),
+        }
     default_normalize, default_rescale, per_model = _GTA[method]
     params: dict[str, Any] = {"tensor": name}
     defaults = {**_DEFAULTS, "normalize": default_normalize, "rescale": default_rescale}
@@ -261,23 +307,37 @@ def _tensor_params(method: str, name: str, t: float, top: dict, model_params: li
     params["global"] = params.pop("global_magnitude")
     if params["global"] and method not in ("ties", "breadcrumbs", "breadcrumbs_ties"):
         raise RecipeError("`global_magnitude` applies to ties and breadcrumbs only")
-    if params["rescale"] and method in ("ties", "breadcrumbs", "breadcrumbs_ties", "task_arithmetic"):
-        raise RecipeError(
-            f"`rescale: true` (mergekit's L1-norm rescaling) is not supported for {method}",
-            hint="remove `rescale`; DARE methods rescale kept deltas by 1 / density",
-        )
     for key in per_model:
         values = []
         for i, scope in enumerate(model_params[1:]):
             values.append(_resolve(key, [scope, top], name, t, _DEFAULTS.get(key), f"models[{i}] tensor {name}"))
         params[f"{key}s" if key != "density" else "densities"] = values
+    if method in ("della", "della_linear"):
+        # mergekit ranks magnitudes along each row (dim 1 of a 2-D tensor; a 1-D one is one row).
+        params["row"] = shape[-1] if len(shape) >= 2 else max(1, _numel(shape))
+        for i, (d, e) in enumerate(zip(params["densities"], params["epsilons"], strict=True)):
+            if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+                raise RecipeError(
+                    f"models[{i}] tensor {name}: della needs density +/- epsilon in (0, 1), "
+                    f"got density {d} and epsilon {e}",
+                    hint="lower `epsilon` (mergekit raises the same error)",
+                )
     return params
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _check_global(method: str, tensors: list[OutputTensor]) -> None:
     merged = [t for t in tensors if t.method == method and t.params.get("global")]
     if merged and any(t.params["densities"] != merged[0].params["densities"] for t in merged):
         raise RecipeError("with `global_magnitude: true` each model's density must be the same for every tensor")
+    if merged and any(t.params["rescale"] != merged[0].params["rescale"] for t in merged):
+        raise RecipeError("with `global_magnitude: true`, `rescale` must be the same for every tensor")
 
 
 def _num_layers(ckpt: Checkpoint) -> int:

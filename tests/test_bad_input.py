@@ -490,7 +490,7 @@ RECIPES: dict[str, tuple[Callable[[Path, Path], dict | str], str]] = {
         "models[0] has unsupported key(s): density",
     ),
     "unknown parameter": (lambda a, b: _linear(a, b, parameters={"t": 0.5}), "unsupported key(s): t"),
-    "unknown merge_method": (lambda a, b: {**_linear(a, b), "merge_method": "della"}, "merge_method 'della'"),
+    "unknown merge_method": (lambda a, b: {**_linear(a, b), "merge_method": "karcher"}, "merge_method 'karcher'"),
     "one model": (lambda a, b: _linear(a), "at least two"),
     "weights sum to zero": (lambda a, b: _linear(a, b, weights=(1.0, -1.0)), "the weights sum to 0"),
     "weight list": (lambda a, b: _linear(a, b, weights=([0.1, 0.9], 1.0)), "must be a number"),  # type: ignore[arg-type]

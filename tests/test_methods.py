@@ -314,10 +314,10 @@ def test_evaluate_setting_gradients_and_filters() -> None:
     [
         (lambda c: c.update(tokenizer_source="union"), "tokenizer_source"),
         (lambda c: c["models"][0]["parameters"].update(epsilon=0.1), "epsilon"),
-        (lambda c: c["parameters"].update(rescale=True), "rescale"),
+        (lambda c: c["parameters"].update(filter_wise=True), "filter_wise"),
         (lambda c: c.update(slices=[]), "slices"),
         (lambda c: c["models"][0]["parameters"].pop("weight"), "weight"),
-        (lambda c: c.update(merge_method="della"), "della"),
+        (lambda c: c.update(merge_method="karcher"), "karcher"),
     ],
 )
 def test_unsupported_keys_are_named(tmp_path: Path, three: list[Path], edit, needle: str) -> None:

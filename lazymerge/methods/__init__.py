@@ -97,4 +97,4 @@ def names() -> list[str]:
 
 def _load() -> None:
     # The families register themselves on import; late, so `plan` stays torch-free.
-    from lazymerge.methods import dare, linear, slerp, task_arithmetic, ties  # noqa: F401
+    from lazymerge.methods import dare, della, linear, model_stock, multislerp, slerp, task_arithmetic, ties  # noqa: F401

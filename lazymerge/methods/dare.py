@@ -32,10 +32,19 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def stream_key(seed: int, tensor: str, model: int) -> int:
-    """The 64-bit key of one (seed, tensor name, model) mask."""
-    digest = hashlib.blake2b(f"{seed}\0{tensor}\0{model}".encode(), digest_size=8).digest()
+def stream_key(seed: int, tensor: str, model: int, salt: str = "") -> int:
+    """The 64-bit key of one (seed, tensor name, model) mask; `salt` separates methods' streams."""
+    text = f"{seed}\0{tensor}\0{model}" + (f"\0{salt}" if salt else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def uniform53(seed: int, tensor: str, model: int, element_start: int, count: int, salt: str = "") -> np.ndarray:
+    """53-bit uniform integers (uint64) for elements [element_start, element_start + count)."""
+    with np.errstate(over="ignore"):
+        idx = np.arange(element_start, element_start + count, dtype=np.uint64)
+        z = _mix(idx * _GOLDEN + np.uint64(stream_key(seed, tensor, model, salt)))
+    return z >> np.uint64(11)
 
 
 def keep_mask(seed: int, tensor: str, model: int, element_start: int, count: int, density: float) -> torch.Tensor:
@@ -48,11 +57,8 @@ def keep_mask(seed: int, tensor: str, model: int, element_start: int, count: int
         return torch.ones(count, dtype=torch.bool)
     if density <= 0:
         return torch.zeros(count, dtype=torch.bool)
-    with np.errstate(over="ignore"):
-        idx = np.arange(element_start, element_start + count, dtype=np.uint64)
-        z = _mix(idx * _GOLDEN + np.uint64(stream_key(seed, tensor, model)))
     limit = np.uint64(int(density * (1 << 53)))
-    return torch.from_numpy((z >> np.uint64(11)) < limit)
+    return torch.from_numpy(uniform53(seed, tensor, model, element_start, count) < limit)
 
 
 def _dare(xs: Sequence[torch.Tensor], params: Mapping[str, Any], element_start: int, consensus: bool) -> torch.Tensor:

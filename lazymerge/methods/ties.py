@@ -11,6 +11,9 @@ arbitrarily; with distinct magnitudes the kept sets are identical.)
 
 Global mode (`global_magnitude: true`, a lazymerge extension) ranks each model's deltas over
 every tensor merged this way at once, as in the TIES paper: one threshold per model.
+
+`rescale: true` (mergekit's L1 rescale) wraps the cuts in `rescale.L1Rescale`: one more pass
+sums the kept |delta| per tensor, and the kept deltas are multiplied by the tensor's L1 ratio.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import register
+from lazymerge.methods import StatsAccumulator, register
+from lazymerge.methods.rescale import L1Rescale
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
 
 _POS_SHIFT = 40  # position key = ordinal << 40 | element index (tensors < 2**40 elements)
@@ -196,15 +200,34 @@ def _is_global(params: Mapping[str, Any]) -> bool:
 
 
 def _pos(params: Mapping[str, Any], element_start: int) -> int:
-    return (params.get("ordinal", 0) << _POS_SHIFT if _is_global(params) else 0) + element_start
+    # The statistics passes key every tensor by its ordinal (global or not), so positions do too.
+    return (params.get("ordinal", 0) << _POS_SHIFT) + element_start
 
 
-def _ties_new_stats(params: Mapping[str, Any], numel: int) -> TopKStats:
-    return TopKStats(_ties_requests(params, numel), numel)
+def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> StatsAccumulator:
+    """mergekit's `rescale: true`: wrap the top-k cuts with per-tensor L1 factors."""
+    if not params.get("rescale", False):
+        return inner
+    enabled = [d < 1 for d in params["densities"]]  # mergekit returns density >= 1 untouched
+
+    def keep_fn(xs: Sequence[torch.Tensor], cuts: Any, element_start: int, key: int) -> list[torch.Tensor]:
+        return keep(xs, cuts, (key << _POS_SHIFT) + element_start)
+
+    return L1Rescale(inner, keep_fn, enabled)
 
 
-def _breadcrumbs_new_stats(params: Mapping[str, Any], numel: int) -> TopKStats:
-    return TopKStats(_breadcrumbs_requests(params, numel), numel)
+def _ties_new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
+    return _with_rescale(params, TopKStats(_ties_requests(params, numel), numel), _magnitude_keep)
+
+
+def _breadcrumbs_new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
+    return _with_rescale(params, TopKStats(_breadcrumbs_requests(params, numel), numel), _breadcrumbs_keep)
+
+
+def _cuts_and_factors(params: Mapping[str, Any], stats: Any) -> tuple[Any, Any]:
+    if params.get("rescale", False):
+        return stats.inner, stats.for_key(params.get("ordinal", 0))
+    return stats, None
 
 
 def _magnitude_keep(xs: Sequence[torch.Tensor], cuts: Sequence[TopKCut], pos: int) -> list[torch.Tensor]:
@@ -221,12 +244,14 @@ def _breadcrumbs_keep(xs: Sequence[torch.Tensor], cuts: Sequence[TopKCut], pos: 
 
 @register("ties", reference_url="https://arxiv.org/abs/2306.01708", new_stats=_ties_new_stats, is_global=_is_global)
 def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
-    """`params`: weights, densities, normalize (default True), lambda; `stats`: TopKCuts per model."""
-    keep = _magnitude_keep(xs, stats, _pos(params, element_start))
+    """`params`: weights, densities, normalize (default True), lambda, rescale (L1, default False)."""
+    cuts, factors = _cuts_and_factors(params, stats)
+    keep = _magnitude_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,
         params["weights"],
         keep=keep,
+        factors=factors,
         consensus=True,
         normalize=params.get("normalize", True),
         lam=params.get("lambda", 1.0),
@@ -242,10 +267,16 @@ def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, elem
 def breadcrumbs(
     xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
 ) -> torch.Tensor:
-    """`params`: weights, densities, gammas, normalize (default False), lambda."""
-    keep = _breadcrumbs_keep(xs, stats, _pos(params, element_start))
+    """`params`: weights, densities, gammas, normalize (default False), lambda, rescale (L1)."""
+    cuts, factors = _cuts_and_factors(params, stats)
+    keep = _breadcrumbs_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
-        xs, params["weights"], keep=keep, normalize=params.get("normalize", False), lam=params.get("lambda", 1.0)
+        xs,
+        params["weights"],
+        keep=keep,
+        factors=factors,
+        normalize=params.get("normalize", False),
+        lam=params.get("lambda", 1.0),
     )
 
 
@@ -259,11 +290,13 @@ def breadcrumbs_ties(
     xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
 ) -> torch.Tensor:
     """Breadcrumbs trimming with TIES sign election."""
-    keep = _breadcrumbs_keep(xs, stats, _pos(params, element_start))
+    cuts, factors = _cuts_and_factors(params, stats)
+    keep = _breadcrumbs_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,
         params["weights"],
         keep=keep,
+        factors=factors,
         consensus=True,
         normalize=params.get("normalize", False),
         lam=params.get("lambda", 1.0),
