@@ -198,7 +198,8 @@ def dogerm(
         Reward and domain models may be Hub repo ids (`owner/name` or `owner/name@revision`).
 
     Returns:
-        MergeStats of the run, or the MergePlan when `dry_run`.
+        MergeStats of the run, or the MergePlan when `dry_run`. With a list of weights (a sweep:
+        `output` and `push_to_hub` are templates with `{weight}`), one of them per weight.
 
     Raises:
         LazyMergeError: bad inputs, mismatched shapes or vocabularies, unusable output.
@@ -208,16 +209,16 @@ def dogerm(
     """
     from lazymerge.recipes.dogerm import plan_dogerm
 
-    if isinstance(weight, (list, tuple)):  # a sweep: inputs read once, one output per weight
-        if dry_run or resume or push_to_hub:
-            raise RecipeError("a weight sweep does not support dry_run, resume or push_to_hub yet")
+    if isinstance(weight, (list, tuple)):  # a sweep: inputs read once, one output (and repo) per weight
         from lazymerge.sweep import dogerm_sweep
 
         rm = open_model(reward_model, low_disk=low_disk, token=token)
         sft = open_model(domain_model, low_disk=low_disk, token=token)
         return dogerm_sweep(
             rm, sft, weight, output, dtype=dtype, max_shard_size=max_shard_size, chunk_elements=chunk_elements,
-            overwrite=overwrite, device=device, progress=progress,
+            overwrite=overwrite, dry_run=dry_run, resume=resume, device=device, progress=progress,
+            push_to_hub=push_to_hub, private=private, revision=revision, commit_message=commit_message,
+            delete_after_upload=delete_after_upload, token=token,
         )  # fmt: skip
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise RecipeError(f"weight must be a number, got {weight!r}")

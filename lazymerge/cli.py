@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -156,11 +156,12 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
     if len(args.weight) > 1:
         from lazymerge.sweep import dogerm_plans
 
+        repos = _sweep_checks(args, "weight", args.weight)
         plans = dogerm_plans(
             rm, sft, args.weight, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite or args.resume,
         )  # fmt: skip
-        return _run_sweep(plans, [rm, sft], args)
+        return _run_sweep(plans, [rm, sft], args, _labels("weight", args.weight), repos)
     plan = plan_dogerm(
         rm,
         sft,
@@ -179,12 +180,14 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if args.sweep:
         from lazymerge.sweep import parse_values, sweep_plans
 
-        key, _, values = args.sweep.partition("=")
+        key, _, text = args.sweep.partition("=")
+        key, values = key.strip(), parse_values(text)
+        repos = _sweep_checks(args, key, values)
         plans, checkpoints = sweep_plans(
-            args.config, args.output, key.strip(), parse_values(values), max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
+            args.config, args.output, key, values, max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite or args.resume, low_disk=args.low_disk, token=args.token,
         )  # fmt: skip
-        return _run_sweep(plans, checkpoints, args)
+        return _run_sweep(plans, checkpoints, args, _labels(key, values), repos)
 
     merge_plan, checkpoints = plan(
         args.config,
@@ -206,21 +209,103 @@ def _weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(exc.message) from None
 
 
-def _run_sweep(plans: list[MergePlan], checkpoints: list, args: argparse.Namespace) -> int:
-    """K outputs from one read of the inputs (no progress bar; one line per output)."""
-    if args.dry_run or args.resume or getattr(args, "push_to_hub", None):
-        _line("[bold red]error:[/] a sweep does not support --dry-run, --resume or --push-to-hub yet")
-        return EXIT_USER_ERROR
-    from lazymerge.execute import execute_sweep
+def _sweep_checks(args: argparse.Namespace, key: str, values: list) -> list[str] | None:
+    """A sweep's Hub options, checked before planning: the repo of each value, or None."""
+    from lazymerge.sweep import sweep_repos
 
-    all_stats = execute_sweep(
-        plans, checkpoints, chunk_elements=args.chunk_elements, device=args.device, workers=args.workers
-    )
+    if args.push_to_hub is None:
+        if args.delete_after_upload:
+            raise LazyMergeError(
+                "--delete-after-upload needs --push-to-hub", hint="add --push-to-hub 'OWNER/NAME-{...}'"
+            )
+        return None
+    return sweep_repos(args.push_to_hub, key, values)
+
+
+def _labels(key: str, values: list) -> list[str]:
+    return [f"{key}={v:g}" if isinstance(v, float) else f"{key}={v}" for v in values]
+
+
+def _run_sweep(
+    plans: list[MergePlan], checkpoints: list, args: argparse.Namespace, labels: list[str], repos: list[str] | None
+) -> int:
+    """K outputs from one read of the inputs; with --push-to-hub, one repo (one commit) per output."""
+    from dataclasses import replace
+
+    from lazymerge.push import execute_sweep_and_push, sweep_pushers
+    from lazymerge.report import human, progress_bar
+
+    if args.dry_run:
+        _print_sweep_plan(plans, labels, repos)
+        return 0
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        _line(f"[yellow]warning:[/] {_escape(warning)}")
+    pushers = None
+    if repos is not None:
+        pushers = sweep_pushers(
+            repos, private=args.private, revision=args.revision, commit_message=args.commit_message,
+            delete_after_upload=args.delete_after_upload, token=args.token,
+        )  # fmt: skip
+    every = replace(plans[0], shards=[s for p in plans for s in p.shards])  # the bar counts all K outputs
+    with progress_bar(_stderr, every, disable=args.quiet, upload=pushers is not None) as callback:
+        if pushers is not None:
+            _sum_uploads(pushers, sum(s.size for s in every.shards), callback.upload)
+        all_stats, pushed = execute_sweep_and_push(
+            plans, checkpoints, pushers, chunk_elements=args.chunk_elements, progress=callback, resume=args.resume,
+            device=args.device, workers=args.workers,
+        )  # fmt: skip
     for plan, stats in zip(plans, all_stats, strict=True):
-        _stdout.print(f"{_escape(str(plan.output_dir))}: {stats.bytes_written / 1e9:.2f} GB written", soft_wrap=True)
+        kept = f" ({stats.resumed_shards} shard(s) kept from the earlier run)" if stats.resumed_shards else ""
+        written = human(stats.bytes_written)
+        _stdout.print(f"{_escape(str(plan.output_dir))}: {written} written{kept}", soft_wrap=True)
+    for result in pushed or []:
+        reused = f" ({len(result.reused)} shard(s) already on the Hub, not re-sent)" if result.reused else ""
+        where = f"{result.repo_id}@{result.revision}"
+        _stdout.print(f"pushed to {_escape(where)}{reused}: {_escape(result.commit_url)}", soft_wrap=True)
     first = all_stats[0]
-    _stdout.print(f"{len(plans)} models from one read of {first.bytes_read / 1e9:.2f} GB in {first.seconds:.1f} s")
+    _stdout.print(f"{len(plans)} models from one read of {human(first.bytes_read)} in {first.seconds:.1f} s")
     return 0
+
+
+def _sum_uploads(pushers: list, total: int, report: Callable[[int, int], None]) -> None:
+    """One upload line for the K pushers (each calls from its own thread)."""
+    import threading
+
+    done, lock = [0] * len(pushers), threading.Lock()
+
+    def on_upload(v: int, n: int) -> None:
+        with lock:
+            done[v] = n
+            now = sum(done)
+        report(now, total)
+
+    for v, pusher in enumerate(pushers):
+        pusher.on_upload = lambda n, _total, v=v: on_upload(v, n)
+
+
+def _print_sweep_plan(plans: list[MergePlan], labels: list[str], repos: list[str] | None) -> None:
+    """--dry-run of a sweep: what each output would be, from headers alone."""
+    from lazymerge.report import human
+
+    first = plans[0]
+    _stdout.print(f"[bold]Sweep: {len(plans)} outputs from one read[/]")
+    for k, (plan, label) in enumerate(zip(plans, labels, strict=True)):
+        repo = f" -> {_escape(repos[k])}" if repos else ""
+        size = f"{len(plan.shards)} shard(s), {human(plan.bytes_on_disk)}"
+        _stdout.print(f"  {_escape(str(plan.output_dir))}  {_escape(label)}  {size}{repo}", soft_wrap=True)
+    need = sum(p.bytes_on_disk for p in plans)
+    _stdout.print(f"inputs: {', '.join(_escape(i) for i in first.inputs)}", soft_wrap=True)
+    shards = ", ".join(s.name for s in first.shards)
+    _stdout.print(f"{len(first.tensors)} output tensors per model; shards: {shards}", soft_wrap=True)
+    _stdout.print(f"reads {human(first.input_bytes)} from the inputs once, writes {human(need)} in all")
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        _stdout.print(f"[yellow]warning:[/] {_escape(warning)}")
+    if first.free_bytes is not None and first.free_bytes < need:
+        _stdout.print(f"[yellow]warning:[/] free space {human(first.free_bytes)} < {human(need)} for all outputs")
+    _stdout.print(
+        "[green]checks passed:[/] shapes and dtypes consistent; every tensor present; same reads for all",
+        soft_wrap=True,
+    )
 
 
 def _run(plan: MergePlan, checkpoints: list, args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from lazymerge.io.checkpoint import Checkpoint
     from lazymerge.plan import MergePlan
 
-__all__ = ["HubPusher", "PushResult", "execute_and_push"]
+__all__ = ["HubPusher", "PushResult", "execute_and_push", "execute_sweep_and_push", "sweep_pushers"]
 
 UploadCallback = Callable[[int, int], None]  # (bytes uploaded so far, bytes to upload)
 
@@ -275,3 +275,48 @@ def execute_and_push(
     finally:
         pusher.close()
     return stats, result
+
+
+def sweep_pushers(repo_ids: Sequence[str], **options: Any) -> list[HubPusher]:
+    """One HubPusher per output of a sweep (`options` as HubPusher's); none is left running if
+    creating one fails."""
+    pushers: list[HubPusher] = []
+    try:
+        for repo_id in repo_ids:
+            pushers.append(HubPusher(repo_id, **options))
+    except BaseException:
+        for pusher in pushers:
+            pusher.close()
+        raise
+    return pushers
+
+
+def execute_sweep_and_push(
+    plans: Sequence[MergePlan],
+    checkpoints: Sequence[Checkpoint],
+    pushers: Sequence[HubPusher] | None,
+    *,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    **execute_kwargs: Any,
+) -> tuple[list[MergeStats], list[PushResult] | None]:
+    """`execute_sweep(plans, ...)`, each output pushed by its own pusher (shards as they close,
+    one commit per repo at the end). Shard events are routed by the folder they were written to."""
+    from lazymerge.execute import execute_sweep
+
+    if not pushers:
+        return execute_sweep(plans, checkpoints, progress=progress, **execute_kwargs), None
+    by_folder = {p.output_dir.resolve(): pusher.wrap(None, p) for p, pusher in zip(plans, pushers, strict=True)}
+
+    def route(event: ProgressEvent) -> None:
+        if progress is not None:
+            progress(event)
+        if event.path is not None:
+            by_folder[Path(event.path).parent.resolve()](event)
+
+    try:
+        stats = execute_sweep(plans, checkpoints, progress=route, **execute_kwargs)
+        results = [pusher.commit(p) for p, pusher in zip(plans, pushers, strict=True)]
+    finally:
+        for pusher in pushers:
+            pusher.close()
+    return stats, results

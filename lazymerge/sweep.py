@@ -3,7 +3,9 @@
 The K plans read the same input ranges, so the executor reads every chunk once, merges it K
 times and writes K models, each in its own folder with its own shards, index and manifest.
 Output folders come from a template: `out-{weight}` (DogeRM) or `out-{lambda}` / `out-{value}`
-/ `out-{i}` (a config key).
+/ `out-{i}` (a config key); so do Hub repos (`owner/name-{weight}`: one repo and one commit per
+output). `dry_run` returns the K plans; `resume` lets each output keep the shards its own
+manifest records as finished.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DEFAULT_MAX_SHARD_SIZE, 
 from lazymerge.errors import RecipeError
 from lazymerge.plan import MergePlan
 
-__all__ = ["dogerm_sweep", "parse_values", "sweep", "sweep_outputs", "sweep_plans"]
+__all__ = [
+    "dogerm_plans",
+    "dogerm_sweep",
+    "parse_values",
+    "run_sweep",
+    "sweep",
+    "sweep_outputs",
+    "sweep_plans",
+    "sweep_repos",
+]
 
 
 def parse_values(text: str) -> list[float]:
@@ -32,24 +43,44 @@ def parse_values(text: str) -> list[float]:
     return values
 
 
-def sweep_outputs(template: str | os.PathLike[str], key: str, values: Sequence[Any]) -> list[Path]:
-    """The output folder of each value: `{key}`, `{value}` and `{i}` are filled in."""
-    text = str(template)
-    outs = []
+def _fill(template: str, key: str, values: Sequence[Any], what: str) -> list[str]:
+    """The template filled in for each value: `{key}` (its last dotted part), `{value}`, `{i}`."""
+    key = key.split(".")[-1]
+    filled = []
     for i, v in enumerate(values):
         shown = f"{v:g}" if isinstance(v, float) else str(v)
         try:
-            outs.append(Path(text.format_map({key: shown, "value": shown, "i": i})))
+            filled.append(template.format_map({key: shown, "value": shown, "i": i}))
         except (KeyError, IndexError, ValueError) as exc:
             raise RecipeError(
-                f"bad output template {text!r}: {exc}", hint=f"use {{{key}}}, {{value}} or {{i}}"
+                f"bad {what} template {template!r}: {exc}", hint=f"use {{{key}}}, {{value}} or {{i}}"
             ) from None
+    return filled
+
+
+def sweep_outputs(template: str | os.PathLike[str], key: str, values: Sequence[Any]) -> list[Path]:
+    """The output folder of each value: `{key}`, `{value}` and `{i}` are filled in."""
+    text = str(template)
+    outs = [Path(o) for o in _fill(text, key, values, "output")]
     if len(values) > 1 and len({o.resolve() for o in outs}) != len(outs):
+        name = key.split(".")[-1]
         raise RecipeError(
             f"the output template {text!r} gives the same folder for several values",
-            hint=f"put {{{key}}} (or {{i}}) in --output, e.g. 'out-{{{key}}}'",
+            hint=f"put {{{name}}} (or {{i}}) in --output, e.g. 'out-{{{name}}}'",
         )
     return outs
+
+
+def sweep_repos(template: str, key: str, values: Sequence[Any]) -> list[str]:
+    """The Hub repo of each value (`--push-to-hub 'owner/name-{weight}'`), one per value."""
+    repos = _fill(template, key, values, "--push-to-hub")
+    if len({r.casefold() for r in repos}) != len(repos):  # Hub repo ids ignore case
+        name = key.split(".")[-1]
+        raise RecipeError(
+            f"the --push-to-hub template {template!r} gives the same repo for several values",
+            hint=f"put {{{name}}} (or {{i}}) in it, e.g. 'owner/merged-{{{name}}}'",
+        )
+    return repos
 
 
 def _set_path(spec: dict, path: str, value: Any) -> None:
@@ -78,9 +109,11 @@ def sweep_plans(
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    low_disk: bool = False,
+    token: str | bool | None = None,
 ) -> tuple[list[MergePlan], list]:
     """Plan one merge per value of the config entry `key` (a dotted path such as
-    `parameters.lambda` or `models.1.parameters.weight`)."""
+    `parameters.lambda` or `models.1.parameters.weight`); `low_disk`, `token` for Hub inputs."""
     from lazymerge.config import load_recipe, plan_recipe
 
     spec = load_recipe(recipe)
@@ -89,7 +122,9 @@ def sweep_plans(
     for value, out in zip(values, outs, strict=True):
         variant = copy.deepcopy(spec)
         _set_path(variant, key, value)
-        plan, ckpts = plan_recipe(variant, out, max_shard_size=parse_size(max_shard_size), overwrite=overwrite)
+        plan, ckpts = plan_recipe(
+            variant, out, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, low_disk=low_disk, token=token
+        )
         plans.append(plan)
         checkpoints = checkpoints or ckpts
     return plans, checkpoints or []
@@ -104,24 +139,65 @@ def sweep(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     overwrite: bool = False,
+    dry_run: bool = False,
+    resume: bool = False,
     device: str = "auto",
     progress: Callable | None = None,
     workers: int | None = None,
+    push_to_hub: str | None = None,
+    **hub_options: Any,
 ) -> list:
     """Merge K variants of a config (one per value of `key`) reading the inputs once.
 
+    Args:
+        dry_run: plan only; return the K MergePlans without reading a tensor byte.
+        resume: each output keeps the shards a killed run finished (its own manifest).
+        push_to_hub: a repo id template like `output` (`owner/name-{lambda}`): each output is
+            pushed to its own repo, one commit each. `hub_options`: `private`, `revision`,
+            `commit_message`, `delete_after_upload`, `token`, as for `lazymerge.merge`.
+
     Returns:
-        One MergeStats per output (bytes_read is the shared read).
+        One MergeStats per output (bytes_read is the shared read), or the plans when `dry_run`.
 
     Example:
         >>> lazymerge.sweep("ties.yml", "out-{lambda}", "parameters.lambda", [0.5, 1.0])
     """
-    from lazymerge.execute import execute_sweep
-
+    overwrite = overwrite or resume
     plans, checkpoints = sweep_plans(recipe, output, key, values, max_shard_size=max_shard_size, overwrite=overwrite)
-    return execute_sweep(
-        plans, checkpoints, chunk_elements=chunk_elements, progress=progress, device=device, workers=workers
-    )
+    if dry_run:
+        return plans
+    return run_sweep(
+        plans, checkpoints, key, values, push_to_hub, hub_options, resume=resume, chunk_elements=chunk_elements,
+        progress=progress, device=device, workers=workers,
+    )  # fmt: skip
+
+
+def run_sweep(
+    plans: list[MergePlan],
+    checkpoints: Sequence[Any],
+    key: str,
+    values: Sequence[Any],
+    push_to_hub: str | None,
+    hub_options: dict[str, Any],
+    **execute_kwargs: Any,
+) -> list:
+    """Execute planned sweep outputs, each pushed to its own repo when `push_to_hub` is a template."""
+    from lazymerge.push import execute_sweep_and_push, sweep_pushers
+
+    unknown = set(hub_options) - _HUB_OPTIONS
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    if push_to_hub is None:
+        if hub_options.get("delete_after_upload"):
+            raise RecipeError("delete_after_upload needs push_to_hub")
+        pushers = None
+    else:
+        pushers = sweep_pushers(sweep_repos(push_to_hub, key, values), **hub_options)
+    stats, _ = execute_sweep_and_push(plans, checkpoints, pushers, **execute_kwargs)
+    return stats
+
+
+_HUB_OPTIONS = {"private", "revision", "commit_message", "delete_after_upload", "token"}
 
 
 def dogerm_plans(
@@ -157,16 +233,24 @@ def dogerm_sweep(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     overwrite: bool = False,
+    dry_run: bool = False,
+    resume: bool = False,
     device: str = "auto",
     progress: Callable | None = None,
     workers: int | None = None,
+    push_to_hub: str | None = None,
+    **hub_options: Any,
 ) -> list:
-    """DogeRM for several lambdas, reading both models once: `output` is a template with `{weight}`."""
+    """DogeRM for several lambdas, reading both models once: `output` (and `push_to_hub`) are
+    templates with `{weight}`. Other arguments as for `sweep`."""
     from lazymerge.api import open_model
-    from lazymerge.execute import execute_sweep
 
     rm, sft = open_model(reward_model), open_model(domain_model)
+    overwrite = overwrite or resume
     plans = dogerm_plans(rm, sft, weights, output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
-    return execute_sweep(
-        plans, [rm, sft], chunk_elements=chunk_elements, progress=progress, device=device, workers=workers
-    )
+    if dry_run:
+        return plans
+    return run_sweep(
+        plans, [rm, sft], "weight", weights, push_to_hub, hub_options, resume=resume, chunk_elements=chunk_elements,
+        progress=progress, device=device, workers=workers,
+    )  # fmt: skip

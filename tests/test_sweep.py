@@ -86,3 +86,58 @@ def test_cli_dogerm_weight_list(tmp_path: Path, llama_pair: tuple[Path, Path], c
     assert code == 0
     assert (tmp_path / "cli-0.2").is_dir() and (tmp_path / "cli-0.4").is_dir()
     assert "2 models from one read" in capsys.readouterr().out
+
+
+def _cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_sweep_dry_run_lists_each_output_and_writes_nothing(
+    tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    rm, sft = llama_pair
+    template = tmp_path / "dry-{weight}"
+    code, out, err = _cli(
+        capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.1,0.3", "-o", template,
+        "--max-shard-size", "100kB", "--dry-run", "--push-to-hub", "me/dry-{weight}",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Sweep: 2 outputs from one read" in out and "checks passed" in out
+    for w in ("0.1", "0.3"):
+        assert f"dry-{w}" in out and f"weight={w}" in out and f"me/dry-{w}" in out
+    assert not list(tmp_path.glob("dry-*"))
+    plans = lazymerge.dogerm(rm, sft, [0.1, 0.3], template, max_shard_size="100kB", dry_run=True)
+    assert [p.output_dir.name for p in plans] == ["dry-0.1", "dry-0.3"] and not list(tmp_path.glob("dry-*"))
+
+
+def test_merge_sweep_dry_run_and_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    models = [tiny_llama(tmp_path / f"m{i}", i) for i in range(2)]
+    config = tmp_path / "ta.yml"
+    config.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {models[0]}\n"
+        f"models:\n  - model: {models[1]}\n    parameters: {{weight: 1.0}}\n"
+    )
+    base = ["merge", config, "--sweep", "models.0.parameters.weight=0.5,1", "-o", tmp_path / "w-{weight}"]
+    code, out, err = _cli(capsys, *base, "--dry-run")
+    assert code == 0, err
+    assert "models.0.parameters.weight=0.5" in out and "w-1" in out and not list(tmp_path.glob("w-*"))
+    code, out, err = _cli(capsys, *base, "--device", "cpu")  # no --quiet: the bar, on stderr
+    assert code == 0, err
+    assert "done" in err and "━" in err and "2 models from one read" in out
+    code, out, err = _cli(capsys, *base, "--device", "cpu", "--resume", "-q")
+    assert code == 0 and err == "", err
+    assert out.count("shard(s) kept from the earlier run") == 2
+
+
+def test_sweep_delete_after_upload_needs_push(
+    tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    rm, sft = llama_pair
+    code, out, err = _cli(
+        capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.1,0.3",
+        "-o", tmp_path / "x-{weight}", "--delete-after-upload",
+    )  # fmt: skip
+    assert code == 2 and out == "" and err.startswith("error: --delete-after-upload needs --push-to-hub")
+    assert not list(tmp_path.glob("x-*"))
