@@ -10,6 +10,11 @@ Contenders (see README.md): lazymerge-dogerm, lazymerge-linear, mergekit, naive,
 lazymerge-sweep5 (one DogeRM run writing 5 lambdas) vs lazymerge-dogerm-x5 (5 separate runs),
 floor. Inputs are the synthetic pairs of `synthetic.py` (built on first use).
 
+Writes `results/<name>.json` and, when matplotlib is installed (`pip install -e ".[bench]"`),
+`results/<name>.png`: wall time per contender next to the floor (read and write stacked), peak
+RSS on a log axis. Merge outputs are deleted after each run unless `--keep-output` is given
+(then the last output of each merge is left under `<cache>/bench-out/` for `lazymerge verify`).
+
     python benchmarks/bench_merge.py --size 1b --contenders floor,naive,lazymerge-dogerm
 """
 
@@ -200,6 +205,19 @@ class MemoryCgroup:
         except (OSError, ValueError, IndexError):
             return -1
 
+    def failcnt(self) -> int:
+        """How often the charge hit the limit (v1 memory.failcnt; v2 memory.events "max"), -1 unknown."""
+        try:
+            if self.version == 1:
+                return int((self.path / "memory.failcnt").read_text().split()[0])
+            for line in (self.path / "memory.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    return int(value)
+        except (OSError, ValueError, IndexError):
+            pass
+        return -1
+
     def remove(self) -> None:
         # rmdir fails while the kernel still lists exited tasks for a moment: retry briefly.
         for _ in range(50):
@@ -304,6 +322,7 @@ class RunResult:
     cgroup_limit: int = 0
     cgroup_peak: int = -1
     oom_kill: int = -1
+    cgroup_failcnt: int = -1
     log: str = ""
 
     @property
@@ -599,7 +618,16 @@ def remove_output(path: Path | None) -> None:
         path.unlink()
 
 
-def run_step(c: Contender, step: Step, rep: int, work: Path, limit: int | None, drop: bool) -> RunResult:
+def disk_bytes(path: Path) -> int:
+    """Bytes a file or folder holds (apparent sizes)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_step(
+    c: Contender, step: Step, rep: int, work: Path, limit: int | None, drop: bool, keep: bool = False
+) -> RunResult:
     remove_output(step.output)
     if drop:
         drop_caches()
@@ -617,10 +645,14 @@ def run_step(c: Contender, step: Step, rep: int, work: Path, limit: int | None, 
     r = RunResult(c.name, step.label, rep, wall, rss, rc, sync_s, sig)
     if cg is not None:
         r.cgroup, r.cgroup_limit, r.cgroup_peak, r.oom_kill = str(cg.path), cg.limit, cg.peak_bytes(), cg.oom_kills()
+        r.cgroup_failcnt = cg.failcnt()
         cg.remove()
     if not r.ok:
         r.log = tail(log)
-    remove_output(step.output)
+    # --keep-output keeps a merge's output (until this step runs again) for checking; never the
+    # floor's zeros.
+    if not (keep and r.ok and not c.name.startswith("floor")):
+        remove_output(step.output)
     log.unlink(missing_ok=True)
     return r
 
@@ -658,6 +690,7 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
                 row["cgroup_finished"] = sum(r.ok for r in cg)
                 row["cgroup_oom_kills"] = sum(max(r.oom_kill, 0) for r in cg)
                 row["cgroup_peak_mb"] = max(r.cgroup_peak for r in cg) / MB
+                row["cgroup_failcnt"] = max(r.cgroup_failcnt for r in cg)
             rows.append(row)
         if c.name.startswith("floor") and {"read", "write"} <= per_step.keys():
             total = per_step["read"]["wall_s"] + per_step["write"]["wall_s"]
@@ -682,6 +715,7 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
 
 def print_table(rows: list[dict[str, object]], title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     def f(v: object, fmt: str) -> str:
@@ -703,10 +737,15 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
             notes.append(
                 f"cgroup {r['cgroup_limit_mib']:.0f} MiB: done {r['cgroup_finished']}, oom_kill {r['cgroup_oom_kills']}"
             )
-            details.append(f"{r['contender']}: cgroup peak charge (page cache included) {r['cgroup_peak_mb']:.0f} MB")
+            at_limit = float(r["cgroup_peak_mb"]) >= 0.99 * float(r["cgroup_limit_mib"]) * MIB / MB  # type: ignore[arg-type]
+            details.append(
+                f"{r['contender']}: cgroup peak charge (page cache included) {r['cgroup_peak_mb']:.0f} MB"
+                + (" = the limit (page cache reclaimed there)" if at_limit else "")
+                + f", failcnt {r['cgroup_failcnt']}, oom_kill {r['cgroup_oom_kills']}"
+            )
         ok_runs = f"{r['ok']}/{r['runs']}" if "runs" in r else "-"
         t.add_row(
-            str(r["contender"]),
+            escape(str(r["contender"])),  # "floor[dogerm]" is not rich markup
             str(r["pair"]),
             ok_runs,
             f(r.get("wall_s"), ".1f"),
@@ -720,30 +759,150 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
     console = Console(width=None if sys.stdout.isatty() else 180)
     console.print(t)
     for line in details:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, markup=False)
 
 
-def write_chart(rows: list[dict[str, object]], path: Path, title: str) -> bool:
+def write_chart(rows: list[dict[str, object]], path: Path, title: str, cgroup_limit: int | None = None) -> str:
+    """A PNG next to the JSON: wall time per contender against the floor, peak RSS (log scale).
+
+    Left panel: one bar per contender (median wall s, its `+sync s` stacked on it, hatched) and
+    per pair one reference bar for the floor, read and write stacked, with a dotted line at its
+    total; bars are labelled with seconds and `x floor`. Right panel: median peak RSS on a log
+    axis, the cgroup limit as a dashed line when there was one. Returns "" when written, else
+    why not (matplotlib missing).
+    """
     try:
         import matplotlib
 
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display needed; must precede pyplot
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
-        return False
-    data = [r for r in rows if isinstance(r.get("wall_s"), float)]
-    names = [str(r["contender"]) for r in data]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2))
-    ax1.barh(names, [float(r["wall_s"]) for r in data])
-    ax1.set_xlabel("wall s (median)")
-    ax2.barh(names, [float(r.get("peak_rss_mb", 0.0)) for r in data])
-    ax2.set_xlabel("peak RSS MB (median)")
-    ax2.set_yticklabels([])
+        return "matplotlib is not installed (pip install 'lazymerge[bench]' or pip install matplotlib)"
+
+    by_name = {str(r["contender"]): r for r in rows}
+    pairs = sorted({str(r["pair"]) for r in rows})
+    multi_pair = len(pairs) > 1
+    floor_color = {"read": "#9ecae1", "write": "#3182bd"}
+    # One entry per bar: (label, [(value, color, hatch, segment label)], rss MB or None, note, pair)
+    bars: list[tuple[str, list[tuple[float, str, str, str]], float | None, str, str]] = []
+    cgroup_peaks: dict[str, float] = {}  # label -> the cgroup's peak charge, MB (page cache included)
+    for pair in pairs:
+        base = f"floor[{pair}]"
+        read, write = by_name.get(f"{base} read"), by_name.get(f"{base} write")
+        if read and write and isinstance(read.get("wall_s"), float) and isinstance(write.get("wall_s"), float):
+            rss = max(float(read.get("peak_rss_mb", 0.0)), float(write.get("peak_rss_mb", 0.0))) or None
+            segs = [
+                (float(read["wall_s"]), floor_color["read"], "", "floor: dd read of the inputs"),
+                (float(write["wall_s"]), floor_color["write"], "", "floor: dd write of the output (fdatasync)"),
+            ]
+            label = f"floor {pair}: read+write" if multi_pair else "floor: read+write"
+            bars.append((label, segs, rss, "1.00x floor", pair))
+    for r in rows:
+        name = str(r["contender"])
+        if name.startswith("floor"):
+            continue
+        label = f"{name} ({r['pair']})" if multi_pair else name
+        wall = r.get("wall_s")
+        if not isinstance(wall, float):
+            why = "skipped" if "skipped" in r else "failed"
+            bars.append((label, [], None, why, str(r["pair"])))
+            continue
+        segs = [(wall, "#e6550d" if name.startswith("lazymerge") else "#756bb1", "", "")]
+        sync = float(r.get("sync_s", 0.0) or 0.0)
+        if sync >= 0.05 * wall:  # shown only where it is visible
+            segs.append((sync, "#fdae6b", "//", "+ sync after exit (dirty pages it left)"))
+        ratio = r.get("ratio_to_floor")
+        note = f"{wall:.1f} s" + (f" + {sync:.1f} s sync" if len(segs) > 1 else "")
+        if isinstance(ratio, float):
+            note += f", {ratio:.2f}x floor"
+        if r.get("failures"):
+            note += f" ({len(r['failures'])} failed)"  # type: ignore[arg-type]
+        if "cgroup_limit_mib" in r:
+            note += f", in {r['cgroup_limit_mib']:.0f} MiB cgroup, oom_kill {r['cgroup_oom_kills']}"
+        rss = float(r["peak_rss_mb"]) if isinstance(r.get("peak_rss_mb"), float) else None
+        if isinstance(r.get("cgroup_peak_mb"), float) and float(r["cgroup_peak_mb"]) > 0:
+            cgroup_peaks[label] = float(r["cgroup_peak_mb"])
+        bars.append((label, segs, rss, note, str(r["pair"])))
+    if not bars:
+        return "no successful run to chart"
+
+    n = len(bars)
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(14, 0.55 * n + 2.2), gridspec_kw={"width_ratios": [3, 2]}, sharey=True
+    )
+    ys = list(range(n))[::-1]  # first bar on top
+    seen: set[str] = set()
+    wall_max = max((sum(s[0] for s in segs) for _, segs, *_ in bars), default=1.0) or 1.0
+    for y, (_label, segs, _rss, note, _pair) in zip(ys, bars, strict=True):
+        left = 0.0
+        for value, color, hatch, seg_label in segs:
+            lab = seg_label if seg_label and seg_label not in seen else None
+            if seg_label:
+                seen.add(seg_label)
+            ax1.barh(
+                y, value, left=left, color=color, hatch=hatch, edgecolor="white" if not hatch else "#a63603", label=lab
+            )
+            left += value
+        if note.startswith("1.00x"):
+            note = f"{left:.1f} s = 1.00x floor"
+        ax1.text(left + 0.01 * wall_max, y, note, va="center", fontsize=8)
+    # The floor total of each pair as a dotted reference line across the panel.
+    for label, segs, _rss, _note, _pair in bars:
+        if label.startswith("floor") and segs:
+            total = sum(s[0] for s in segs)
+            ax1.axvline(total, color=floor_color["write"], linestyle=":", linewidth=1)
+    ax1.set_yticks(ys, [b[0] for b in bars])
+    ax1.set_xlabel("wall time, s (median; lower is better)")
+    ax1.set_xlim(0, wall_max * 1.55)
+    ax1.set_title("wall time vs the I/O floor (read + write)", fontsize=10)
+    if seen:
+        ax1.legend(loc="upper right", fontsize=8)  # the floor bars, on top, are the short ones
+    ax1.grid(axis="x", alpha=0.3)
+
+    rss_values = [b[2] for b in bars if b[2]]
+    for y, (label, _segs, rss, note, _pair) in zip(ys, bars, strict=True):
+        if rss:
+            if label.startswith("floor"):
+                color = floor_color["write"]
+            else:
+                color = "#e6550d" if label.startswith("lazymerge") else "#756bb1"
+            ax2.barh(y, rss, color=color)
+            ax2.text(rss * 1.08, y, f"{rss:,.0f} MB", va="center", fontsize=8)
+        elif note in ("skipped", "failed"):
+            ax2.text(1.0, y, note, va="center", fontsize=8, transform=ax2.get_yaxis_transform(), ha="right")
+        if label in cgroup_peaks:
+            first = label == next(iter(cgroup_peaks))
+            ax2.plot(
+                cgroup_peaks[label],
+                y,
+                "D",
+                color="#de2d26",
+                label="cgroup peak charge (page cache incl.)" if first else None,
+            )
+    if cgroup_peaks:
+        ax2.legend(loc="upper right", fontsize=8)
+    ax2.set_xscale("log")
+    ax2.xaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:g} GB" if v >= 1000 else f"{v:g} MB")
+    )
+    lo = min(rss_values, default=10.0)
+    hi = max([*rss_values, *cgroup_peaks.values(), (cgroup_limit or 0) / MB], default=100.0)
+    ax2.set_xlim(lo / 2, hi * 4)
+    if cgroup_limit:
+        ax2.axvline(cgroup_limit / MB, color="#de2d26", linestyle="--", linewidth=1)
+        ax2.text(
+            cgroup_limit / MB, ys[-1] - 0.6, f" cgroup limit {cgroup_limit / MIB:,.0f} MiB", color="#de2d26", fontsize=8
+        )
+    ax2.set_xlabel("peak RSS, MB (median ru_maxrss; log scale)")
+    ax2.set_title("peak memory", fontsize=10)
+    ax2.grid(axis="x", which="both", alpha=0.3)
+    ax2.set_ylim(-1, n)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return ""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -766,6 +925,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--name", default=None, help="results name (default <size>-<dtype>)")
     ap.add_argument("--results", type=Path, default=BENCH_DIR / "results")
+    ap.add_argument(
+        "--keep-output",
+        action="store_true",
+        help="keep each merge's last output under <cache>/bench-out (for lazymerge verify); deleted otherwise",
+    )
     return ap.parse_args(argv)
 
 
@@ -812,10 +976,14 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeat):
         for c in runnable:  # interleaved: A B C, A B C, ...
             for step in c.steps:
-                r = run_step(c, step, rep, work, limit, drop)
+                r = run_step(c, step, rep, work, limit, drop, args.keep_output)
                 results.append(r)
                 status = "ok" if r.ok else f"FAILED rc={r.returncode} {r.killed_by}"
-                extra = f", cgroup oom_kill {r.oom_kill}" if r.cgroup else ""
+                extra = (
+                    f", cgroup peak {r.cgroup_peak / MB:,.0f} MB, failcnt {r.cgroup_failcnt}, oom_kill {r.oom_kill}"
+                    if r.cgroup
+                    else ""
+                )
                 print(
                     f"[{rep + 1}/{args.repeat}] {c.name} {step.label}: {r.wall_s:.1f} s (+{r.sync_s:.1f} s sync), peak RSS {r.maxrss_kib * 1024 / MB:,.0f} MB, {status}{extra}"
                 )
@@ -845,11 +1013,17 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
     png = out.with_suffix(".png")
-    if write_chart(rows, png, title):
-        print(f"wrote {png}")
+    why_not = write_chart(rows, png, title, limit)
+    if why_not:
+        print(f"CHART SKIPPED, no {png} written: {why_not}")
     else:
-        print("matplotlib is not installed: no chart")
-    shutil.rmtree(work, ignore_errors=True)
+        print(f"wrote {png}")
+    if args.keep_output:
+        kept = [s.output for c in runnable for s in c.steps if s.output is not None and s.output.exists()]
+        for o in kept:
+            print(f"kept output: {o} ({disk_bytes(o) / GB:.1f} GB; delete it when done)")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if all(r.ok for r in results) else 1
 
 
