@@ -54,14 +54,29 @@ def linear_combine(
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
         a, t = acc[: stop - start], tmp[: stop - start]
-        torch.mul(inputs[0][start:stop], ws[0], out=a)
+        _weighted(inputs[0][start:stop], ws[0], a)
         for x, w in zip(inputs[1:], ws[1:], strict=True):
-            torch.mul(x[start:stop], w, out=t)
+            _weighted(x[start:stop], w, t)
             a.add_(t)
         if div is not None:
             a.div_(div)
         out[start:stop].copy_(a)  # torch's F32 -> F16/BF16 conversion rounds to nearest even
     return out
+
+
+def _weighted(x: torch.Tensor, w: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst = fp32(x) * w, without temporaries.
+
+    `torch.mul(x_fp16, w, out=dst)` would widen x into a fresh buffer on every call (1 MB per
+    block here, above glibc's mmap threshold): measured 2.1 M page faults and ~6 s of system
+    time on the 1B pair. Widening into `dst` first and multiplying in place is the same
+    arithmetic (widening is exact), with no allocation.
+    """
+    if x.dtype == torch.float32:
+        torch.mul(x, w, out=dst)
+    else:
+        dst.copy_(x)
+        dst.mul_(w)
 
 
 def _f32(value: float) -> torch.Tensor:
