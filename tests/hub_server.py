@@ -650,3 +650,16 @@ def configure_hf_client(monkeypatch: Any, endpoint: str, home: Path) -> None:
     # utils/tqdm.py copied this flag at import (`from ..constants import ...`): patch its own global.
     monkeypatch.setattr(importlib.import_module("huggingface_hub.utils.tqdm"), "HF_HUB_DISABLE_PROGRESS_BARS", True)
     monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)  # never ask the real Hub
+
+
+def serving_hub(tmp_path: Path, monkeypatch: Any, token: str) -> Iterator[HubServer]:
+    """The body of a pytest fixture: a server under tmp_path/hub, the client pointed at it with
+    `token` as HF_TOKEN; stopped (and the client's session closed) after the test."""
+    from huggingface_hub import close_session
+
+    server = HubServer(tmp_path / "hub", token=token).start()
+    configure_hf_client(monkeypatch, server.endpoint, tmp_path / "hf_home")
+    monkeypatch.setenv("HF_TOKEN", token)
+    yield server
+    close_session()
+    server.stop()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import HfApi, close_session, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 
 import lazymerge
 from lazymerge.cli import main
@@ -32,11 +32,11 @@ from lazymerge.io.hub import HubCheckpoint, is_repo_id, scrub, split_repo_id
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import load_folder, write_model
     from hub_server import HubError as ServerError
-    from hub_server import HubServer, configure_hf_client
+    from hub_server import HubServer, serving_hub
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import load_folder, write_model
     from tests.hub_server import HubError as ServerError
-    from tests.hub_server import HubServer, configure_hf_client
+    from tests.hub_server import HubServer, serving_hub
 
 TOKEN = "hf_test_token"
 SHARD = "300KB"  # several output shards from the small pair below
@@ -45,12 +45,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationW
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    server = HubServer(tmp_path / "hub", token=TOKEN).start()
-    configure_hf_client(monkeypatch, server.endpoint, tmp_path / "hf_home")
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield server
-    close_session()
-    server.stop()
+    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 @pytest.fixture

@@ -156,7 +156,11 @@ def _configs(m: list[Path]) -> dict[str, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "slerp", "dare_ties", "breadcrumbs_ties"])
 def test_same_bits_as_mergekit(tmp_path: Path, three: list[Path], method: str) -> None:
-    config = _configs(three)[method]
+    assert_same_bits_as_mergekit(tmp_path, _configs(three)[method])
+
+
+def assert_same_bits_as_mergekit(tmp_path: Path, config: dict) -> None:
+    """Run mergekit and lazymerge (odd chunk size) on one config; the tensors must be bit-equal."""
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

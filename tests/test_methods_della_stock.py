@@ -3,15 +3,12 @@ deterministic, statistical bounds where it is random, chunk-size independence ev
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import load_folder, write_model
-from test_methods import MERGEKIT, _assert_bits_equal, _bytes, needs_mergekit, tiny_llama
+from test_methods import _bytes, assert_same_bits_as_mergekit, needs_mergekit, tiny_llama
 
 import lazymerge
 from lazymerge.errors import RecipeError
@@ -81,14 +78,7 @@ def _oracle_configs(m: list[Path]) -> dict[str, dict]:
     "case", ["ties_rescale", "breadcrumbs_ties_rescale", "model_stock", "multislerp", "della_density_1"]
 )
 def test_same_bits_as_mergekit(tmp_path: Path, four: list[Path], case: str) -> None:
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump(_oracle_configs(four)[case]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([MERGEKIT, str(path), str(tmp_path / "mk")], capture_output=True, env=env, timeout=300)
-    want = load_folder(tmp_path / "mk")
-    assert want, "mergekit wrote no weights"
-    lazymerge.merge(path, tmp_path / "ours", chunk_elements=37, device="cpu")
-    _assert_bits_equal(load_folder(tmp_path / "ours"), want)
+    assert_same_bits_as_mergekit(tmp_path, _oracle_configs(four)[case])
 
 
 def _reference_rescaled_ties(xs: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:

@@ -12,25 +12,19 @@ from test_hub import TOKEN, download_repo
 from lazymerge.cli import main
 from lazymerge.manifest import MANIFEST_NAME
 
-try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
-    from hub_server import HubServer, configure_hf_client
-except ImportError:  # pragma: no cover - tests/ became a package
-    from tests.hub_server import HubServer, configure_hf_client
-
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+
+try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
+    from hub_server import HubServer, serving_hub
+except ImportError:  # pragma: no cover - tests/ became a package
+    from tests.hub_server import HubServer, serving_hub
 
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    from huggingface_hub import close_session
-
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-    server = HubServer(tmp_path / "hub", token=TOKEN).start()
-    configure_hf_client(monkeypatch, server.endpoint, tmp_path / "hf_home")
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    yield server
-    close_session()
-    server.stop()
+    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)  # errors are checked as users see them
+    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def sweep_args(pair: tuple[Path, Path], template: Path, *extra: str) -> list[str]:
