@@ -12,8 +12,11 @@ floor. Inputs are the synthetic pairs of `synthetic.py` (built on first use).
 
 Writes `results/<name>.json` and, when matplotlib is installed (`pip install -e ".[bench]"`),
 `results/<name>.png`: wall time per contender next to the floor (read and write stacked), peak
-RSS on a log axis. Merge outputs are deleted after each run unless `--keep-output` is given
-(then the last output of each merge is left under `<cache>/bench-out/` for `lazymerge verify`).
+RSS on a log axis. Each invocation works in a folder of its own, `<cache>/bench-out/<name>-<pid>-<random>/`,
+and deletes only that folder when it ends, so benchmarks run side by side never delete each other's
+outputs. Merge outputs are deleted after each run unless `--keep-output` is given (then the last
+output of each merge is left in that folder, which is printed and recorded as `output_dir` in the
+JSON, for `lazymerge verify`).
 
     python benchmarks/bench_merge.py --size 1b --contenders floor,naive,lazymerge-dogerm
 """
@@ -31,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -957,7 +961,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--keep-output",
         action="store_true",
-        help="keep each merge's last output under <cache>/bench-out (for lazymerge verify); deleted otherwise",
+        help="keep each merge's last output in this run's folder <cache>/bench-out/<name>-<pid>-* (printed;"
+        " for lazymerge verify); deleted otherwise",
     )
     return ap.parse_args(argv)
 
@@ -997,71 +1002,81 @@ def main(argv: list[str] | None = None) -> int:
             print(f"memory limit {limit / MB:.0f} MB via {cgroup_note.split(' at ')[0]} (a child cgroup per run)")
 
     pairs = {k: load_pair(args.size, args.dtype, k, cache) for k in sorted(kinds_needed(names))}
-    work = cache / "bench-out"
-    work.mkdir(parents=True, exist_ok=True)
-    contenders = build_contenders(names, pairs, work, args.dtype, args)
-    for c in contenders:
-        if c.skip:
-            print(f"skipping {c.name}: {c.skip}")
-
-    # Every child's ru_maxrss starts at this process's RSS (exec keeps the pre-exec high-water
-    # mark of the forked copy), so this is the smallest peak RSS a child can show.
-    harness_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
-    print(f"harness RSS {harness_rss_mb:.0f} MB (the lowest peak RSS any child can report)")
-    results: list[RunResult] = []
-    runnable = [c for c in contenders if not c.skip]
-    for rep in range(args.repeat):
-        for c in runnable:  # interleaved: A B C, A B C, ...
-            for step in c.steps:
-                r = run_step(c, step, rep, work, limit, drop, args.keep_output)
-                results.append(r)
-                status = "ok" if r.ok else f"FAILED rc={r.returncode} {r.killed_by}"
-                extra = (
-                    f", cgroup peak {r.cgroup_peak / MB:,.0f} MB, failcnt {r.cgroup_failcnt}, oom_kill {r.oom_kill}"
-                    if r.cgroup
-                    else ""
-                )
-                print(
-                    f"[{rep + 1}/{args.repeat}] {c.name} {step.label}: {r.wall_s:.1f} s (+{r.sync_s:.1f} s sync), peak RSS {r.maxrss_kib * 1024 / MB:,.0f} MB, {status}{extra}"
-                )
-                if not r.ok and r.log:
-                    print("  " + r.log.replace("\n", "\n  "))
-
-    rows = summarize(contenders, results)
     name = args.name or f"{args.size}-{args.dtype}"
-    title = f"lazymerge benchmark {name}: medians of {args.repeat}, {'cold' if drop else 'warm'} cache"
-    print_table(rows, title)
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"{name}.json"
-    doc = {
-        "name": name,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": info,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "page_cache_dropped": drop,
-        "harness_rss_mb": harness_rss_mb,
-        "cgroup": cgroup_note if limit is not None else None,
-        "pairs": {
-            k: {"first": str(p.first), "second": str(p.second), "input_bytes": p.input_bytes} for k, p in pairs.items()
-        },
-        "summary": rows,
-        "runs": [asdict(r) for r in results],
-    }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {out}")
-    png = out.with_suffix(".png")
-    why_not = write_chart(rows, png, title, limit)
-    if why_not:
-        print(f"CHART SKIPPED, no {png} written: {why_not}")
-    else:
-        print(f"wrote {png}")
-    if args.keep_output:
-        kept = [s.output for c in runnable for s in c.steps if s.output is not None and s.output.exists()]
-        for o in kept:
-            print(f"kept output: {o} ({disk_bytes(o) / GB:.1f} GB; delete it when done)")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(r.ok for r in results) else 1
+    # This run's own folder under <cache>/bench-out: benchmarks running side by side must not
+    # delete (or overwrite) each other's outputs. Only this folder is deleted at the end.
+    bench_out = cache / "bench-out"
+    bench_out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"{name}-{os.getpid()}-", dir=bench_out))
+    work.chmod(0o755)  # as mkdir would leave it (mkdtemp makes it private); kept outputs get verified
+    print(f"this run's folder: {work} ({'kept' if args.keep_output else 'deleted at the end'})")
+    try:
+        contenders = build_contenders(names, pairs, work, args.dtype, args)
+        for c in contenders:
+            if c.skip:
+                print(f"skipping {c.name}: {c.skip}")
+
+        # Every child's ru_maxrss starts at this process's RSS (exec keeps the pre-exec high-water
+        # mark of the forked copy), so this is the smallest peak RSS a child can show.
+        harness_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+        print(f"harness RSS {harness_rss_mb:.0f} MB (the lowest peak RSS any child can report)")
+        results: list[RunResult] = []
+        runnable = [c for c in contenders if not c.skip]
+        for rep in range(args.repeat):
+            for c in runnable:  # interleaved: A B C, A B C, ...
+                for step in c.steps:
+                    r = run_step(c, step, rep, work, limit, drop, args.keep_output)
+                    results.append(r)
+                    status = "ok" if r.ok else f"FAILED rc={r.returncode} {r.killed_by}"
+                    extra = (
+                        f", cgroup peak {r.cgroup_peak / MB:,.0f} MB, failcnt {r.cgroup_failcnt}, oom_kill {r.oom_kill}"
+                        if r.cgroup
+                        else ""
+                    )
+                    print(
+                        f"[{rep + 1}/{args.repeat}] {c.name} {step.label}: {r.wall_s:.1f} s (+{r.sync_s:.1f} s sync), peak RSS {r.maxrss_kib * 1024 / MB:,.0f} MB, {status}{extra}"
+                    )
+                    if not r.ok and r.log:
+                        print("  " + r.log.replace("\n", "\n  "))
+
+        rows = summarize(contenders, results)
+        title = f"lazymerge benchmark {name}: medians of {args.repeat}, {'cold' if drop else 'warm'} cache"
+        print_table(rows, title)
+        args.results.mkdir(parents=True, exist_ok=True)
+        out = args.results / f"{name}.json"
+        doc = {
+            "name": name,
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": info,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "page_cache_dropped": drop,
+            "harness_rss_mb": harness_rss_mb,
+            "cgroup": cgroup_note if limit is not None else None,
+            "output_dir": str(work) if args.keep_output else None,
+            "pairs": {
+                k: {"first": str(p.first), "second": str(p.second), "input_bytes": p.input_bytes}
+                for k, p in pairs.items()
+            },
+            "summary": rows,
+            "runs": [asdict(r) for r in results],
+        }
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {out}")
+        png = out.with_suffix(".png")
+        why_not = write_chart(rows, png, title, limit)
+        if why_not:
+            print(f"CHART SKIPPED, no {png} written: {why_not}")
+        else:
+            print(f"wrote {png}")
+        if args.keep_output:
+            kept = [s.output for c in runnable for s in c.steps if s.output is not None and s.output.exists()]
+            for o in kept:
+                print(f"kept output: {o} ({disk_bytes(o) / GB:.1f} GB; delete it when done)")
+            print(f"kept outputs are under {work} (recorded as output_dir in {out}); delete the folder when done")
+        return 0 if all(r.ok for r in results) else 1
+    finally:
+        if not args.keep_output:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def kinds_needed(names: list[str]) -> set[str]:

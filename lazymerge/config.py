@@ -17,9 +17,9 @@ from lazymerge.constants import DEFAULT_MAX_SHARD_SIZE, MERGEABLE_DTYPES
 from lazymerge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.hub import open_any
-from lazymerge.methods_config import METHODS
-from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
-from lazymerge.recipes.common import carried_side_files, copy_tensor, normalize_dtype, source_at
+from lazymerge.methods_config import METHODS, plan_checkpoints, reject_unknown_keys
+from lazymerge.plan import MergePlan, OutputTensor, Segment
+from lazymerge.recipes.common import copy_tensor, normalize_dtype, source_at
 
 __all__ = ["load_recipe", "plan_recipe"]
 
@@ -78,12 +78,12 @@ def plan_recipe(
             f"merge_method {method!r} is not supported",
             hint=f"supported: linear, dogerm, {', '.join(METHODS)}",
         )
-    _reject_unknown(spec, _TOP_KEYS, "the recipe")
+    reject_unknown_keys(spec, _TOP_KEYS, "the recipe")
     models = spec.get("models")
     if not isinstance(models, list) or len(models) < 2:
         raise RecipeError("a linear merge needs a `models` list with at least two entries")
     params = spec.get("parameters") or {}
-    _reject_unknown(params, {"normalize"}, "`parameters`")
+    reject_unknown_keys(params, {"normalize"}, "`parameters`")
     normalize = params.get("normalize", True)
     if not isinstance(normalize, bool):
         raise RecipeError("`parameters.normalize` must be true or false")
@@ -91,9 +91,9 @@ def plan_recipe(
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise RecipeError(f"models[{i}] needs a `model:` path or repo id")
-        _reject_unknown(entry, {"model", "parameters"}, f"models[{i}]")
+        reject_unknown_keys(entry, {"model", "parameters"}, f"models[{i}]")
         mparams = entry.get("parameters") or {}
-        _reject_unknown(mparams, {"weight"}, f"models[{i}].parameters")
+        reject_unknown_keys(mparams, {"weight"}, f"models[{i}].parameters")
         weight = mparams.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise RecipeError(
@@ -114,20 +114,17 @@ def plan_recipe(
         "parameters": {"normalize": normalize},
         "dtype": out_dtype,
     }
-    side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype)
-    plan = build_plan(
-        recipe=recipe,
-        inputs=[c.label for c in checkpoints],
-        input_dirs=[c.root for c in checkpoints],
-        output_dir=Path(output),
-        tensors=tensors,
+    return plan_checkpoints(
+        recipe,
+        checkpoints,
+        tensors,
+        dropped,
+        out_dtype,
+        output=output,
         max_shard_size=max_shard_size,
-        side_files=side,
-        dropped=dropped,
         overwrite=overwrite,
         check_disk=check_disk,
     )
-    return plan, checkpoints
 
 
 def _linear_tensors(
@@ -167,7 +164,7 @@ def _plan_dogerm(
 ) -> tuple[MergePlan, list[Checkpoint]]:
     from lazymerge.recipes.dogerm import plan_dogerm
 
-    _reject_unknown(spec, _DOGERM_KEYS, "the dogerm recipe")
+    reject_unknown_keys(spec, _DOGERM_KEYS, "the dogerm recipe")
     for key in ("reward_model", "domain_model", "weight"):
         if key not in spec:
             raise RecipeError(f"the dogerm recipe needs `{key}`")
@@ -187,14 +184,3 @@ def _plan_dogerm(
         check_disk=check_disk,
     )
     return plan, [rm, sft]
-
-
-def _reject_unknown(obj: dict, allowed: set[str], where: str) -> None:
-    if not isinstance(obj, dict):
-        raise RecipeError(f"{where} must be a mapping")
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise RecipeError(
-            f"{where} has unsupported key(s): {', '.join(unknown)}",
-            hint=f"supported here: {', '.join(sorted(allowed))}",
-        )

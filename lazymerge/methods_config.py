@@ -143,18 +143,54 @@ def plan_method(
     """Plan a task_arithmetic / ties / dare / breadcrumbs / della / slerp / model_stock merge from a mergekit config."""
     import json
 
-    from lazymerge.recipes.common import carried_side_files, normalize_dtype
+    from lazymerge.recipes.common import normalize_dtype
 
-    unknown = sorted(set(spec) - _TOP_KEYS)
-    if unknown:
-        raise RecipeError(
-            f"the recipe has unsupported key(s): {', '.join(unknown)}",
-            hint=f"supported here: {', '.join(sorted(_TOP_KEYS))}",
-        )
+    reject_unknown_keys(spec, _TOP_KEYS, "the recipe")
     out_dtype = normalize_dtype(spec.get("out_dtype")) or normalize_dtype(spec.get("dtype"))
     checkpoints, model_params = open_method_models(spec, opener)
     tensors, dropped = method_tensors(spec, checkpoints, model_params, out_dtype)
-    recipe = json.loads(json.dumps(spec, default=str))
+    return plan_checkpoints(
+        json.loads(json.dumps(spec, default=str)),
+        checkpoints,
+        tensors,
+        dropped,
+        out_dtype,
+        output=output,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        check_disk=check_disk,
+    )
+
+
+def reject_unknown_keys(obj: dict, allowed: set[str], where: str) -> None:
+    """A recipe mapping may hold only `allowed` keys; the error names the others and what is supported."""
+    if not isinstance(obj, dict):
+        raise RecipeError(f"{where} must be a mapping")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise RecipeError(
+            f"{where} has unsupported key(s): {', '.join(unknown)}",
+            hint=f"supported here: {', '.join(sorted(allowed))}",
+        )
+
+
+def plan_checkpoints(
+    recipe: dict,
+    checkpoints: list[Checkpoint],
+    tensors: list[OutputTensor],
+    dropped: list[str],
+    out_dtype: str | None,
+    *,
+    output: str | os.PathLike[str],
+    max_shard_size: int,
+    overwrite: bool,
+    check_disk: bool,
+) -> tuple[MergePlan, list[Checkpoint]]:
+    """The plan writing `tensors` of a merge of `checkpoints` (first = side files' source) to `output`.
+
+    Shared by the linear planner (config.py) and the method planner; returns the plan and `checkpoints`."""
+    from lazymerge.recipes.common import carried_side_files
+
     side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype)
     plan = build_plan(
         recipe=recipe,

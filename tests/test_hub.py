@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -26,8 +27,9 @@ from huggingface_hub import HfApi, hf_hub_download
 import lazymerge
 from lazymerge.cli import main
 from lazymerge.demo import build_llama_pair
-from lazymerge.errors import HubError
-from lazymerge.io.hub import HubCheckpoint, is_repo_id, scrub, split_repo_id
+from lazymerge.errors import CheckpointError, HubError
+from lazymerge.io.checkpoint import Checkpoint, open_checkpoint
+from lazymerge.io.hub import HubCheckpoint, is_repo_id, open_hub_checkpoint, scrub, split_repo_id
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import load_folder, write_model
@@ -314,6 +316,36 @@ def test_missing_repo_and_revision(hub: HubServer, remote_pair: tuple[Path, Path
             lazymerge.open_model("alice/never-downloaded")
         finally:
             constants.HF_HUB_OFFLINE = old
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_hub_and_local_folder_build_the_same_checkpoint(hub: HubServer, tmp_path: Path, fmt: str) -> None:
+    """The same sharded folder, opened locally and from the Hub: the same tensors, files and sizes,
+    and the same error when its index names a shard that lacks a tensor."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.weight": torch.randn(4, 8 + i, generator=gen).half() for i in range(6)}
+    good = write_model(tmp_path / "good", tensors, shards=3, fmt=fmt)
+    upload(hub, good, f"alice/good-{fmt}")
+    local = open_checkpoint(good, label="m")
+    remote = open_hub_checkpoint(f"alice/good-{fmt}", label="m")
+    assert isinstance(remote, HubCheckpoint) and type(local) is Checkpoint
+    assert (remote.format, remote.files, remote.file_sizes) == (local.format, local.files, local.file_sizes)
+    assert list(remote.tensors.items()) == list(local.tensors.items())
+    assert remote.metadata == local.metadata
+    assert local.format == fmt and len(local.files) == 3 and list(local.tensors) == list(tensors)
+
+    bad = write_model(tmp_path / "bad", tensors, shards=3, fmt=fmt)
+    index = next(bad.glob("*.index.json"))
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["layers.0.weight"] = local.files[-1]  # a shard that exists but lacks it
+    index.write_text(json.dumps(doc))
+    upload(hub, bad, f"alice/bad-{fmt}")
+    with pytest.raises(CheckpointError) as from_folder:
+        open_checkpoint(bad, label="m")
+    with pytest.raises(CheckpointError) as from_hub:
+        open_hub_checkpoint(f"alice/bad-{fmt}", label="m")
+    assert str(from_hub.value) == str(from_folder.value)
+    assert "the index puts 'layers.0.weight' in" in str(from_folder.value)
 
 
 # ---- disk high-water marks -------------------------------------------------------------------------------------

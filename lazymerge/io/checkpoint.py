@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import ClassVar, TypeVar
 
 from lazymerge.constants import (
     BIN_INDEX_NAME,
@@ -23,7 +24,7 @@ from lazymerge.errors import CheckpointError, HeaderError
 from lazymerge.io.header import read_header
 from lazymerge.io.torchbin import read_bin_tensors
 
-__all__ = ["Checkpoint", "TensorRef", "open_checkpoint", "validate_weight_map"]
+__all__ = ["Checkpoint", "TensorRef", "build_checkpoint", "open_checkpoint", "validate_weight_map"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class TensorRef:
 @dataclass
 class Checkpoint:
     """A model: where it lives, its weight files, and its tensors in file order."""
+
+    remote: ClassVar[bool] = False  # True when reading a weight file may start a download
 
     label: str
     root: Path
@@ -146,10 +149,8 @@ def validate_weight_map(label: str, index_name: str, weight_map: dict) -> None:
 
 
 def _from_files(label: str, root: Path, files: list[str], weight_map: dict[str, str] | None = None) -> Checkpoint:
-    tensors: dict[str, TensorRef] = {}
     sizes: dict[str, int] = {}
-    metadata: dict[str, str] = {}
-    fmt = "bin" if files[0].endswith(".bin") else "safetensors"
+    tables: list[tuple[list[TensorRef], dict[str, str]]] = []
     for file in files:
         path = root / file
         try:
@@ -163,7 +164,30 @@ def _from_files(label: str, root: Path, files: list[str], weight_map: dict[str, 
                 hint="the download is incomplete; fetch the missing shard",
             )
         sizes[file] = size
-        refs, file_metadata = _read_file_tensors(path, file)
+        tables.append(_read_file_tensors(path, file))
+    return build_checkpoint(Checkpoint, label, root, files, tables, sizes, weight_map)
+
+
+_C = TypeVar("_C", bound=Checkpoint)
+
+
+def build_checkpoint(
+    cls: type[_C],
+    label: str,
+    root: Path,
+    files: list[str],
+    tables: list[tuple[list[TensorRef], dict[str, str]]],
+    sizes: dict[str, int],
+    weight_map: dict[str, str] | None = None,
+) -> _C:
+    """A `cls` checkpoint from each weight file's (tensors, metadata), `tables[i]` being `files[i]`'s.
+
+    With an index (`weight_map`) a tensor is taken only from the file the index names, and every
+    tensor the index names must be found; tensors are ordered by file, then offset. The metadata
+    is the first non-empty one. Shared by local folders and Hub repos (io/hub.py)."""
+    tensors: dict[str, TensorRef] = {}
+    metadata: dict[str, str] = {}
+    for file, (refs, file_metadata) in zip(files, tables, strict=True):
         metadata = metadata or file_metadata
         for ref in refs:
             if weight_map is not None and weight_map.get(ref.name) != file:
@@ -174,7 +198,8 @@ def _from_files(label: str, root: Path, files: list[str], weight_map: dict[str, 
             if name not in tensors:
                 raise CheckpointError(f"{label}: the index puts {name!r} in {file}, but that shard lacks it")
     ordered = dict(sorted(tensors.items(), key=lambda kv: (files.index(kv[1].file), kv[1].offset)))
-    return Checkpoint(label, root, fmt, files, ordered, sizes, metadata)
+    fmt = "bin" if files[0].endswith(".bin") else "safetensors"
+    return cls(label, root, fmt, files, ordered, sizes, metadata)
 
 
 def _read_file_tensors(path: Path, file: str) -> tuple[list[TensorRef], dict[str, str]]:

@@ -30,6 +30,7 @@ import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 from lazymerge.constants import (
     BIN_INDEX_NAME,
@@ -40,7 +41,7 @@ from lazymerge.constants import (
     TOKENIZER_FILES,
 )
 from lazymerge.errors import CheckpointError, HeaderError, HubError, LazyMergeError
-from lazymerge.io.checkpoint import Checkpoint, TensorRef, open_checkpoint, validate_weight_map
+from lazymerge.io.checkpoint import Checkpoint, TensorRef, build_checkpoint, open_checkpoint, validate_weight_map
 from lazymerge.io.header import parse_header
 
 __all__ = ["HubCheckpoint", "hub_errors", "is_repo_id", "open_any", "open_hub_checkpoint", "split_repo_id"]
@@ -328,6 +329,8 @@ class RangedFile(io.RawIOBase):
 class HubCheckpoint(Checkpoint):
     """A checkpoint whose files live on the Hub; weight files are downloaded when first read."""
 
+    remote: ClassVar[bool] = True
+
     repo_id: str
     revision: str | None
     commit: str
@@ -453,23 +456,9 @@ def open_hub_checkpoint(
             if side_dir is not None:
                 shutil.rmtree(side_dir, ignore_errors=True)
             raise
-    tensors: dict[str, TensorRef] = {}
-    metadata: dict[str, str] = {}
-    for file, (refs, file_metadata) in zip(files, tables, strict=True):
-        metadata = metadata or file_metadata
-        for ref in refs:
-            if weight_map is not None and weight_map.get(ref.name) != file:
-                continue  # the index is authoritative, as in transformers
-            tensors[ref.name] = ref
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            if name not in tensors:
-                raise CheckpointError(f"{label}: the index puts {name!r} in {file}, but that shard lacks it")
-    ordered = dict(sorted(tensors.items(), key=lambda kv: (files.index(kv[1].file), kv[1].offset)))
-    fmt = "bin" if files[0].endswith(".bin") else "safetensors"
     owner, name = repo_id.split("/", 1)
     root = side_dir or Path(constants.HF_HUB_CACHE) / f"models--{owner}--{name}" / "snapshots" / commit
-    ckpt = HubCheckpoint(label, root, fmt, files, ordered, {f: sizes[f] for f in files}, metadata)
+    ckpt = build_checkpoint(HubCheckpoint, label, root, files, tables, {f: sizes[f] for f in files}, weight_map)
     ckpt._setup(
         repo_id=repo_id,
         revision=revision,
