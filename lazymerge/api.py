@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DEFAULT_MAX_SHARD_SIZE, parse_size
+from lazymerge.constants import DEFAULT_MAX_SHARD_SIZE, parse_size
 from lazymerge.errors import RecipeError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.hub import open_any
@@ -72,7 +72,7 @@ def merge(
     output: str | os.PathLike[str],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
     device: str = "auto",
@@ -162,7 +162,7 @@ def dogerm(
     *,
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     resume: bool = False,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DEFAULT_MAX_SHARD_SIZE, parse_size
+from lazymerge.constants import DEFAULT_MAX_SHARD_SIZE, parse_size
 from lazymerge.errors import RecipeError
 from lazymerge.plan import MergePlan
 
@@ -137,7 +137,7 @@ def sweep(
     values: Sequence[Any],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     resume: bool = False,
@@ -231,7 +231,7 @@ def dogerm_sweep(
     *,
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
     resume: bool = False,

@@ -188,3 +188,35 @@ def test_altered_tensor_with_a_matching_manifest_fails_only_recompute(capsys, me
     assert "recompute" in line
     detail = next(c.detail for c in verify(merged, recompute=3).checks if c.name == "recompute")
     assert detail.startswith("differ: ")
+
+
+def test_recompute_of_a_large_slerp_tensor_matches_whatever_the_thread_count(tmp_path: Path) -> None:
+    # slerp's norms and dot product are sums over 2**20-element rows, and torch picks the order
+    # of such a sum by its thread count: verify must recompute with the merge's own (1 thread
+    # per worker), or it reports a good output as different.
+    import torch
+    from conftest import write_model
+
+    import lazymerge
+
+    gen = torch.Generator().manual_seed(7)
+    models = [
+        write_model(tmp_path / name, {"w": torch.randn((1 << 20) + 5, generator=gen), "b": torch.randn(8, generator=gen)})
+        for name in ("base", "other")
+    ]
+    config = {
+        "merge_method": "slerp",
+        "base_model": str(models[0]),
+        "models": [{"model": str(models[1])}],
+        "parameters": {"t": 0.4},
+    }
+    out = tmp_path / "out"
+    lazymerge.merge(config, out, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        report = verify(out, recompute=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert report.ok, [c for c in report.checks if not c.ok]
+    assert next(c for c in report.checks if c.name == "recompute").ok

@@ -1,0 +1,212 @@
+"""A shard writer that bypasses the page cache (O_DIRECT), checksumming from its own buffers.
+
+Why: a buffered write costs the kernel a copy into the page cache, page allocation, dirty
+accounting and writeback. Measured on the 2-core CI machine with dd, 2.1 GB written:
+4.1 s of system CPU buffered against 0.55 s with O_DIRECT, for the same disk time. A CPU merge
+on few cores is bounded by exactly that CPU, so the CPU path writes its shards this way.
+
+How: the shard's bytes (header, merged chunks, copied tensors) are assembled in order into
+page-aligned buffers that each hold one 16 MiB hash block of the file (`lazymerge.io.digest`'s
+fixed blocks, so the digest is the same as the buffered writer's). A full block is handed to a
+thread pool that hashes it from memory and writes it with O_DIRECT at its aligned offset; a
+small ring of buffers bounds memory. The last block is written padded to the alignment and the
+file cut back to its size. Where the file system refuses O_DIRECT, the same blocks go through
+the page cache instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import mmap
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from lazymerge.constants import PARTIAL_SUFFIX
+from lazymerge.errors import OutputError
+from lazymerge.io.digest import BLOCK_BYTES, combine
+from lazymerge.io.writer import ShardWriter, _input_ended
+from lazymerge.plan import OutputShard
+
+__all__ = ["DirectShardWriter", "direct_io_supported"]
+
+_ALIGN = 4096  # O_DIRECT offset, length and address alignment that every common device accepts
+RING = 3  # block buffers per writer: one filling, two being hashed and written
+
+
+def direct_io_supported(directory: Path) -> bool:
+    """Whether files in `directory` can be opened with O_DIRECT (not on tmpfs of older kernels)."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / (".lazymerge-direct-probe" + PARTIAL_SUFFIX)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    else:
+        os.close(fd)
+        return True
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+class DirectShardWriter(ShardWriter):
+    """ShardWriter's interface (write, copy_from, digest, finish, abort) with writes in file
+    order only; see the module docstring."""
+
+    def __init__(self, directory: Path, shard: OutputShard, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._buffers = [mmap.mmap(-1, BLOCK_BYTES) for _ in range(RING)]  # page-aligned, anonymous
+        self._pending: list[Future[bytes] | None] = [None] * RING
+        self._digests: list[Future[bytes]] = []
+        self._block = 0  # index of the block being filled (file offset = block * BLOCK_BYTES)
+        self._fill = 0  # bytes of it filled
+        self.dfd = -1
+        super().__init__(directory, shard)  # creates, reserves, and writes the header through us
+        try:
+            self.dfd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT)
+        except OSError:
+            self.dfd = -1  # no O_DIRECT here: the blocks go through the page cache
+
+    # ShardWriter calls _pwrite for the header; everything goes through the block buffers.
+    def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
+        self._append(memoryview(data).cast("B"), offset)
+
+    def write(self, data: memoryview | bytes, offset: int) -> None:
+        self._append(memoryview(data).cast("B"), offset)
+        self.bytes_written += len(data)
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int, source: object = "input") -> None:
+        """Read the bytes straight into the block buffers (one copy, no conversion)."""
+        self._check_order(offset)
+        done = 0
+        while done < nbytes:
+            buf = self._current()
+            n = min(nbytes - done, BLOCK_BYTES - self._fill)
+            got = os.preadv(src_fd, [memoryview(buf)[self._fill : self._fill + n]], src_offset + done)
+            if got == 0:
+                raise _input_ended(source)
+            self._filled(got)
+            done += got
+        self.bytes_written += nbytes
+
+    def digest(self) -> str:
+        """Write the last block, wait for every block, cut the file to size; the shard's digest."""
+        if self._fill:
+            self._submit(self._fill)
+        digests = [f.result() for f in self._digests]
+        self._digests = []
+        if self.dfd >= 0:
+            os.ftruncate(self.fd, self.shard.size)  # the last block was padded to the alignment
+        return combine(digests)
+
+    def finish(self) -> Path:
+        self._close_direct()
+        return super().finish()
+
+    def abort(self) -> None:
+        for f in self._digests:
+            f.cancel()
+        for f in self._digests:
+            if not f.cancelled():
+                f.exception()  # a running block write still uses its buffer
+        self._digests = []
+        self._close_direct()
+        super().abort()
+
+    # -- assembling blocks ----------------------------------------------------------------------
+    def _check_order(self, offset: int) -> None:
+        expected = self._block * BLOCK_BYTES + self._fill
+        if offset != expected:
+            raise RuntimeError(f"out-of-order write at {offset} (expected {expected}) in {self.shard.name}")
+
+    def _append(self, view: memoryview, offset: int) -> None:
+        self._check_order(offset)
+        while view:
+            buf = self._current()
+            n = min(len(view), BLOCK_BYTES - self._fill)
+            _copy(buf, self._fill, view[:n])
+            self._filled(n)
+            view = view[n:]
+
+    def _current(self) -> mmap.mmap:
+        slot = self._block % RING
+        if self._fill == 0 and self._pending[slot] is not None:
+            self._pending[slot].result()  # the buffer's previous block is written: reuse it
+            self._pending[slot] = None
+        return self._buffers[slot]
+
+    def _filled(self, n: int) -> None:
+        self._fill += n
+        if self._fill == BLOCK_BYTES:
+            self._submit(BLOCK_BYTES)
+
+    def _submit(self, length: int) -> None:
+        slot = self._block % RING
+        future = self._pool.submit(self._write_block, self._buffers[slot], length, self._block * BLOCK_BYTES)
+        self._pending[slot] = future
+        self._digests.append(future)
+        self._block += 1
+        self._fill = 0
+
+    def _write_block(self, buf: mmap.mmap, length: int, offset: int) -> bytes:
+        view = memoryview(buf)
+        try:
+            digest = hashlib.sha256(view[:length]).digest()
+            if self.dfd >= 0:
+                padded = -(-length // _ALIGN) * _ALIGN
+                if padded > length:
+                    view[length:padded] = bytes(padded - length)
+                try:
+                    self._write_all(self.dfd, view[:padded], offset)
+                    return digest
+                except _Unaligned:
+                    pass  # the device wants a larger alignment: through the page cache, then
+            self._write_all(self.fd, view[:length], offset)
+            return digest
+        finally:
+            view.release()
+
+    def _write_all(self, fd: int, view: memoryview, offset: int) -> None:
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._disk_full() from None
+            if exc.errno == errno.EINVAL and fd == self.dfd:
+                raise _Unaligned from None
+            raise OutputError(f"cannot write {self.partial_path}: {exc.strerror}") from exc
+
+    def _close_direct(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+        for buf in self._buffers:
+            try:
+                buf.close()
+            except BufferError:
+                pass  # a failed block's traceback still holds a view: freed with it
+        self._buffers = []
+
+
+class _Unaligned(Exception):
+    """O_DIRECT refused the block's alignment (EINVAL)."""
+
+
+def _copy(buf: mmap.mmap, at: int, src: memoryview) -> None:
+    """buf[at:at + len(src)] = src, with the GIL released for large copies (ctypes.memmove
+    drops it), so the merge workers' Python code keeps running while megabytes move."""
+    n = len(src)
+    if n < (1 << 16) or src.readonly:
+        buf[at : at + n] = src
+        return
+    dst = (ctypes.c_char * n).from_buffer(buf, at)
+    source = (ctypes.c_char * n).from_buffer(src)
+    try:
+        ctypes.memmove(dst, source, n)
+    finally:
+        del dst, source  # release the buffer exports, or the mmap cannot be closed
