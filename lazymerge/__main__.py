@@ -1,5 +1,5 @@
 """`python -m lazymerge` is the `lazymerge` command."""
 
-from lazymerge.cli import main
+from lazymerge.cli import run
 
-raise SystemExit(main())
+run()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import HubError, LazyMergeError
 from lazymerge.io.hub import hub_errors, scrub
+from lazymerge.io.prefetch import StartupPrefetch
 
 if TYPE_CHECKING:
     from lazymerge.execute import MergeStats, ProgressEvent
@@ -265,7 +266,8 @@ def execute_and_push(
     **execute_kwargs: Any,
 ) -> tuple[MergeStats, PushResult | None]:
     """`execute(plan, ...)`, uploading each shard as it closes and committing once at the end."""
-    from lazymerge.execute import execute
+    with StartupPrefetch(plan, checkpoints, resume=bool(execute_kwargs.get("resume"))):
+        from lazymerge.execute import execute  # imports torch: seconds the disk need not sit idle
 
     if pusher is None:
         return execute(plan, checkpoints, progress=progress, **execute_kwargs), None
@@ -301,7 +303,8 @@ def execute_sweep_and_push(
 ) -> tuple[list[MergeStats], list[PushResult] | None]:
     """`execute_sweep(plans, ...)`, each output pushed by its own pusher (shards as they close,
     one commit per repo at the end). Shard events are routed by the folder they were written to."""
-    from lazymerge.execute import execute_sweep
+    with StartupPrefetch(plans[0], checkpoints, resume=bool(execute_kwargs.get("resume"))):
+        from lazymerge.execute import execute_sweep
 
     if not pushers:
         return execute_sweep(plans, checkpoints, progress=progress, **execute_kwargs), None
