@@ -743,6 +743,16 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
                 row["input_gb_s"] = int(row["input_bytes"]) / GB / wall
             if row["pair"] in floors:
                 row["ratio_to_floor"] = wall / floors[str(row["pair"])]
+    # Against mergekit on the same pair: its time (sync included, as it leaves dirty pages
+    # behind) over this contender's, and its peak RSS over this one's.
+    mergekit = {r["pair"]: r for r in rows if r["contender"] == "mergekit" and isinstance(r.get("wall_s"), float)}
+    for row in rows:
+        mk = mergekit.get(row["pair"])
+        if mk is None or row is mk or str(row["contender"]).startswith("floor") or "wall_s" not in row:
+            continue
+        row["mergekit_speedup"] = (mk["wall_s"] + mk["sync_s"]) / (row["wall_s"] + row.get("sync_s", 0.0))
+        if row.get("peak_rss_mb"):
+            row["mergekit_rss_ratio"] = mk["peak_rss_mb"] / row["peak_rss_mb"]
     return rows
 
 
@@ -755,7 +765,8 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
     t = Table(title=title)
-    for col in ("contender", "pair", "ok/runs", "wall s", "+sync s", "peak RSS MB", "input GB/s", "x floor", "notes"):
+    cols = ("contender", "pair", "ok/runs", "wall s", "+sync s", "peak RSS MB", "input GB/s", "x floor")
+    for col in (*cols, "mergekit time / this", "mergekit RSS / this", "notes"):
         t.add_column(col, justify="left" if col in ("contender", "pair", "notes") else "right", no_wrap=True)
     details: list[str] = []
     for r in rows:
@@ -786,6 +797,8 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
             f(r.get("peak_rss_mb"), ",.0f"),
             f(r.get("input_gb_s"), ".2f"),
             f(r.get("ratio_to_floor"), ".2f"),
+            f(r.get("mergekit_speedup"), ".2f"),
+            f(r.get("mergekit_rss_ratio"), ".1f"),
             "; ".join(notes),
         )
     # Not a terminal (a log, CI): do not squeeze the table to 80 columns.
