@@ -29,6 +29,7 @@ from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.errors import HeaderError, OutputError, PlanError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.digest import BlockHasher, hash_pool
+from lazymerge.io.direct import RING as DIRECT_RING
 from lazymerge.io.direct import DirectShardWriter, direct_io_supported
 from lazymerge.io.writer import ShardWriter, write_side_file
 from lazymerge.kernels.backend import _TORCH_DTYPES, Backend, CpuBackend, DeviceError, gpu_capable, select_backend
@@ -362,6 +363,10 @@ class _Run:
         self.count_lock = threading.Lock()
         self.write_pool = _write_pool()
         self.direct = _direct_writes(backend, plans)
+        # Threads that hash and write the O_DIRECT writer's blocks: one per block in flight.
+        self.direct_pool = (
+            ThreadPoolExecutor(DIRECT_RING - 1, thread_name_prefix="lazymerge-direct") if self.direct else None
+        )
         # Seconds each stage spent working (not waiting on queues): LAZYMERGE_PROFILE=1 prints them.
         self.busy = {"read": 0.0, "gpu wait": 0.0, "write": 0.0, "shard close": 0.0}
 
@@ -406,7 +411,7 @@ class _Run:
             for fd in self.fds.values():
                 os.close(fd)
             self.hash_pool.shutdown(cancel_futures=True)
-            for pool in (self.read_pool, self.write_pool[0] if self.write_pool else None):
+            for pool in (self.read_pool, self.write_pool[0] if self.write_pool else None, self.direct_pool):
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
         if os.environ.get("LAZYMERGE_PROFILE") == "1":
@@ -644,7 +649,7 @@ class _Run:
             for v, plan in enumerate(self.plans):
                 self.written[v] += len(plan.shards[k].header)
             if self.direct:
-                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.hash_pool)]
+                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool)]
             return [
                 _HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.write_pool) for plan in self.plans
             ]
