@@ -3,8 +3,11 @@
 Every contender runs as a child process; its wall time is measured around spawn -> `os.wait4`,
 its peak RSS is `ru_maxrss` from the same `wait4` (KiB on Linux; includes reaped grandchildren,
 and file-backed mapped pages, i.e. RSS as `top` shows it). Between runs the page cache is dropped
-when we are root, so every run reads cold; contenders are interleaved (A B C A B C ...) so slow
-drift of the machine hits all of them alike; medians over `--repeat` runs are reported.
+when we are root, so every run reads cold; contenders are interleaved and the order flips every
+round (A B C, C B A, A B C, ...), so slow drift of the machine, and whatever a run leaves the disk
+still doing (a virtual disk may go on flushing a 13 GB write long after `sync` returns), hit all
+of them alike; `--pause S` waits S seconds after each run's sync as well. Medians over `--repeat`
+runs are reported.
 
 Contenders (see README.md): lazymerge-dogerm, lazymerge-linear, mergekit, naive, naive-dogerm,
 lazymerge-sweep5 (one DogeRM run writing 5 lambdas) vs lazymerge-dogerm-x5 (5 separate runs),
@@ -957,6 +960,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=sorted(synthetic.DTYPES), default="fp16")
     ap.add_argument("--contenders", default=DEFAULT_CONTENDERS, help=f"comma list of {', '.join(ALL_CONTENDERS)}")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--fixed-order", action="store_true", help="run contenders A B C every round (default: flip every round)"
+    )
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds to wait after each run (and its sync)")
     ap.add_argument("--no-drop-caches", action="store_true", help="keep the page cache between runs (warm reads)")
     ap.add_argument(
         "--cgroup-limit", default=None, help="run the lazymerge children in a memory cgroup with this limit, e.g. 1G"
@@ -1036,9 +1043,12 @@ def main(argv: list[str] | None = None) -> int:
         results: list[RunResult] = []
         runnable = [c for c in contenders if not c.skip]
         for rep in range(args.repeat):
-            for c in runnable:  # interleaved: A B C, A B C, ...
+            # Interleaved, the order flipped every round (A B C, C B A, ...): each contender
+            # follows the others' writes as often as they follow its own.
+            for c in runnable if rep % 2 == 0 or args.fixed_order else runnable[::-1]:
                 for step in c.steps:
                     r = run_step(c, step, rep, work, limit, drop, args.keep_output)
+                    time.sleep(args.pause)
                     results.append(r)
                     status = "ok" if r.ok else f"FAILED rc={r.returncode} {r.killed_by}"
                     extra = (
