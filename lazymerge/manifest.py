@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lazymerge.io.digest import ALGORITHM, file_digest
+from lazymerge.io.digest import ALGORITHM, file_digest, known_algorithm
 from lazymerge.io.writer import write_side_file
 from lazymerge.plan import MergePlan
 
@@ -42,7 +42,8 @@ def plan_fingerprint(plan: MergePlan) -> str:
 class Manifest:
     """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ...}}}`.
 
-    The digest is `lazymerge.io.digest`'s block digest (parallel sha256), not a plain sha256."""
+    The digest is `lazymerge.io.digest`'s block digest (sha256 of parallel XXH3-128 block
+    digests), not a plain sha256."""
 
     fingerprint: str
     shards: dict[str, dict] = field(default_factory=dict)
@@ -65,9 +66,10 @@ class Manifest:
 
     def matches(self, path: Path, entry: dict) -> bool:
         """Whether the file at `path` has the size and digest recorded in `entry`."""
-        if entry.get("algorithm") != ALGORITHM or not path.is_file() or path.stat().st_size != entry.get("size"):
+        algorithm = entry.get("algorithm")
+        if not known_algorithm(algorithm) or not path.is_file() or path.stat().st_size != entry.get("size"):
             return False
-        return file_digest(path) == entry.get("digest")
+        return file_digest(path, algorithm=str(algorithm)) == entry.get("digest")
 
     def finished(self, directory: Path, name: str, expected_size: int) -> bool:
         """True when `name` is recorded and the file on disk still matches size and checksum."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lazymerge.constants import SAFE_INDEX_NAME
 from lazymerge.errors import LazyMergeError
+from lazymerge.io.digest import known_algorithm
 from lazymerge.io.header import read_header
 from lazymerge.manifest import Manifest
 
@@ -106,11 +107,20 @@ def _check_manifest(folder: Path, report: VerifyReport) -> None:
     if manifest is None:
         report.add("checksums", True, "no manifest: checksums not recorded (sizes checked above)")
         return
-    bad = []
+    bad, unknown = [], []
     for name, entry in sorted(manifest.shards.items()):
-        if not manifest.matches(folder / name, entry):
+        if not known_algorithm(entry.get("algorithm")):
+            unknown.append(f"{name} ({entry.get('algorithm')})")
+        elif not manifest.matches(folder / name, entry):
             bad.append(name)
-    report.add("checksums", not bad, f"mismatch: {', '.join(bad)}" if bad else f"{len(manifest.shards)} shards match")
+    problems = []
+    if bad:
+        problems.append(f"mismatch: {', '.join(bad)}")
+    if unknown:
+        problems.append(
+            f"recorded by a checksum scheme this version does not know (update lazymerge): {', '.join(unknown)}"
+        )
+    report.add("checksums", not problems, "; ".join(problems) or f"{len(manifest.shards)} shards match")
 
 
 def _recompute(folder: Path, headers: dict, n: int, seed: int, report: VerifyReport) -> None:

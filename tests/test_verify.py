@@ -220,3 +220,13 @@ def test_recompute_of_a_large_slerp_tensor_matches_whatever_the_thread_count(tmp
         torch.set_num_threads(threads)
     assert report.ok, [c for c in report.checks if not c.ok]
     assert next(c for c in report.checks if c.name == "recompute").ok
+
+
+def test_manifest_of_an_unknown_checksum_scheme_says_so(capsys, merged: Path) -> None:
+    manifest = json.loads((merged / MANIFEST_NAME).read_text())
+    first = sorted(manifest["shards"])[0]
+    manifest["shards"][first]["algorithm"] = "blake9-of-everything"
+    (merged / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert_fails(capsys, merged, {"checksums"})
+    _, stdout, _ = cli(capsys, "verify", merged)
+    assert "does not know" in stdout and "blake9-of-everything" in stdout and "mismatch" not in stdout

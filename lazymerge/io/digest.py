@@ -1,12 +1,17 @@
-"""Shard checksums that several cores compute at once: sha256 over per-block sha256 digests.
+"""Shard checksums that several cores compute at once: sha256 over per-block XXH3-128 digests.
 
 A plain sha256 of a file is one sequential stream: about 1-2 GB/s on one core, which capped the
 whole merge on a machine whose GPU and page cache go several times faster (measured on an H200
 host: the writer thread, hashing and writing in turn, held a 7B DogeRM merge to ~1.8 GB/s of
 input). Here the file is cut into fixed 16 MiB blocks from offset 0; each block is hashed on
-its own (by a thread pool: hashlib releases the GIL), and the shard's digest is the sha256 of
-the concatenated block digests. Fixed blocks keep the digest a property of the file's bytes
-alone, whatever the chunk size, worker count or device of the run that wrote it.
+its own (by a thread pool: both hashes release the GIL on large inputs), and the shard's digest
+is the sha256 of the concatenated block digests. Fixed blocks keep the digest a property of the
+file's bytes alone, whatever the chunk size, worker count or device of the run that wrote it.
+
+Blocks are hashed with XXH3-128, not sha256: the checksums guard `--resume` and `verify`
+against torn, truncated or corrupted shards, not against an adversary, and on a 2-core machine
+sha256 (1.2 GB/s a core) cost about 11 s of CPU per 13.5 GB output, a third of a 7B merge's
+user time, against 1.4 s for XXH3 (9.5 GB/s). The Hub computes its own sha256 on upload.
 
 Blocks are hashed from a read-only mapping of the file just written (still in the page cache),
 so the digest covers exactly what is on disk, including ranges that `copy_file_range` moved
@@ -19,15 +24,28 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["ALGORITHM", "BLOCK_BYTES", "BlockHasher", "file_digest", "hash_pool"]
+import xxhash
+
+__all__ = ["ALGORITHM", "BLOCK_BYTES", "BlockHasher", "block_digest", "file_digest", "hash_pool", "known_algorithm"]
 
 BLOCK_BYTES = 16 << 20
 # Stored next to the digest in the manifest, so a future change of scheme is never mistaken
 # for a corrupted shard (it just makes resume redo the shard).
-ALGORITHM = "sha256-of-16MiB-block-sha256"
+ALGORITHM = "sha256-of-16MiB-block-xxh3-128"
+# Block hashes by scheme name: what this version writes, and what earlier versions wrote, so
+# their manifests still verify and resume.
+_BLOCK_HASHES = {
+    ALGORITHM: xxhash.xxh3_128_digest,
+    "sha256-of-16MiB-block-sha256": lambda block: hashlib.sha256(block).digest(),
+}
+
+
+def known_algorithm(name: object) -> bool:
+    return name in _BLOCK_HASHES
 
 
 def hash_pool(workers: int | None = None) -> ThreadPoolExecutor:
@@ -43,9 +61,10 @@ class BlockHasher:
     the end; `close()` releases the mapping early (on abort).
     """
 
-    def __init__(self, fd: int, size: int, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, fd: int, size: int, pool: ThreadPoolExecutor, algorithm: str = ALGORITHM) -> None:
         self.size = size
         self._pool = pool
+        self._hash = _BLOCK_HASHES[algorithm]
         # The file is already reserved at its final size (fallocate / ftruncate), so mapping it
         # whole is valid; only written ranges are ever touched.
         self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
@@ -79,14 +98,14 @@ class BlockHasher:
 
     def _submit(self, start: int, n: int) -> None:
         assert self._map is not None
-        self._futures.append(self._pool.submit(_hash_mapped, self._map, start, n))
+        self._futures.append(self._pool.submit(_hash_mapped, self._map, start, n, self._hash))
         self._submitted = start + n
 
 
-def _hash_mapped(mapped: mmap.mmap, start: int, n: int) -> bytes:
+def _hash_mapped(mapped: mmap.mmap, start: int, n: int, block_hash: Callable[[memoryview], bytes]) -> bytes:
     view = memoryview(mapped)[start : start + n]
     try:
-        digest = hashlib.sha256(view).digest()
+        digest = block_hash(view)
     finally:
         view.release()  # the mapping can only be closed once no view of it is left
     # Drop the pages from this process's mapping (the page cache keeps them): the resident set
@@ -95,17 +114,23 @@ def _hash_mapped(mapped: mmap.mmap, start: int, n: int) -> bytes:
     return digest
 
 
+def block_digest(block: memoryview | bytes) -> bytes:
+    """One block's digest (XXH3-128: see the module's docstring for why not sha256)."""
+    return _BLOCK_HASHES[ALGORITHM](block)
+
+
 def combine(block_digests: list[bytes]) -> str:
     return hashlib.sha256(b"".join(block_digests)).hexdigest()
 
 
-def file_digest(path: Path, pool: ThreadPoolExecutor | None = None) -> str:
-    """The digest of a whole file, as the writer computes it (blocks hashed in parallel)."""
+def file_digest(path: Path, pool: ThreadPoolExecutor | None = None, algorithm: str = ALGORITHM) -> str:
+    """The digest of a whole file, as the writer computes it (blocks hashed in parallel), by
+    this version's scheme or an earlier one's (`known_algorithm`)."""
     own = pool is None
     pool = pool or hash_pool()
     try:
         with open(path, "rb") as f:
-            hasher = BlockHasher(f.fileno(), os.fstat(f.fileno()).st_size, pool)
+            hasher = BlockHasher(f.fileno(), os.fstat(f.fileno()).st_size, pool, algorithm)
             hasher.advance(hasher.size)
             return hasher.digest()
     finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from lazymerge.constants import PARTIAL_SUFFIX
 from lazymerge.errors import OutputError
-from lazymerge.io.digest import BLOCK_BYTES, combine
+from lazymerge.io.digest import BLOCK_BYTES, block_digest, combine
 from lazymerge.io.writer import ShardWriter, _input_ended
 from lazymerge.plan import OutputShard
 
@@ -160,7 +159,7 @@ class DirectShardWriter(ShardWriter):
     def _write_block(self, buf: mmap.mmap, length: int, offset: int) -> bytes:
         view = memoryview(buf)
         try:
-            digest = hashlib.sha256(view[:length]).digest()
+            digest = block_digest(view[:length])
             if self.dfd >= 0:
                 padded = -(-length // _ALIGN) * _ALIGN
                 if padded > length:
