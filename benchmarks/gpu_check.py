@@ -624,7 +624,7 @@ def check_end_to_end(report: Report, it: Item, work: Path, size: str, device: st
         run_dogerm(trm, tsft, work / "e2e-warmup", device)
         shutil.rmtree(work / "e2e-warmup", ignore_errors=True)
     # Runs 3 to 5 are informational: what the GPU path's larger default chunks and the extra
-    # read and write threads of lazymerge.execute buy (an explicit chunk size is kept as given).
+    # read and write threads of lazymerge.pipeline buy (an explicit chunk size is kept as given).
     from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS
 
     runs = [

@@ -250,10 +250,10 @@ def _run_sweep(
     from dataclasses import replace
 
     from lazymerge.push import execute_sweep_and_push, sweep_pushers
-    from lazymerge.report import human, progress_bar
+    from lazymerge.report import human, print_sweep_plan, progress_bar
 
     if args.dry_run:
-        _print_sweep_plan(plans, labels, repos)
+        print_sweep_plan(_stdout, plans, labels, repos)
         return 0
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
         _line(f"[yellow]warning:[/] {_escape(warning)}")
@@ -298,31 +298,6 @@ def _sum_uploads(pushers: list, total: int, report: Callable[[int, int], None]) 
 
     for v, pusher in enumerate(pushers):
         pusher.on_upload = lambda n, _total, v=v: on_upload(v, n)
-
-
-def _print_sweep_plan(plans: list[MergePlan], labels: list[str], repos: list[str] | None) -> None:
-    """--dry-run of a sweep: what each output would be, from headers alone."""
-    from lazymerge.report import human
-
-    first = plans[0]
-    _stdout.print(f"[bold]Sweep: {len(plans)} outputs from one read[/]")
-    for k, (plan, label) in enumerate(zip(plans, labels, strict=True)):
-        repo = f" -> {_escape(repos[k])}" if repos else ""
-        size = f"{len(plan.shards)} shard(s), {human(plan.bytes_on_disk)}"
-        _stdout.print(f"  {_escape(str(plan.output_dir))}  {_escape(label)}  {size}{repo}", soft_wrap=True)
-    need = sum(p.bytes_on_disk for p in plans)
-    _stdout.print(f"inputs: {', '.join(_escape(i) for i in first.inputs)}", soft_wrap=True)
-    shards = ", ".join(s.name for s in first.shards)
-    _stdout.print(f"{len(first.tensors)} output tensors per model; shards: {shards}", soft_wrap=True)
-    _stdout.print(f"reads {human(first.input_bytes)} from the inputs once, writes {human(need)} in all")
-    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
-        _stdout.print(f"[yellow]warning:[/] {_escape(warning)}")
-    if first.free_bytes is not None and first.free_bytes < need:
-        _stdout.print(f"[yellow]warning:[/] free space {human(first.free_bytes)} < {human(need)} for all outputs")
-    _stdout.print(
-        "[green]checks passed:[/] shapes and dtypes consistent; every tensor present; same reads for all",
-        soft_wrap=True,
-    )
 
 
 def _run(plan: MergePlan, checkpoints: list, args: argparse.Namespace) -> int:

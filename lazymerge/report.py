@@ -1,4 +1,5 @@
-"""What the CLI shows: the plan (--dry-run), a live progress bar, the closing table, `inspect`.
+"""What the CLI shows: the plan of a merge or a sweep (--dry-run), a live progress bar, the closing
+table, `inspect`.
 
 Rendering only; the CLI decides when. Everything goes to the Console it is given.
 """
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from lazymerge.execute import MergeStats
     from lazymerge.verify import VerifyReport
 
-__all__ = ["print_checkpoint", "print_plan", "print_stats", "print_verify", "progress_bar"]
+__all__ = ["print_checkpoint", "print_plan", "print_stats", "print_sweep_plan", "print_verify", "progress_bar"]
 
 
 def human(n: float) -> str:
@@ -110,6 +111,29 @@ def progress_bar(console: Console, plan: MergePlan, disable: bool = False, uploa
 
     with progress:
         yield callback
+
+
+def print_sweep_plan(console: Console, plans: list[MergePlan], labels: list[str], repos: list[str] | None) -> None:
+    """--dry-run of a sweep: what each output would be, from headers alone."""
+    first = plans[0]
+    console.print(f"[bold]Sweep: {len(plans)} outputs from one read[/]")
+    for k, (plan, label) in enumerate(zip(plans, labels, strict=True)):
+        repo = f" -> {escape(repos[k])}" if repos else ""
+        size = f"{len(plan.shards)} shard(s), {human(plan.bytes_on_disk)}"
+        console.print(f"  {escape(str(plan.output_dir))}  {escape(label)}  {size}{repo}", soft_wrap=True)
+    need = sum(p.bytes_on_disk for p in plans)
+    console.print(f"inputs: {', '.join(escape(i) for i in first.inputs)}", soft_wrap=True)
+    shards = ", ".join(s.name for s in first.shards)
+    console.print(f"{len(first.tensors)} output tensors per model; shards: {shards}", soft_wrap=True)
+    console.print(f"reads {human(first.input_bytes)} from the inputs once, writes {human(need)} in all")
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if first.free_bytes is not None and first.free_bytes < need:
+        console.print(f"[yellow]warning:[/] free space {human(first.free_bytes)} < {human(need)} for all outputs")
+    console.print(
+        "[green]checks passed:[/] shapes and dtypes consistent; every tensor present; same reads for all",
+        soft_wrap=True,
+    )
 
 
 def print_stats(console: Console, plan: MergePlan, stats: MergeStats) -> None:

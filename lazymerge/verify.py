@@ -125,7 +125,7 @@ def _check_manifest(folder: Path, report: VerifyReport) -> None:
 
 def _recompute(folder: Path, headers: dict, n: int, seed: int, report: VerifyReport) -> None:
     from lazymerge.config import plan_recipe
-    from lazymerge.execute import tensor_bytes
+    from lazymerge.recompute import tensor_bytes
 
     recipe_json = next((h.metadata.get("lazymerge_recipe") for h in headers.values()), None)
     if not recipe_json:

@@ -82,22 +82,22 @@ def test_reads_and_writes_split_over_threads_give_the_same_bytes(
     # pieces read at once, and the write pool cuts its output: tiny pieces here, so that every
     # chunk of the small test model is split and its pieces finish in whatever order the
     # threads are scheduled.
-    import lazymerge.execute
+    import lazymerge.io.reader
     import lazymerge.io.writer
 
     reference = dogerm(capsys, llama_pair, tmp_path / "ref", 1000, 2)
     monkeypatch.setenv("LAZYMERGE_READ_THREADS", threads)
     monkeypatch.setenv("LAZYMERGE_WRITE_THREADS", writers)
-    monkeypatch.setattr(lazymerge.execute, "_READ_PIECE", 64)
+    monkeypatch.setattr(lazymerge.io.reader, "_READ_PIECE", 64)
     monkeypatch.setattr(lazymerge.io.writer, "_PARALLEL_PIECE", 64)
     reads: list[int] = []
-    original = lazymerge.execute._Run._read_into
+    original = lazymerge.io.reader.InputReader.read_into
 
     def counting(self, checkpoint, file, offset, buf, drop=True):  # type: ignore[no-untyped-def]
         reads.append(buf.numel())
         original(self, checkpoint, file, offset, buf, drop)
 
-    monkeypatch.setattr(lazymerge.execute._Run, "_read_into", counting)
+    monkeypatch.setattr(lazymerge.io.reader.InputReader, "read_into", counting)
     got = dogerm(capsys, llama_pair, tmp_path / "split", 1000, 2)
     assert got == reference
     assert reads and max(reads) <= max(64, -(-4000 // int(threads))), "chunk reads were not split"

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import lazymerge.execute
 import lazymerge.io.digest
 import lazymerge.io.direct
 from lazymerge.cli import main
@@ -82,7 +81,7 @@ def test_refused_alignment_falls_back_to_the_page_cache(
 
 def test_no_o_direct_at_all_uses_the_page_cache(capsys, llama_pair, tmp_path: Path, monkeypatch) -> None:
     reference = dogerm(capsys, llama_pair, tmp_path / "reference")
-    monkeypatch.setattr(lazymerge.execute, "direct_io_supported", lambda _d: False)
+    monkeypatch.setattr(lazymerge.io.direct, "direct_io_supported", lambda _d: False)
     made = spy_writers(monkeypatch)
     assert dogerm(capsys, llama_pair, tmp_path / "buffered") == reference
     assert made == []
@@ -99,10 +98,10 @@ def test_sweeps_and_the_gpu_path_keep_the_buffered_writer(tmp_path: Path, monkey
         output_dir = out
 
     monkeypatch.delenv("LAZYMERGE_DIRECT_WRITE", raising=False)
-    assert lazymerge.execute._direct_writes(Backend(), [Plan()])
-    assert not lazymerge.execute._direct_writes(Backend(), [Plan(), Plan()])
+    assert lazymerge.io.direct._direct_writes(Backend(), [Plan()])
+    assert not lazymerge.io.direct._direct_writes(Backend(), [Plan(), Plan()])
     Backend.name = "cuda"
-    assert not lazymerge.execute._direct_writes(Backend(), [Plan()])
+    assert not lazymerge.io.direct._direct_writes(Backend(), [Plan()])
     monkeypatch.setenv("LAZYMERGE_DIRECT_WRITE", "1")
-    assert lazymerge.execute._direct_writes(Backend(), [Plan()])
+    assert lazymerge.io.direct._direct_writes(Backend(), [Plan()])
     assert list(out.iterdir()) == [], "the O_DIRECT probe must not leave a file behind"

@@ -18,6 +18,7 @@ import lazymerge.cli
 import lazymerge.execute
 from lazymerge.io import prefetch
 from lazymerge.io.prefetch import StartupPrefetch, prefetch_budget
+from lazymerge.io.reader import InputReader
 from lazymerge.recipes.dogerm import plan_dogerm
 
 
@@ -29,16 +30,16 @@ def _dogerm_plan(pair: tuple[Path, Path], out: Path):
 def test_ranges_follow_the_executors_reads(llama_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan, checkpoints = _dogerm_plan(llama_pair, tmp_path / "out")
     seen: list[tuple[Path, int, int]] = []
-    original = lazymerge.execute._Run._read_into
+    original = InputReader.read_into
 
     def record(self, checkpoint, file, offset, buf, drop=True):  # type: ignore[no-untyped-def]
         seen.append((self.checkpoints[checkpoint].local_file(file), offset, buf.numel()))
         original(self, checkpoint, file, offset, buf, drop)
 
-    monkeypatch.setattr(lazymerge.execute._Run, "_read_into", record)
+    monkeypatch.setattr(InputReader, "read_into", record)
     lazymerge.execute.execute(plan, checkpoints, device="cpu", workers=1)
     merged = list(prefetch._ranges(plan, checkpoints))
-    # The executor moves copied tensors with copy_file_range (not _read_into): skip those.
+    # The executor moves copied tensors with copy_file_range (not read_into): skip those.
     assert [r for r in merged if r in seen] == seen
     assert len(seen) >= 10
 

@@ -22,12 +22,16 @@ import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazymerge.constants import PARTIAL_SUFFIX
 from lazymerge.errors import OutputError
 from lazymerge.io.digest import BLOCK_BYTES, block_digest, combine
 from lazymerge.io.writer import ShardWriter, _input_ended
-from lazymerge.plan import OutputShard
+from lazymerge.plan import MergePlan, OutputShard
+
+if TYPE_CHECKING:
+    from lazymerge.kernels.backend import Backend
 
 __all__ = ["RING", "DirectShardWriter", "direct_io_supported"]
 
@@ -53,6 +57,17 @@ def direct_io_supported(directory: Path) -> bool:
         return True
     finally:
         probe.unlink(missing_ok=True)
+
+
+def _direct_writes(backend: Backend, plans: list[MergePlan]) -> bool:
+    """Whether shards bypass the page cache (DirectShardWriter): on the CPU path, where the
+    kernel's buffered-write work competes with the merge for the cores, for a single output (a
+    sweep's outputs copy shared ranges from the first output's cached file), where the file
+    system allows it. LAZYMERGE_DIRECT_WRITE=0 turns it off, =1 on for the GPU path too."""
+    env = os.environ.get("LAZYMERGE_DIRECT_WRITE")
+    if env == "0" or len(plans) != 1 or (backend.name != "cpu" and env != "1"):
+        return False
+    return direct_io_supported(plans[0].output_dir)
 
 
 class DirectShardWriter(ShardWriter):

@@ -2,7 +2,8 @@
 
 A shard lives under `<name>.partial` until every byte is written and flushed, then is renamed;
 small side files (config, tokenizer, index) are written to a temporary name and renamed too, so
-an interrupted run never leaves a file that looks finished.
+an interrupted run never leaves a file that looks finished. `_HashingWriter` also checksums the
+shard as it is written: the executor's buffered writer (`lazymerge.io.direct` is its O_DIRECT one).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from lazymerge.constants import PARTIAL_SUFFIX
 from lazymerge.errors import DiskSpaceError, HeaderError, OutputError
+from lazymerge.io.digest import BlockHasher
 from lazymerge.plan import OutputShard
 
 __all__ = ["ShardWriter", "write_side_file"]
@@ -36,6 +38,14 @@ def _load_sync_file_range():
 
 _sync_file_range = _load_sync_file_range()
 _PARALLEL_PIECE = 1 << 20  # smallest piece a write is split into for the write pool
+
+
+def _write_pool() -> tuple[ThreadPoolExecutor, int] | None:
+    """Threads that write one chunk's output in pieces; LAZYMERGE_WRITE_THREADS overrides (0 or
+    1: the writer thread alone). Used where cores are plentiful, as for reads."""
+    env = os.environ.get("LAZYMERGE_WRITE_THREADS")
+    n = int(env) if env and env.isdigit() else (2 if (os.cpu_count() or 1) >= 4 else 0)
+    return (ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-write"), n) if n > 1 else None
 
 
 class ShardWriter:
@@ -161,6 +171,53 @@ class ShardWriter:
             os.close(self.fd)
             self.fd = -1
         self.partial_path.unlink(missing_ok=True)
+
+
+class _HashingWriter(ShardWriter):
+    """A ShardWriter that checksums the shard as its bytes go out (`lazymerge.io.digest`).
+
+    Writes arrive in file order; each completed 16 MiB block is hashed on the run's hash pool
+    from the output file itself, so the digest covers exactly what is on disk, copied ranges
+    included, and the writer thread never waits for sha256.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        shard: object,
+        pool: ThreadPoolExecutor,
+        write_pool: tuple[ThreadPoolExecutor, int] | None = None,
+    ) -> None:
+        super().__init__(directory, shard, write_pool)
+        self._hasher = BlockHasher(self.fd, self.shard.size, pool)
+        self._next = len(self.shard.header)
+
+    def write(self, data: memoryview | bytes, offset: int) -> None:
+        self._check_order(offset)
+        super().write(data, offset)
+        self._advance(len(data))
+
+    def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int, source: object = "input") -> None:
+        self._check_order(offset)
+        super().copy_from(src_fd, src_offset, nbytes, offset, source)
+        self._advance(nbytes)
+
+    def _check_order(self, offset: int) -> None:
+        if offset != self._next:
+            raise RuntimeError(f"out-of-order write at {offset} (expected {self._next}) in {self.shard.name}")
+
+    def _advance(self, n: int) -> None:
+        self._next += n
+        self._hasher.advance(self._next)
+
+    def digest(self) -> str:
+        return self._hasher.digest()
+
+    def abort(self) -> None:
+        hasher = getattr(self, "_hasher", None)  # None when ShardWriter.__init__ itself failed
+        if hasher is not None:
+            hasher.close()  # before the file goes: a running block hash still maps it
+        super().abort()
 
 
 def _input_ended(source: object) -> HeaderError:

@@ -1,0 +1,367 @@
+"""The streaming pipeline of a merge run: read chunk -> merge chunk -> write chunk, overlapping.
+
+A reader thread fills buffers from the inputs (positional reads, in plan order), compute workers
+merge them (CPU: one single-threaded torch worker per core, which stays fast when the machine is
+busy, unlike intra-op threads that spin at barriers; CUDA: one worker that enqueues the fused
+Triton kernel), and a writer thread writes each result at its offset, in task order, hashing each
+shard as it goes. A fixed pool of buffer slots bounds memory: peak RSS depends on the chunk size,
+the number of inputs and workers, never on a tensor, shard or model size. The library never
+prints; progress goes to a callback. `lazymerge.execute` sets up a run (locks, resume, side
+files) and runs one `_Run` per group of shards.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
+from lazymerge.errors import PlanError
+from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.digest import hash_pool
+from lazymerge.io.direct import RING as DIRECT_RING
+from lazymerge.io.direct import DirectShardWriter, _direct_writes
+from lazymerge.io.reader import InputReader
+from lazymerge.io.writer import ShardWriter, _HashingWriter, _write_pool
+from lazymerge.kernels.backend import Backend, CpuBackend
+from lazymerge.manifest import Manifest
+from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
+from lazymerge.stats import RunStats
+
+__all__ = ["ProgressEvent"]
+
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What the executor reports. `kind` is "start", "chunk", "shard" (a shard closed),
+    "skip" (a shard kept from an earlier run by --resume) or "done"."""
+
+    kind: str
+    shard: str
+    bytes_written: int
+    total_bytes: int
+    bytes_read: int
+    path: Path | None = None
+
+
+# The GPU path's chunk size (when the caller left the default) and number of host slots.
+CUDA_CHUNK_ELEMENTS = 4 * DEFAULT_CHUNK_ELEMENTS
+_CUDA_SLOTS = 6
+
+
+class _Slot:
+    """Reusable byte buffers for one chunk in flight: one per input, one for the output.
+
+    Buffers grow to the largest chunk they have carried (fp16 inputs need half of what fp32 ones
+    do), so memory follows the actual dtypes instead of the worst case."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.inputs: list[torch.Tensor] = []
+        self.outs: list[torch.Tensor] = [backend.allocate(0)]  # one per output of a sweep
+
+    def input(self, i: int, nbytes: int = 0) -> torch.Tensor:
+        while len(self.inputs) <= i:
+            self.inputs.append(self.backend.allocate(0))
+        if self.inputs[i].numel() < nbytes:
+            self.inputs[i] = self.backend.allocate(nbytes)
+        return self.inputs[i]
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.outs[0]
+
+    def output(self, nbytes: int, k: int = 0) -> torch.Tensor:
+        while len(self.outs) <= k:
+            self.outs.append(self.backend.allocate(0))
+        if self.outs[k].numel() < nbytes:
+            self.outs[k] = self.backend.allocate(nbytes)
+        return self.outs[k]
+
+
+class _Run:
+    """One execution of one plan, or of K plans reading the same input ranges (a sweep)."""
+
+    def __init__(
+        self,
+        plans: list[MergePlan],
+        checkpoints: Sequence[Checkpoint],
+        chunk_elements: int | None,
+        progress: Callable[[ProgressEvent], None] | None,
+        backend: Backend,
+        workers: int | None,
+        shards: list[int],
+        manifests: list[Manifest],
+    ) -> None:
+        self.plans = plans
+        self.plan = plans[0]
+        self.checkpoints = checkpoints
+        self.progress = progress
+        self.backend = backend
+        self.manifests = manifests
+        if chunk_elements is None:
+            # Larger chunks on the GPU path: the per-chunk host work (a kernel launch, events,
+            # several syscalls) is paid 4x less often; still bounded (see slots below).
+            chunk_elements = CUDA_CHUNK_ELEMENTS if backend.name == "cuda" else DEFAULT_CHUNK_ELEMENTS
+        self.variants = [list(iter_chunks(p, chunk_elements, shards)) for p in plans]
+        self.tasks = self.variants[0]
+        _check_same_reads(self.variants)
+        self.total_bytes = sum(s.size for p in plans for s in p.shards)
+        self.written = [sum(s.size for k, s in enumerate(p.shards) if k not in shards) for p in plans]
+        if backend.name == "cpu":
+            self.workers = [CpuBackend() for _ in range(workers or os.cpu_count() or 1)]
+        else:
+            self.workers = [backend]  # one thread enqueues; the GPU overlaps the chunks itself
+        # Enough slots for every worker to hold one chunk, plus one being read and one written.
+        # The GPU path keeps a deeper queue: reads, device work and writes are separate stages
+        # whose speeds jitter, and pinned 8 Mi-element chunks of fp16 cost 48 MB per slot.
+        slots = 2 * len(self.workers) + 2 if backend.name == "cpu" else _CUDA_SLOTS
+        self.free_slots: queue.Queue[_Slot] = queue.Queue()
+        for _ in range(slots):
+            self.free_slots.put(_Slot(backend))
+        self.to_compute: queue.Queue = queue.Queue(maxsize=slots)
+        self.to_write: queue.Queue = queue.Queue(maxsize=slots)
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+        # Seconds each stage spent working (not waiting on queues): LAZYMERGE_PROFILE=1 prints them.
+        self.busy = {"read": 0.0, "gpu wait": 0.0, "write": 0.0, "shard close": 0.0}
+        # Shard checksums are computed off the writer thread, several blocks at once.
+        self.hash_pool = hash_pool()
+        self.reader = InputReader(checkpoints, self.tasks, self.busy)
+        # Statistics of methods that need them, read before the chunks that use them.
+        self.stats = RunStats(plans, self.reader)
+        self.write_pool = _write_pool()
+        self.direct = _direct_writes(backend, plans)
+        # Threads that hash and write the O_DIRECT writer's blocks: one per block in flight.
+        self.direct_pool = (
+            ThreadPoolExecutor(DIRECT_RING - 1, thread_name_prefix="lazymerge-direct") if self.direct else None
+        )
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(self.written)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    def go(self) -> None:
+        threads = [threading.Thread(target=self._guard, args=(self._read_stage,), name="lazymerge-read")]
+        threads += [
+            threading.Thread(target=self._guard, args=(self._compute_stage, w), name=f"lazymerge-merge-{j}")
+            for j, w in enumerate(self.workers)
+        ]
+        writer = threading.Thread(target=self._guard, args=(self._write_stage,), name="lazymerge-write")
+        previous_threads = torch.get_num_threads()
+        if self.backend.name == "cpu":
+            torch.set_num_threads(1)  # parallelism comes from the workers
+        try:
+            self.stats.global_stats()
+            for t in [*threads, writer]:
+                t.daemon = True
+                t.start()
+            for t in threads:
+                t.join()
+            self._put(self.to_write, _DONE, force=True)
+            writer.join()
+        except BaseException as exc:  # KeyboardInterrupt in the calling thread
+            self._fail(exc)
+            for t in [*threads, writer]:
+                if t.is_alive() or t.ident is not None:
+                    t.join()
+        finally:
+            torch.set_num_threads(previous_threads)
+            self.reader.close_files()
+            self.hash_pool.shutdown(cancel_futures=True)
+            for pool in (self.reader.pool, self.write_pool[0] if self.write_pool else None, self.direct_pool):
+                if pool is not None:
+                    pool.shutdown(cancel_futures=True)
+        if os.environ.get("LAZYMERGE_PROFILE") == "1":
+            print("lazymerge profile (busy s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items()), flush=True)
+        if self.errors:
+            raise self.errors[0]
+
+    def _guard(self, stage: Callable[..., None], *args: object) -> None:
+        try:
+            stage(*args)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.failed.set()
+
+    def _put(self, q: queue.Queue, item: object, force: bool = False) -> bool:
+        """Put unless the run failed (then give up, so no thread blocks on a dead consumer)."""
+        while True:
+            if self.failed.is_set() and not force:
+                return False
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                if self.failed.is_set():
+                    return False
+
+    def _get(self, q: queue.Queue) -> object:
+        while not self.failed.is_set():
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    # -- stage 1: read -------------------------------------------------------------------------
+    def _read_stage(self) -> None:
+        try:
+            for i, task in enumerate(self.tasks):
+                if not isinstance(task, ChunkTask) or task.copy:
+                    if not self._put(self.to_compute, (i, [v[i] for v in self.variants], None)):
+                        return
+                    continue
+                tasks = [self.stats.with_stats(k, v[i]) for k, v in enumerate(self.variants)]  # type: ignore[arg-type]
+                slot = self._get(self.free_slots)
+                if slot is _DONE:
+                    return
+                bufs = [slot.input(j, task.count * DTYPE_SIZES[s.dtype]) for j, s in enumerate(task.sources)]
+                reads = [
+                    (s.checkpoint, s.file, s.offset, buf[: task.count * DTYPE_SIZES[s.dtype]])
+                    for s, buf in zip(task.sources, bufs, strict=True)
+                ]
+                self.reader.read_all(reads)
+                for s in task.sources:
+                    self.reader.release_if_done(s.checkpoint, s.file, i)
+                if not self._put(self.to_compute, (i, tasks, slot)):
+                    return
+        finally:
+            for _ in self.workers:
+                self._put(self.to_compute, _DONE, force=True)
+
+    # -- stage 2: merge --------------------------------------------------------------------------
+    def _compute_stage(self, backend: Backend) -> None:
+        while True:
+            item = self._get(self.to_compute)
+            if item is _DONE:
+                return
+            i, tasks, slot = item
+            handles = None
+            if slot is not None:
+                inputs = [slot.input(j) for j in range(len(tasks[0].sources))]
+                handles = [backend.submit(t, inputs, slot.output(t.out_nbytes, k)) for k, t in enumerate(tasks)]
+            if not self._put(self.to_write, (i, tasks, slot, handles)):
+                return
+
+    # -- stage 3: write, in task order ------------------------------------------------------------
+    def _write_stage(self) -> None:
+        pending: dict[int, tuple] = {}
+        expected = 0
+        writers: list[ShardWriter] | None = None
+        try:
+            while True:
+                item = self._get(self.to_write)
+                if item is _DONE:
+                    if pending and not self.failed.is_set():
+                        raise RuntimeError("writer stopped with chunks still pending")
+                    return
+                pending[item[0]] = item
+                # Workers finish out of order; the file and its checksum are written in order.
+                while expected in pending:
+                    _, tasks, slot, handles = pending.pop(expected)
+                    writers = self._write_one(expected, tasks, slot, handles, writers)
+                    expected += 1
+        finally:
+            for writer in writers or []:
+                writer.abort()
+
+    def _write_one(
+        self, i: int, tasks: list, slot: _Slot | None, handles: list | None, writers: list[ShardWriter] | None
+    ) -> list[ShardWriter] | None:
+        if isinstance(tasks[0], tuple):
+            return self._shard_boundary(tasks[0], writers)
+        assert writers is not None
+        first = tasks[0]
+        if slot is None:
+            src = first.sources[0]
+            source = self.checkpoints[src.checkpoint].local_file(src.file)
+            writers[0].copy_from(
+                self.reader.fd(src.checkpoint, src.file), src.offset, first.out_nbytes, first.out_offset, source
+            )
+            # The other outputs copy from the first one's (cached) file: the input is read once.
+            for writer, task in zip(writers[1:], tasks[1:], strict=True):
+                writer.copy_from(
+                    writers[0].fd, first.out_offset, task.out_nbytes, task.out_offset, writers[0].shard.name
+                )
+            self.reader.bytes_read += first.out_nbytes
+            self.reader.release_if_done(src.checkpoint, src.file, i)
+        else:
+            for k, (writer, task, handle) in enumerate(zip(writers, tasks, handles or [], strict=True)):
+                began = time.perf_counter()
+                self.backend.wait(handle)
+                waited = time.perf_counter()
+                writer.write(memoryview(slot.outs[k][: task.out_nbytes].numpy()), task.out_offset)
+                self.busy["gpu wait"] += waited - began
+                self.busy["write"] += time.perf_counter() - waited
+            self.free_slots.put(slot)
+        for k, task in enumerate(tasks):
+            self.written[k] += task.out_nbytes
+        self.report("chunk", writers[0].shard.name)
+        return writers
+
+    def _shard_boundary(self, marker: tuple[str, int], writers: list[ShardWriter] | None) -> list[ShardWriter] | None:
+        kind, k = marker
+        if kind == "start":
+            for v, plan in enumerate(self.plans):
+                self.written[v] += len(plan.shards[k].header)
+            if self.direct:
+                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool)]
+            return [
+                _HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.write_pool) for plan in self.plans
+            ]
+        assert writers is not None
+        for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):
+            shard = plan.shards[k]
+            began = time.perf_counter()
+            digest = writer.digest()
+            path = writer.finish()
+            self.busy["shard close"] += time.perf_counter() - began
+            manifest.record(shard.name, shard.size, digest)
+            manifest.save(plan.output_dir)
+            self.report("shard", shard.name, path)
+        return None
+
+    def report(self, kind: str, shard: str, path: Path | None = None) -> None:
+        if self.progress is not None:
+            self.progress(ProgressEvent(kind, shard, self.bytes_written, self.total_bytes, self.bytes_read, path))
+
+
+def _check_same_reads(variants: list[list]) -> None:
+    """The K plans of a sweep must read the same input ranges, chunk for chunk."""
+    first = variants[0]
+    for other in variants[1:]:
+        ok = len(other) == len(first)
+        for a, b in zip(first, other, strict=False) if ok else ():
+            if isinstance(a, ChunkTask) != isinstance(b, ChunkTask):
+                ok = False
+            elif not isinstance(a, ChunkTask):
+                ok = a == b
+            else:
+                ok = (a.count, a.copy, a.out_dtype) == (b.count, b.copy, b.out_dtype) and [
+                    (s.checkpoint, s.file, s.offset, s.dtype) for s in a.sources
+                ] == [(s.checkpoint, s.file, s.offset, s.dtype) for s in b.sources]
+            if not ok:
+                break
+        if not ok:
+            raise PlanError(
+                "the merges of a sweep must read the same tensors from the same inputs in the same layout",
+                hint="sweep a weight or a method parameter, not the models, dtype or shard size",
+            )
