@@ -28,9 +28,9 @@ from lazymerge.errors import PlanError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.digest import hash_pool
 from lazymerge.io.direct import RING as DIRECT_RING
-from lazymerge.io.direct import DirectShardWriter, _direct_writes
+from lazymerge.io.direct import DirectShardWriter, use_direct_writes
 from lazymerge.io.reader import InputReader
-from lazymerge.io.writer import ShardWriter, _HashingWriter, _write_pool
+from lazymerge.io.writer import HashingWriter, ShardWriter, make_write_pool
 from lazymerge.kernels.backend import Backend, CpuBackend
 from lazymerge.manifest import Manifest
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
@@ -140,8 +140,8 @@ class _Run:
         self.reader = InputReader(checkpoints, self.tasks, self.busy)
         # Statistics of methods that need them, read before the chunks that use them.
         self.stats = RunStats(plans, self.reader)
-        self.write_pool = _write_pool()
-        self.direct = _direct_writes(backend, plans)
+        self.write_pool = make_write_pool()
+        self.direct = use_direct_writes(backend, plans)
         # Threads that hash and write the O_DIRECT writer's blocks: one per block in flight.
         self.direct_pool = (
             ThreadPoolExecutor(DIRECT_RING - 1, thread_name_prefix="lazymerge-direct") if self.direct else None
@@ -325,7 +325,7 @@ class _Run:
             if self.direct:
                 return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool)]
             return [
-                _HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.write_pool) for plan in self.plans
+                HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.write_pool) for plan in self.plans
             ]
         assert writers is not None
         for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):

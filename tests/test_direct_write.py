@@ -98,10 +98,10 @@ def test_sweeps_and_the_gpu_path_keep_the_buffered_writer(tmp_path: Path, monkey
         output_dir = out
 
     monkeypatch.delenv("LAZYMERGE_DIRECT_WRITE", raising=False)
-    assert lazymerge.io.direct._direct_writes(Backend(), [Plan()])
-    assert not lazymerge.io.direct._direct_writes(Backend(), [Plan(), Plan()])
+    assert lazymerge.io.direct.use_direct_writes(Backend(), [Plan()])
+    assert not lazymerge.io.direct.use_direct_writes(Backend(), [Plan(), Plan()])
     Backend.name = "cuda"
-    assert not lazymerge.io.direct._direct_writes(Backend(), [Plan()])
+    assert not lazymerge.io.direct.use_direct_writes(Backend(), [Plan()])
     monkeypatch.setenv("LAZYMERGE_DIRECT_WRITE", "1")
-    assert lazymerge.io.direct._direct_writes(Backend(), [Plan()])
+    assert lazymerge.io.direct.use_direct_writes(Backend(), [Plan()])
     assert list(out.iterdir()) == [], "the O_DIRECT probe must not leave a file behind"

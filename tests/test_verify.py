@@ -201,7 +201,9 @@ def test_recompute_of_a_large_slerp_tensor_matches_whatever_the_thread_count(tmp
 
     gen = torch.Generator().manual_seed(7)
     models = [
-        write_model(tmp_path / name, {"w": torch.randn((1 << 20) + 5, generator=gen), "b": torch.randn(8, generator=gen)})
+        write_model(
+            tmp_path / name, {"w": torch.randn((1 << 20) + 5, generator=gen), "b": torch.randn(8, generator=gen)}
+        )
         for name in ("base", "other")
     ]
     config = {

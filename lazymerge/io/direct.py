@@ -33,7 +33,7 @@ from lazymerge.plan import MergePlan, OutputShard
 if TYPE_CHECKING:
     from lazymerge.kernels.backend import Backend
 
-__all__ = ["RING", "DirectShardWriter", "direct_io_supported"]
+__all__ = ["RING", "DirectShardWriter", "direct_io_supported", "use_direct_writes"]
 
 _ALIGN = 4096  # O_DIRECT offset, length and address alignment that every common device accepts
 # Block buffers per writer: one filling, the others being hashed and written, each by its own
@@ -59,7 +59,7 @@ def direct_io_supported(directory: Path) -> bool:
         probe.unlink(missing_ok=True)
 
 
-def _direct_writes(backend: Backend, plans: list[MergePlan]) -> bool:
+def use_direct_writes(backend: Backend, plans: list[MergePlan]) -> bool:
     """Whether shards bypass the page cache (DirectShardWriter): on the CPU path, where the
     kernel's buffered-write work competes with the merge for the cores, for a single output (a
     sweep's outputs copy shared ranges from the first output's cached file), where the file

@@ -2,7 +2,7 @@
 
 A shard lives under `<name>.partial` until every byte is written and flushed, then is renamed;
 small side files (config, tokenizer, index) are written to a temporary name and renamed too, so
-an interrupted run never leaves a file that looks finished. `_HashingWriter` also checksums the
+an interrupted run never leaves a file that looks finished. `HashingWriter` also checksums the
 shard as it is written: the executor's buffered writer (`lazymerge.io.direct` is its O_DIRECT one).
 """
 
@@ -18,7 +18,7 @@ from lazymerge.errors import DiskSpaceError, HeaderError, OutputError
 from lazymerge.io.digest import BlockHasher
 from lazymerge.plan import OutputShard
 
-__all__ = ["ShardWriter", "write_side_file"]
+__all__ = ["HashingWriter", "ShardWriter", "make_write_pool", "write_side_file"]
 
 _WRITEBACK_BYTES = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -40,7 +40,7 @@ _sync_file_range = _load_sync_file_range()
 _PARALLEL_PIECE = 1 << 20  # smallest piece a write is split into for the write pool
 
 
-def _write_pool() -> tuple[ThreadPoolExecutor, int] | None:
+def make_write_pool() -> tuple[ThreadPoolExecutor, int] | None:
     """Threads that write one chunk's output in pieces; LAZYMERGE_WRITE_THREADS overrides (0 or
     1: the writer thread alone). Used where cores are plentiful, as for reads."""
     env = os.environ.get("LAZYMERGE_WRITE_THREADS")
@@ -173,7 +173,7 @@ class ShardWriter:
         self.partial_path.unlink(missing_ok=True)
 
 
-class _HashingWriter(ShardWriter):
+class HashingWriter(ShardWriter):
     """A ShardWriter that checksums the shard as its bytes go out (`lazymerge.io.digest`).
 
     Writes arrive in file order; each completed 16 MiB block is hashed on the run's hash pool
