@@ -5,6 +5,7 @@ single output only; falls back to the page cache where O_DIRECT is refused."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,29 @@ def test_direct_and_buffered_writers_give_the_same_files_and_checksums(
     assert direct == buffered  # shard bytes, index, and the manifest's per-shard sha256
     manifest = json.loads(direct[MANIFEST_NAME])
     assert manifest["shards"], manifest
+
+
+def test_a_shard_file_is_never_longer_than_the_shard(
+    capsys, llama_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last block's unaligned tail is not padded on disk: a watcher of the output folder (a
+    low-disk budget, `--delete-after-upload`'s accounting) never sees more than the shard's size."""
+    over: list[tuple[str, int, int]] = []
+    tails: list[int] = []
+    write_all = DirectShardWriter._write_all
+
+    def watched(self, fd, view, offset):  # type: ignore[no-untyped-def]
+        write_all(self, fd, view, offset)
+        size = os.fstat(self.fd).st_size
+        if size > self.shard.size:
+            over.append((self.shard.name, size, self.shard.size))
+        if fd != self.dfd:
+            tails.append(len(view))
+
+    monkeypatch.setattr(DirectShardWriter, "_write_all", watched)
+    dogerm(capsys, llama_pair, tmp_path / "out")
+    assert over == []
+    assert tails and max(tails) < 4096, tails  # only the tails went through the page cache
 
 
 def test_refused_alignment_falls_back_to_the_page_cache(

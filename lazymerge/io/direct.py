@@ -9,9 +9,9 @@ How: the shard's bytes (header, merged chunks, copied tensors) are assembled in 
 page-aligned buffers that each hold one 16 MiB hash block of the file (`lazymerge.io.digest`'s
 fixed blocks, so the digest is the same as the buffered writer's). A full block is handed to a
 thread pool that hashes it from memory and writes it with O_DIRECT at its aligned offset; a
-small ring of buffers bounds memory. The last block is written padded to the alignment and the
-file cut back to its size. Where the file system refuses O_DIRECT, the same blocks go through
-the page cache instead.
+small ring of buffers bounds memory. The last block's unaligned tail (under 4 KiB) goes through
+the page cache, so the file is never longer than the shard. Where the file system refuses
+O_DIRECT, the same blocks go through the page cache instead.
 """
 
 from __future__ import annotations
@@ -118,8 +118,6 @@ class DirectShardWriter(ShardWriter):
             self._submit(self._fill)
         digests = [f.result() for f in self._digests]
         self._digests = []
-        if self.dfd >= 0:
-            os.ftruncate(self.fd, self.shard.size)  # the last block was padded to the alignment
         return combine(digests)
 
     def finish(self) -> Path:
@@ -175,16 +173,15 @@ class DirectShardWriter(ShardWriter):
         view = memoryview(buf)
         try:
             digest = block_digest(view[:length])
-            if self.dfd >= 0:
-                padded = -(-length // _ALIGN) * _ALIGN
-                if padded > length:
-                    view[length:padded] = bytes(padded - length)
+            head = length - length % _ALIGN if self.dfd >= 0 else 0
+            if head:
                 try:
-                    self._write_all(self.dfd, view[:padded], offset)
-                    return digest
+                    self._write_all(self.dfd, view[:head], offset)
                 except _Unaligned:
-                    pass  # the device wants a larger alignment: through the page cache, then
-            self._write_all(self.fd, view[:length], offset)
+                    head = 0  # the device wants a larger alignment: through the page cache, then
+            # The unaligned tail of the last block goes through the page cache: padding it for
+            # O_DIRECT would make the file briefly longer than the shard it will be.
+            self._write_all(self.fd, view[head:length], offset + head)
             return digest
         finally:
             view.release()
