@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import HubError, LazyMergeError
-from lazymerge.io.hub import hub_errors, scrub
+from lazymerge.io.hub_errors import hub_errors, scrub
 from lazymerge.io.prefetch import StartupPrefetch
 
 if TYPE_CHECKING:

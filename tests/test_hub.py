@@ -29,7 +29,8 @@ from lazymerge.cli import main
 from lazymerge.demo import build_llama_pair
 from lazymerge.errors import CheckpointError, HubError
 from lazymerge.io.checkpoint import Checkpoint, open_checkpoint
-from lazymerge.io.hub import HubCheckpoint, is_repo_id, open_hub_checkpoint, scrub, split_repo_id
+from lazymerge.io.hub import HubCheckpoint, is_repo_id, open_hub_checkpoint, split_repo_id
+from lazymerge.io.hub_errors import scrub
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import load_folder, write_model
