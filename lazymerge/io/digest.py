@@ -30,7 +30,16 @@ from pathlib import Path
 
 import xxhash
 
-__all__ = ["ALGORITHM", "BLOCK_BYTES", "BlockHasher", "block_digest", "file_digest", "hash_pool", "known_algorithm"]
+__all__ = [
+    "ALGORITHM",
+    "BLOCK_BYTES",
+    "BLOCK_HASHES",
+    "BlockHasher",
+    "block_digest",
+    "file_digest",
+    "hash_pool",
+    "known_algorithm",
+]
 
 BLOCK_BYTES = 16 << 20
 # Stored next to the digest in the manifest, so a future change of scheme is never mistaken
@@ -38,14 +47,14 @@ BLOCK_BYTES = 16 << 20
 ALGORITHM = "sha256-of-16MiB-block-xxh3-128"
 # Block hashes by scheme name: what this version writes, and what earlier versions wrote, so
 # their manifests still verify and resume.
-_BLOCK_HASHES = {
+BLOCK_HASHES = {
     ALGORITHM: xxhash.xxh3_128_digest,
     "sha256-of-16MiB-block-sha256": lambda block: hashlib.sha256(block).digest(),
 }
 
 
 def known_algorithm(name: object) -> bool:
-    return name in _BLOCK_HASHES
+    return name in BLOCK_HASHES
 
 
 def hash_pool(workers: int | None = None) -> ThreadPoolExecutor:
@@ -64,7 +73,7 @@ class BlockHasher:
     def __init__(self, fd: int, size: int, pool: ThreadPoolExecutor, algorithm: str = ALGORITHM) -> None:
         self.size = size
         self._pool = pool
-        self._hash = _BLOCK_HASHES[algorithm]
+        self._hash = BLOCK_HASHES[algorithm]
         # The file is already reserved at its final size (fallocate / ftruncate), so mapping it
         # whole is valid; only written ranges are ever touched.
         self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
@@ -116,7 +125,7 @@ def _hash_mapped(mapped: mmap.mmap, start: int, n: int, block_hash: Callable[[me
 
 def block_digest(block: memoryview | bytes) -> bytes:
     """One block's digest (XXH3-128: see the module's docstring for why not sha256)."""
-    return _BLOCK_HASHES[ALGORITHM](block)
+    return BLOCK_HASHES[ALGORITHM](block)
 
 
 def combine(block_digests: list[bytes]) -> str:
