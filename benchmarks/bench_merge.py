@@ -115,8 +115,23 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": package_version("torch"),
         "safetensors": package_version("safetensors"),
-        "mergekit": package_version("mergekit"),
+        "mergekit": mergekit_version(),
     }
+
+
+def mergekit_version() -> str:
+    """mergekit's version: from this interpreter, or from the one `mergekit-yaml` on PATH runs
+    with (mergekit usually lives in a virtual environment of its own)."""
+    here = package_version("mergekit")
+    exe = shutil.which("mergekit-yaml")
+    if here != "not installed" or exe is None:
+        return here
+    probe = "from importlib.metadata import version; print(version('mergekit'))"
+    try:
+        done = subprocess.run([_script_interpreter(exe), "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return f"unknown ({exe})"
+    return f"{done.stdout.strip()} ({exe})" if done.returncode == 0 else f"unknown ({exe})"
 
 
 # ---------------------------------------------------------------------------------------------
