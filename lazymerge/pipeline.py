@@ -301,7 +301,7 @@ class _Run:
                 writer.copy_from(
                     writers[0].fd, first.out_offset, task.out_nbytes, task.out_offset, writers[0].shard.name
                 )
-            self.reader.bytes_read += first.out_nbytes
+            self.reader.count(first.out_nbytes)
             self.reader.release_if_done(src.checkpoint, src.file, i)
         else:
             for k, (writer, task, handle) in enumerate(zip(writers, tasks, handles or [], strict=True)):

@@ -17,7 +17,7 @@ import torch
 
 from lazymerge import methods
 from lazymerge.constants import DTYPE_SIZES
-from lazymerge.kernels.backend import _TORCH_DTYPES
+from lazymerge.kernels.backend import TORCH_DTYPES
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def stats_passes(
                             bufs.append(torch.empty(step * 4, dtype=torch.uint8))
                         buf = bufs[j][: n * itemsize]
                         read(s.checkpoint, s.file, s.offset + first * itemsize, buf)
-                        xs.append(buf.view(_TORCH_DTYPES[s.dtype]).float())
+                        xs.append(buf.view(TORCH_DTYPES[s.dtype]).float())
                     acc.update(xs, seg.start + first, key)
         acc.end_pass()
 

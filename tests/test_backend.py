@@ -26,6 +26,7 @@ import lazymerge.kernels.triton as lt  # noqa: E402
 from lazymerge.constants import DTYPE_SIZES  # noqa: E402
 from lazymerge.errors import LazyMergeError  # noqa: E402
 from lazymerge.kernels import backend as bk  # noqa: E402
+from lazymerge.kernels import cuda as kc  # noqa: E402
 from lazymerge.plan import ChunkTask, Source  # noqa: E402
 
 if not HAS_CUDA and not lt._INTERPRETED:
@@ -86,8 +87,8 @@ def _slots(backend: bk.Backend, n: int, n_inputs: int) -> list[_HostSlot]:
     return [_HostSlot([backend.allocate(cap) for _ in range(n_inputs)], backend.allocate(cap)) for _ in range(n)]
 
 
-def _cuda_backend(**kw: object) -> bk.CudaBackend:
-    return bk.CudaBackend(**kw)  # type: ignore[arg-type]
+def _cuda_backend(**kw: object) -> kc.CudaBackend:
+    return kc.CudaBackend(**kw)  # type: ignore[arg-type]
 
 
 def _run_fifo(cuda: bk.Backend, tasks: list[ChunkTask], n_slots: int, seed: int) -> None:
@@ -139,9 +140,9 @@ def test_cuda_backend_matches_cpu_backend(seed: int) -> None:
 
 @needs_triton
 def test_unpipelined_and_env_knob(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(bk.SYNC_ENV, "1")
+    monkeypatch.setenv(kc.SYNC_ENV, "1")
     assert not _cuda_backend().pipelined
-    monkeypatch.delenv(bk.SYNC_ENV)
+    monkeypatch.delenv(kc.SYNC_ENV)
     assert _cuda_backend().pipelined
     rng = random.Random(7)
     with _cuda_backend(pipelined=False, depth=2) as backend:
@@ -220,9 +221,9 @@ def test_select_unknown_device() -> None:
 @pytest.mark.skipif(HAS_CUDA, reason="interpreter mode only")
 def test_interpreter_backend_refuses_cuda_device() -> None:
     with pytest.raises(bk.DeviceError, match="cpu tensors"):
-        bk.CudaBackend("cuda")
+        kc.CudaBackend("cuda")
     with pytest.raises(ValueError, match="depth"):
-        bk.CudaBackend(depth=1)
+        kc.CudaBackend(depth=1)
 
 
 # -- on a GPU ----------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def test_interpreter_backend_refuses_cuda_device() -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_cuda_buffers_pinned_and_memory_bounded() -> None:
-    with bk.CudaBackend("cuda", depth=2) as backend:
+    with kc.CudaBackend("cuda", depth=2) as backend:
         assert backend.device.type == "cuda"
         buf = backend.allocate(CAPACITY_ELEMENTS * 4)
         assert buf.is_pinned() and buf.device.type == "cpu"
@@ -251,7 +252,7 @@ def test_cuda_large_chunks_many_in_flight() -> None:
     # Chunks the executor's default size, ring depth 3, six host slots: real overlap on streams.
     n = 2 * 1024 * 1024
     cpu = bk.CpuBackend()
-    with bk.CudaBackend("cuda") as backend:
+    with kc.CudaBackend("cuda") as backend:
         g = torch.Generator().manual_seed(5)
         sources = (Source(0, "a", 0, "F16", 0.7), Source(1, "b", 0, "F32", 0.3))
         task = ChunkTask(0, 0, n, "BF16", sources, None, copy=False)

@@ -30,6 +30,7 @@ if not HAS_CUDA and not lt._INTERPRETED:
 import lazymerge.kernels.triton_methods as tm  # noqa: E402
 from lazymerge import methods  # noqa: E402
 from lazymerge.kernels import backend as bk  # noqa: E402
+from lazymerge.kernels import cuda as kc  # noqa: E402
 from lazymerge.plan import ChunkTask, Source  # noqa: E402
 
 if lt._INTERPRETED and tm.lt is not lt:
@@ -142,7 +143,7 @@ def test_cuda_backend_runs_method_chunks() -> None:
     ins = [_values(n, d, g, specials=True).view(torch.uint8).clone() for d in (F16, BF16, F32)]
     cpu_out = torch.empty(n * 2, dtype=torch.uint8)
     bk.CpuBackend().submit(task, ins, cpu_out)
-    with bk.CudaBackend() as cuda:
+    with kc.CudaBackend() as cuda:
         host_in = [cuda.allocate(x.numel()) for x in ins]
         for h, x in zip(host_in, ins, strict=True):
             h.copy_(x)
@@ -178,7 +179,7 @@ def test_device_cuda_merge_equals_cpu_merge(method: str, tmp_path, monkeypatch: 
     if not HAS_CUDA:
         real = ex.select_backend
         monkeypatch.setattr(
-            ex, "select_backend", lambda d="auto": (bk.CudaBackend(), "cuda: interpreter") if d == "cuda" else real(d)
+            ex, "select_backend", lambda d="auto": (kc.CudaBackend(), "cuda: interpreter") if d == "cuda" else real(d)
         )
     outs = {}
     for dev in ("cpu", "cuda"):

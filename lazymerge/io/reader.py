@@ -107,9 +107,14 @@ class InputReader:
         if drop:
             # Consumed input pages leave the page cache, so a merge does not evict everything else.
             os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
-        with self.count_lock:  # reads of different inputs may run on different threads
-            self.bytes_read += len(view)
-            self.busy["read"] += time.perf_counter() - began
+        self.count(len(view), time.perf_counter() - began)
+
+    def count(self, nbytes: int, seconds: float = 0.0) -> None:
+        """Add input bytes read (and seconds spent reading) to the run's totals. Reads of
+        different inputs run on different threads, and copied tensors are read by the writer."""
+        with self.count_lock:
+            self.bytes_read += nbytes
+            self.busy["read"] += seconds
 
     def release_if_done(self, checkpoint: int, file: str, i: int) -> None:
         """Close and release an input file once task `i`, the last that reads it, has read it."""
