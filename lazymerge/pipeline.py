@@ -71,22 +71,22 @@ class _Slot:
         self.outs: list[torch.Tensor] = [backend.allocate(0)]  # one per output of a sweep
 
     def input(self, i: int, nbytes: int = 0) -> torch.Tensor:
-        while len(self.inputs) <= i:
-            self.inputs.append(self.backend.allocate(0))
-        if self.inputs[i].numel() < nbytes:
-            self.inputs[i] = self.backend.allocate(nbytes)
-        return self.inputs[i]
+        return self._grown(self.inputs, i, nbytes)
 
     @property
     def out(self) -> torch.Tensor:
         return self.outs[0]
 
     def output(self, nbytes: int, k: int = 0) -> torch.Tensor:
-        while len(self.outs) <= k:
-            self.outs.append(self.backend.allocate(0))
-        if self.outs[k].numel() < nbytes:
-            self.outs[k] = self.backend.allocate(nbytes)
-        return self.outs[k]
+        return self._grown(self.outs, k, nbytes)
+
+    def _grown(self, bufs: list[torch.Tensor], i: int, nbytes: int) -> torch.Tensor:
+        """bufs[i], created or replaced by a larger allocation when it holds fewer than nbytes."""
+        while len(bufs) <= i:
+            bufs.append(self.backend.allocate(0))
+        if bufs[i].numel() < nbytes:
+            bufs[i] = self.backend.allocate(nbytes)
+        return bufs[i]
 
 
 class _Run:
