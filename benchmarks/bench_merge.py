@@ -438,6 +438,7 @@ class Contender:
     input_bytes: int
     in_cgroup: bool = False
     skip: str = ""  # why it does not run, when it does not
+    outputs: int = 1  # models each step writes (a sweep's K): its floor is one read + K writes
 
 
 @dataclass
@@ -533,7 +534,8 @@ def build_contenders(
                     Step(f"{name}-{w:g}", [*common, "--weight", f"{w:g}", "--output", str(o / f"out-{w:g}"), *extra], o)
                     for w in SWEEP_WEIGHTS
                 ]
-            out.append(Contender(name, "dogerm", steps, p.input_bytes, in_cgroup=True))
+            outputs = len(SWEEP_WEIGHTS) if name == "lazymerge-sweep5" else 1
+            out.append(Contender(name, "dogerm", steps, p.input_bytes, in_cgroup=True, outputs=outputs))
         elif name == "lazymerge-linear":
             p = pairs["causal"]
             o, cfg = work / name, work / "linear.yaml"
@@ -711,7 +713,7 @@ def run_step(
 def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dict[str, object]]:
     """One row per contender step (and floor read+write sums), medians over successful runs."""
     rows: list[dict[str, object]] = []
-    floors: dict[str, float] = {}
+    floors: dict[str, tuple[float, float]] = {}  # pair -> (read s, write s)
     for c in contenders:
         if c.skip:
             rows.append({"contender": c.name, "pair": c.pair, "skipped": c.skip})
@@ -726,6 +728,7 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
                 "runs": len(rs),
                 "ok": len(good),
                 "input_bytes": c.input_bytes,
+                "outputs": c.outputs,
             }
             if good:
                 row["wall_s"] = statistics.median(r.wall_s for r in good)
@@ -745,7 +748,7 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
             rows.append(row)
         if c.name.startswith("floor") and {"read", "write"} <= per_step.keys():
             total = per_step["read"]["wall_s"] + per_step["write"]["wall_s"]
-            floors[c.pair] = total
+            floors[c.pair] = (per_step["read"]["wall_s"], per_step["write"]["wall_s"])
             rows.append(
                 {
                     "contender": f"{c.name} read+write",
@@ -760,7 +763,8 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
             if not str(row["contender"]).startswith("floor") or str(row["contender"]).endswith("read"):
                 row["input_gb_s"] = int(row["input_bytes"]) / GB / wall
             if row["pair"] in floors:
-                row["ratio_to_floor"] = wall / floors[str(row["pair"])]
+                read, write = floors[str(row["pair"])]
+                row["ratio_to_floor"] = wall / (read + int(row.get("outputs", 1)) * write)
     # Against mergekit on the same pair: its time (sync included, as it leaves dirty pages
     # behind) over this contender's, and its peak RSS over this one's.
     mergekit = {r["pair"]: r for r in rows if r["contender"] == "mergekit" and isinstance(r.get("wall_s"), float)}
@@ -789,6 +793,8 @@ def print_table(rows: list[dict[str, object]], title: str) -> None:
     details: list[str] = []
     for r in rows:
         notes = []
+        if int(r.get("outputs", 1)) > 1:  # type: ignore[call-overload]
+            notes.append(f"floor: 1 read + {r['outputs']} writes")
         if "skipped" in r:
             notes.append("skipped")
             details.append(f"{r['contender']} skipped: {r['skipped']}")
