@@ -61,7 +61,7 @@ def execute(
         chunk_elements: elements per chunk; bounds memory. Default: 2 Mi on CPU, 8 Mi on CUDA.
         progress: called with a ProgressEvent after every chunk and when each shard closes.
         resume: keep shards that an earlier run of the same plan finished (checked against the
-            manifest's sizes and sha256), redo the rest.
+            manifest's sizes and checksums), redo the rest.
         device: "cpu", "cuda" or "auto" (CUDA when a GPU and Triton are usable).
         workers: CPU merge threads (default: the number of cores).
 

@@ -10,8 +10,9 @@ file's bytes alone, whatever the chunk size, worker count or device of the run t
 
 Blocks are hashed with XXH3-128, not sha256: the checksums guard `--resume` and `verify`
 against torn, truncated or corrupted shards, not against an adversary, and on a 2-core machine
-sha256 (1.2 GB/s a core) cost about 11 s of CPU per 13.5 GB output, a third of a 7B merge's
-user time, against 1.4 s for XXH3 (9.5 GB/s). The Hub computes its own sha256 on upload.
+sha256 (1.2-1.3 GB/s a core) cost 10-11 s of CPU per 13.5 GB output, a third of a 7B merge's
+user time, against 1.2-1.5 s for XXH3 (9-12 GB/s; `benchmarks/bench_digest.py`). The Hub
+computes its own sha256 on upload.
 
 Blocks are hashed from a read-only mapping of the file just written (still in the page cache),
 so the digest covers exactly what is on disk, including ranges that `copy_file_range` moved

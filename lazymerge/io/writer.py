@@ -178,7 +178,7 @@ class HashingWriter(ShardWriter):
 
     Writes arrive in file order; each completed 16 MiB block is hashed on the run's hash pool
     from the output file itself, so the digest covers exactly what is on disk, copied ranges
-    included, and the writer thread never waits for sha256.
+    included, and the writer thread never waits for the hashes.
     """
 
     def __init__(
