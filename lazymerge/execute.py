@@ -22,7 +22,7 @@ from lazymerge.io.writer import write_side_file
 from lazymerge.kernels.backend import CpuBackend, DeviceError, gpu_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.manifest import Manifest, plan_fingerprint
-from lazymerge.pipeline import ProgressEvent, _Run
+from lazymerge.pipeline import MergeRun, ProgressEvent
 from lazymerge.plan import MergePlan
 from lazymerge.recompute import tensor_bytes
 
@@ -177,7 +177,9 @@ def _execute_many(
                     progress(ProgressEvent("skip", name, written, total, read, dirs[v] / name))
         for who, shards in groups.items():
             manifests = [states[v][0] for v in who]
-            run = _Run([plans[v] for v in who], checkpoints, chunk_elements, None, backend, workers, shards, manifests)
+            run = MergeRun(
+                [plans[v] for v in who], checkpoints, chunk_elements, None, backend, workers, shards, manifests
+            )
             begun = run.bytes_written  # a run counts its plans' other shards as written: report sweep totals
             if progress is not None:
                 run.progress = lambda e, shift=written - begun, before=read: progress(

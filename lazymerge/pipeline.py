@@ -7,7 +7,7 @@ Triton kernel), and a writer thread writes each result at its offset, in task or
 shard as it goes. A fixed pool of buffer slots bounds memory: peak RSS depends on the chunk size,
 the number of inputs and workers, never on a tensor, shard or model size. The library never
 prints; progress goes to a callback. `lazymerge.execute` sets up a run (locks, resume, side
-files) and runs one `_Run` per group of shards.
+files) and runs one `MergeRun` per group of shards.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from lazymerge.manifest import Manifest
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
 from lazymerge.stats import RunStats
 
-__all__ = ["ProgressEvent"]
+__all__ = ["MergeRun", "ProgressEvent"]
 
 _DONE = object()
 
@@ -89,7 +89,7 @@ class _Slot:
         return bufs[i]
 
 
-class _Run:
+class MergeRun:
     """One execution of one plan, or of K plans reading the same input ranges (a sweep)."""
 
     def __init__(
@@ -181,9 +181,9 @@ class _Run:
                     t.join()
         finally:
             torch.set_num_threads(previous_threads)
-            self.reader.close_files()
+            self.reader.close()
             self.hash_pool.shutdown(cancel_futures=True)
-            for pool in (self.reader.pool, self.write_pool[0] if self.write_pool else None, self.direct_pool):
+            for pool in (self.write_pool[0] if self.write_pool else None, self.direct_pool):
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
         if os.environ.get("LAZYMERGE_PROFILE") == "1":

@@ -125,9 +125,12 @@ class InputReader:
                 os.close(fd)
             self.checkpoints[checkpoint].release_file(file)
 
-    def close_files(self) -> None:
+    def close(self) -> None:
+        """Close the files still open (after a failure) and stop the read pool."""
         for fd in self.fds.values():
             os.close(fd)
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _last_uses(tasks: list) -> dict[tuple[int, str], int]:
