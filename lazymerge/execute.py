@@ -52,6 +52,7 @@ def execute(
     resume: bool = False,
     device: str = "cpu",
     workers: int | None = None,
+    write_lanes: int | None = None,
 ) -> MergeStats:
     """Write the merged model described by `plan` into `plan.output_dir`.
 
@@ -64,6 +65,8 @@ def execute(
             manifest's sizes and checksums), redo the rest.
         device: "cpu", "cuda" or "auto" (CUDA when a GPU and Triton are usable).
         workers: CPU merge threads (default: the number of cores).
+        write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
+            CUDA, 1 on CPU; always 1 with low-disk Hub inputs).
 
     Returns:
         MergeStats of the run.
@@ -80,6 +83,7 @@ def execute(
         resume=resume,
         device=device,
         workers=workers,
+        write_lanes=write_lanes,
     )[0]
 
 
@@ -92,6 +96,7 @@ def execute_sweep(
     resume: bool = False,
     device: str = "cpu",
     workers: int | None = None,
+    write_lanes: int | None = None,
 ) -> list[MergeStats]:
     """Write K merged models that read the same input ranges (a parameter sweep) in one pass.
 
@@ -112,6 +117,7 @@ def execute_sweep(
         resume=resume,
         device=device,
         workers=workers,
+        write_lanes=write_lanes,
     )
 
 
@@ -124,6 +130,7 @@ def _execute_many(
     resume: bool,
     device: str,
     workers: int | None,
+    write_lanes: int | None,
 ) -> list[MergeStats]:
     start = time.perf_counter()
     _return_freed_buffers_to_the_os()
@@ -178,7 +185,15 @@ def _execute_many(
         for who, shards in groups.items():
             manifests = [states[v][0] for v in who]
             run = MergeRun(
-                [plans[v] for v in who], checkpoints, chunk_elements, None, backend, workers, shards, manifests
+                [plans[v] for v in who],
+                checkpoints,
+                chunk_elements,
+                None,
+                backend,
+                workers,
+                shards,
+                manifests,
+                lanes=write_lanes,
             )
             begun = run.bytes_written  # a run counts its plans' other shards as written: report sweep totals
             if progress is not None:

@@ -1,13 +1,14 @@
 """The streaming pipeline of a merge run: read chunk -> merge chunk -> write chunk, overlapping.
 
-A reader thread fills buffers from the inputs (positional reads, in plan order), compute workers
-merge them (CPU: one single-threaded torch worker per core, which stays fast when the machine is
-busy, unlike intra-op threads that spin at barriers; CUDA: one worker that enqueues the fused
-Triton kernel), and a writer thread writes each result at its offset, in task order, hashing each
-shard as it goes. A fixed pool of buffer slots bounds memory: peak RSS depends on the chunk size,
-the number of inputs and workers, never on a tensor, shard or model size. The library never
-prints; progress goes to a callback. `lazymerge.execute` sets up a run (locks, resume, side
-files) and runs one `MergeRun` per group of shards.
+A reader thread fills buffers from the inputs (positional reads, in the write lanes' order),
+compute workers merge them (CPU: one single-threaded torch worker per core, which stays fast
+when the machine is busy, unlike intra-op threads that spin at barriers; CUDA: one worker that
+enqueues the fused Triton kernel), and a writer thread per write lane (`lazymerge.lanes`) writes
+each result at its offset, in file order, hashing each shard as it goes. A fixed pool of buffer
+slots bounds memory: peak RSS depends on the chunk size, the number of inputs and workers, never
+on a tensor, shard or model size. The library never prints; progress goes to a callback.
+`lazymerge.execute` sets up a run (locks, resume, side files) and runs one `MergeRun` per group
+of shards.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lazymerge.io.direct import DirectShardWriter, use_direct_writes
 from lazymerge.io.reader import InputReader
 from lazymerge.io.writer import HashingWriter, ShardWriter, make_write_pool
 from lazymerge.kernels.backend import Backend, CpuBackend
+from lazymerge.lanes import interleave_shards, write_lanes
 from lazymerge.manifest import Manifest
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
 from lazymerge.stats import RunStats
@@ -102,6 +104,7 @@ class MergeRun:
         workers: int | None,
         shards: list[int],
         manifests: list[Manifest],
+        lanes: int | None = None,
     ) -> None:
         self.plans = plans
         self.plan = plans[0]
@@ -113,9 +116,15 @@ class MergeRun:
             # Larger chunks on the GPU path: the per-chunk host work (a kernel launch, events,
             # several syscalls) is paid 4x less often; still bounded (see slots below).
             chunk_elements = CUDA_CHUNK_ELEMENTS if backend.name == "cuda" else DEFAULT_CHUNK_ELEMENTS
-        self.variants = [list(iter_chunks(p, chunk_elements, shards)) for p in plans]
+        variants = [list(iter_chunks(p, chunk_elements, shards)) for p in plans]
+        _check_same_reads(variants)
+        # Several shards written at once where one writer thread cannot keep up (the GPU path).
+        save_disk = any(c.deletes_released_files for c in checkpoints)
+        schedule = interleave_shards(variants[0], write_lanes(backend.name, len(shards), lanes, save_disk))
+        self.variants = [[v[i] for i in schedule.order] for v in variants]
         self.tasks = self.variants[0]
-        _check_same_reads(self.variants)
+        self.lane_of = schedule.lane
+        self.lanes = schedule.lanes
         self.total_bytes = sum(s.size for p in plans for s in p.shards)
         self.written = [sum(s.size for k, s in enumerate(p.shards) if k not in shards) for p in plans]
         if backend.name == "cpu":
@@ -125,16 +134,19 @@ class MergeRun:
         # Enough slots for every worker to hold one chunk, plus one being read and one written.
         # The GPU path keeps a deeper queue: reads, device work and writes are separate stages
         # whose speeds jitter, and pinned 8 Mi-element chunks of fp16 cost 48 MB per slot.
-        slots = 2 * len(self.workers) + 2 if backend.name == "cpu" else _CUDA_SLOTS
+        # With write lanes each writer keeps two chunks in flight (one written, one waiting).
+        slots = 2 * len(self.workers) + 2 if backend.name == "cpu" else max(_CUDA_SLOTS, 2 * self.lanes + 2)
         self.free_slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(slots):
             self.free_slots.put(_Slot(backend))
         self.to_compute: queue.Queue = queue.Queue(maxsize=slots)
-        self.to_write: queue.Queue = queue.Queue(maxsize=slots)
+        self.to_write: list[queue.Queue] = [queue.Queue(maxsize=slots) for _ in range(self.lanes)]
+        # Writer threads share the byte counts, the profile, the manifests and the callback.
+        self.lock = threading.Lock()
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
         # Seconds each stage spent working (not waiting on queues): LAZYMERGE_PROFILE=1 prints them.
-        self.busy = {"read": 0.0, "gpu wait": 0.0, "write": 0.0, "shard close": 0.0}
+        self.busy = {"read": 0.0, "read wall": 0.0, "gpu wait": 0.0, "write": 0.0, "shard close": 0.0}
         # Shard checksums are computed off the writer thread, several blocks at once.
         self.hash_pool = hash_pool()
         self.reader = InputReader(checkpoints, self.tasks, self.busy)
@@ -161,22 +173,27 @@ class MergeRun:
             threading.Thread(target=self._guard, args=(self._compute_stage, w), name=f"lazymerge-merge-{j}")
             for j, w in enumerate(self.workers)
         ]
-        writer = threading.Thread(target=self._guard, args=(self._write_stage,), name="lazymerge-write")
+        writers = [
+            threading.Thread(target=self._guard, args=(self._write_stage, lane), name=f"lazymerge-write-{lane}")
+            for lane in range(self.lanes)
+        ]
         previous_threads = torch.get_num_threads()
         if self.backend.name == "cpu":
             torch.set_num_threads(1)  # parallelism comes from the workers
         try:
             self.stats.global_stats()
-            for t in [*threads, writer]:
+            for t in [*threads, *writers]:
                 t.daemon = True
                 t.start()
             for t in threads:
                 t.join()
-            self._put(self.to_write, _DONE, force=True)
-            writer.join()
+            for q in self.to_write:
+                self._put(q, _DONE, force=True)
+            for t in writers:
+                t.join()
         except BaseException as exc:  # KeyboardInterrupt in the calling thread
             self._fail(exc)
-            for t in [*threads, writer]:
+            for t in [*threads, *writers]:
                 if t.is_alive() or t.ident is not None:
                     t.join()
         finally:
@@ -187,7 +204,8 @@ class MergeRun:
                 if pool is not None:
                     pool.shutdown(cancel_futures=True)
         if os.environ.get("LAZYMERGE_PROFILE") == "1":
-            print("lazymerge profile (busy s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items()), flush=True)
+            busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
+            print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", flush=True)
         if self.errors:
             raise self.errors[0]
 
@@ -238,9 +256,11 @@ class MergeRun:
                     (s.checkpoint, s.file, s.offset, buf[: task.count * DTYPE_SIZES[s.dtype]])
                     for s, buf in zip(task.sources, bufs, strict=True)
                 ]
+                began = time.perf_counter()
                 self.reader.read_all(reads)
+                self.busy["read wall"] += time.perf_counter() - began
                 for s in task.sources:
-                    self.reader.release_if_done(s.checkpoint, s.file, i)
+                    self.reader.used(s.checkpoint, s.file)
                 if not self._put(self.to_compute, (i, tasks, slot)):
                     return
         finally:
@@ -258,17 +278,18 @@ class MergeRun:
             if slot is not None:
                 inputs = [slot.input(j) for j in range(len(tasks[0].sources))]
                 handles = [backend.submit(t, inputs, slot.output(t.out_nbytes, k)) for k, t in enumerate(tasks)]
-            if not self._put(self.to_write, (i, tasks, slot, handles)):
+            if not self._put(self.to_write[self.lane_of[i]], (i, tasks, slot, handles)):
                 return
 
-    # -- stage 3: write, in task order ------------------------------------------------------------
-    def _write_stage(self) -> None:
+    # -- stage 3: write, each lane in task order ----------------------------------------------------
+    def _write_stage(self, lane: int) -> None:
         pending: dict[int, tuple] = {}
-        expected = 0
+        mine = iter([i for i, owner in enumerate(self.lane_of) if owner == lane])  # this lane's positions
+        expected = next(mine, -1)
         writers: list[ShardWriter] | None = None
         try:
             while True:
-                item = self._get(self.to_write)
+                item = self._get(self.to_write[lane])
                 if item is _DONE:
                     if pending and not self.failed.is_set():
                         raise RuntimeError("writer stopped with chunks still pending")
@@ -278,7 +299,7 @@ class MergeRun:
                 while expected in pending:
                     _, tasks, slot, handles = pending.pop(expected)
                     writers = self._write_one(expected, tasks, slot, handles, writers)
-                    expected += 1
+                    expected = next(mine, -1)
         finally:
             for writer in writers or []:
                 writer.abort()
@@ -302,26 +323,30 @@ class MergeRun:
                     writers[0].fd, first.out_offset, task.out_nbytes, task.out_offset, writers[0].shard.name
                 )
             self.reader.count(first.out_nbytes)
-            self.reader.release_if_done(src.checkpoint, src.file, i)
+            for s in first.sources:
+                self.reader.used(s.checkpoint, s.file)
         else:
             for k, (writer, task, handle) in enumerate(zip(writers, tasks, handles or [], strict=True)):
                 began = time.perf_counter()
                 self.backend.wait(handle)
                 waited = time.perf_counter()
                 writer.write(memoryview(slot.outs[k][: task.out_nbytes].numpy()), task.out_offset)
-                self.busy["gpu wait"] += waited - began
-                self.busy["write"] += time.perf_counter() - waited
+                with self.lock:
+                    self.busy["gpu wait"] += waited - began
+                    self.busy["write"] += time.perf_counter() - waited
             self.free_slots.put(slot)
-        for k, task in enumerate(tasks):
-            self.written[k] += task.out_nbytes
+        with self.lock:
+            for k, task in enumerate(tasks):
+                self.written[k] += task.out_nbytes
         self.report("chunk", writers[0].shard.name)
         return writers
 
     def _shard_boundary(self, marker: tuple[str, int], writers: list[ShardWriter] | None) -> list[ShardWriter] | None:
         kind, k = marker
         if kind == "start":
-            for v, plan in enumerate(self.plans):
-                self.written[v] += len(plan.shards[k].header)
+            with self.lock:
+                for v, plan in enumerate(self.plans):
+                    self.written[v] += len(plan.shards[k].header)
             if self.direct:
                 return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool)]
             return [
@@ -333,15 +358,17 @@ class MergeRun:
             began = time.perf_counter()
             digest = writer.digest()
             path = writer.finish()
-            self.busy["shard close"] += time.perf_counter() - began
-            manifest.record(shard.name, shard.size, digest)
-            manifest.save(plan.output_dir)
+            with self.lock:
+                self.busy["shard close"] += time.perf_counter() - began
+                manifest.record(shard.name, shard.size, digest)
+                manifest.save(plan.output_dir)
             self.report("shard", shard.name, path)
         return None
 
     def report(self, kind: str, shard: str, path: Path | None = None) -> None:
         if self.progress is not None:
-            self.progress(ProgressEvent(kind, shard, self.bytes_written, self.total_bytes, self.bytes_read, path))
+            with self.lock:  # callbacks (progress bars, the Hub pusher) see one event at a time
+                self.progress(ProgressEvent(kind, shard, self.bytes_written, self.total_bytes, self.bytes_read, path))
 
 
 def _check_same_reads(variants: list[list]) -> None:

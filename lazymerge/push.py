@@ -271,6 +271,8 @@ def execute_and_push(
 
     if pusher is None:
         return execute(plan, checkpoints, progress=progress, **execute_kwargs), None
+    if pusher.delete_after_upload:
+        execute_kwargs["write_lanes"] = 1  # one local shard at a time: what the option is for
     try:
         stats = execute(plan, checkpoints, progress=pusher.wrap(progress, plan), **execute_kwargs)
         result = pusher.commit(plan)
@@ -309,6 +311,8 @@ def execute_sweep_and_push(
     if not pushers:
         return execute_sweep(plans, checkpoints, progress=progress, **execute_kwargs), None
     by_folder = {p.output_dir.resolve(): pusher.wrap(None, p) for p, pusher in zip(plans, pushers, strict=True)}
+    if any(pusher.delete_after_upload for pusher in pushers):
+        execute_kwargs["write_lanes"] = 1  # one local shard per output at a time
 
     def route(event: ProgressEvent) -> None:
         if progress is not None:

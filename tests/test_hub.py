@@ -396,6 +396,8 @@ def test_low_disk_and_delete_after_upload_high_water_marks(
     downloads = tmp_path / "tmp"
     downloads.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(downloads))  # where --low-disk makes its private folder
+    # Asked for several write lanes (as the GPU path is by default): both options keep one.
+    monkeypatch.setenv("LAZYMERGE_WRITE_LANES", "3")
     out = tmp_path / "out"
     is_weight = lambda p: p.suffix in (".safetensors", ".bin") or p.name.endswith(".incomplete")  # noqa: E731
     is_shard = lambda p: p.name.endswith((".safetensors", ".safetensors.partial"))  # noqa: E731

@@ -37,7 +37,9 @@ def test_ranges_follow_the_executors_reads(llama_pair, tmp_path: Path, monkeypat
         original(self, checkpoint, file, offset, buf, drop)
 
     monkeypatch.setattr(InputReader, "read_into", record)
-    lazymerge.execute.execute(plan, checkpoints, device="cpu", workers=1)
+    # One write lane, the CPU path's default: with several the executor interleaves shards,
+    # and the prefetch (which runs before the device is known) still follows the plan's order.
+    lazymerge.execute.execute(plan, checkpoints, device="cpu", workers=1, write_lanes=1)
     merged = list(prefetch._ranges(plan, checkpoints))
     # The executor moves copied tensors with copy_file_range (not read_into): skip those.
     assert [r for r in merged if r in seen] == seen

@@ -68,6 +68,12 @@ class Checkpoint:
     def release_file(self, name: str) -> None:
         """Called once every tensor read from `name` has been consumed (remote: may delete it)."""
 
+    @property
+    def deletes_released_files(self) -> bool:
+        """Whether `release_file` deletes the file (low-disk Hub downloads). A merge then writes
+        one shard at a time, reading its inputs in plan order, which keeps few of them on disk."""
+        return False
+
     def read_json(self, name: str) -> dict | None:
         """A JSON side file (config.json, tokenizer_config.json...) or None when absent."""
         path = self.side_file(name)

@@ -137,6 +137,10 @@ class HubCheckpoint(Checkpoint):
                 self._start(nxt)
         return path
 
+    @property
+    def deletes_released_files(self) -> bool:
+        return self.low_disk
+
     def release_file(self, name: str) -> None:
         if not self.low_disk:
             return

@@ -3,7 +3,8 @@
 A merge command plans from headers without torch, then imports it to execute: about 3 s of CPU
 on the 2-core CI machine even with the library files cached, during which a cold disk would sit
 idle. This module fills that window: a background thread reads the plan's first input ranges,
-in the order the executor will read them, so that they are in the page cache when it starts
+in the order the executor will read them with one write lane (the CPU path's; with several,
+as on the GPU path, the first lane's reads), so that they are in the page cache when it starts
 (the executor then drops them once consumed, as it does for every range it reads). The thread
 stops as soon as the import is done, or at a byte budget that keeps the page cache it fills far
 below the memory the machine (or the memory cgroup the run is in) has free.

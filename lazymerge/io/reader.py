@@ -2,7 +2,7 @@
 
 The executor's reader stage and its statistics passes fill buffers with `preadv` at the offsets
 the plan gives. Consumed input pages leave the page cache, and each input file is closed and
-released (`Checkpoint.release_file`) once the last chunk that reads it is done. Where cores are
+released (`Checkpoint.release_file`) once every chunk that reads or copies it is done. Where cores are
 plentiful a chunk's reads are cut into pieces that a thread pool reads at once.
 """
 
@@ -53,7 +53,10 @@ class InputReader:
         self.bytes_read = 0
         self.fds: dict[tuple[int, str], int] = {}
         self.fd_lock = threading.Lock()
-        self.last_use = _last_uses(tasks)
+        # Uses of each input file still to come. A file is released when its count reaches 0,
+        # not at the last task in plan order: copies run on writer threads (one per write lane)
+        # that lag the reader, and with lanes the order of uses is not the plan's.
+        self.uses_left = _use_counts(tasks)
         # The inputs of a chunk are read by threads of their own where cores are plentiful: one
         # thread copying from the page cache (or a fast SSD) cannot feed a GPU. On 2-3 cores
         # those copies would only take CPU from the merge workers.
@@ -116,14 +119,17 @@ class InputReader:
             self.bytes_read += nbytes
             self.busy["read"] += seconds
 
-    def release_if_done(self, checkpoint: int, file: str, i: int) -> None:
-        """Close and release an input file once task `i`, the last that reads it, has read it."""
-        if self.last_use.get((checkpoint, file)) == i:
-            with self.fd_lock:
-                fd = self.fds.pop((checkpoint, file), None)
-            if fd is not None:
-                os.close(fd)
-            self.checkpoints[checkpoint].release_file(file)
+    def used(self, checkpoint: int, file: str) -> None:
+        """One task is done with an input file; close and release it after the last one."""
+        key = (checkpoint, file)
+        with self.fd_lock:
+            self.uses_left[key] -= 1
+            if self.uses_left[key] > 0:
+                return
+            fd = self.fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        self.checkpoints[checkpoint].release_file(file)
 
     def close(self) -> None:
         """Close the files still open (after a failure) and stop the read pool."""
@@ -133,10 +139,10 @@ class InputReader:
             self.pool.shutdown(cancel_futures=True)
 
 
-def _last_uses(tasks: list) -> dict[tuple[int, str], int]:
-    last: dict[tuple[int, str], int] = {}
-    for i, task in enumerate(tasks):
+def _use_counts(tasks: list) -> dict[tuple[int, str], int]:
+    uses: dict[tuple[int, str], int] = {}
+    for task in tasks:
         if isinstance(task, ChunkTask):
             for s in task.sources:
-                last[(s.checkpoint, s.file)] = i
-    return last
+                uses[(s.checkpoint, s.file)] = uses.get((s.checkpoint, s.file), 0) + 1
+    return uses

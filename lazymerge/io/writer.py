@@ -41,10 +41,13 @@ _PARALLEL_PIECE = 1 << 20  # smallest piece a write is split into for the write 
 
 
 def make_write_pool() -> tuple[ThreadPoolExecutor, int] | None:
-    """Threads that write one chunk's output in pieces; LAZYMERGE_WRITE_THREADS overrides (0 or
-    1: the writer thread alone). Used where cores are plentiful, as for reads."""
+    """Threads that write one chunk's output in pieces, when LAZYMERGE_WRITE_THREADS asks for 2 or
+    more; none by default. Buffered writes into one file take its inode lock in the kernel, so
+    the pieces are written one after another anyway: on an H200 host (16 cores, tmpfs), a 7B
+    merge wrote 3.68 GB/s of input with one thread, 3.59 with 2 and 3.59 with 4 (one run,
+    benchmarks/gpu_check.py). Write lanes (`lazymerge.lanes`) write several files at once."""
     env = os.environ.get("LAZYMERGE_WRITE_THREADS")
-    n = int(env) if env and env.isdigit() else (2 if (os.cpu_count() or 1) >= 4 else 0)
+    n = int(env) if env and env.isdigit() else 0
     return (ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-write"), n) if n > 1 else None
 
 
@@ -55,9 +58,7 @@ class ShardWriter:
         self, directory: Path, shard: OutputShard, write_pool: tuple[ThreadPoolExecutor, int] | None = None
     ) -> None:
         self.shard = shard
-        # (pool, threads) that copy large writes into the page cache in parallel pieces: one
-        # thread's copy into the kernel is slower than the GPU path makes output (~3 GB/s on an
-        # H200 host).
+        # (pool, threads) that split large writes into pieces (`make_write_pool`).
         self._write_pool = write_pool
         self.final_path = directory / shard.name
         self.partial_path = directory / (shard.name + PARTIAL_SUFFIX)
