@@ -66,7 +66,8 @@ def execute(
         device: "cpu", "cuda" or "auto" (CUDA when a GPU and Triton are usable).
         workers: CPU merge threads (default: the number of cores).
         write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
-            CUDA, 1 on CPU; always 1 with low-disk Hub inputs).
+            CUDA, 1 on CPU; always 1 with low-disk Hub inputs, and the pusher asks for 1 when
+            shards are deleted once uploaded).
 
     Returns:
         MergeStats of the run.

@@ -2,8 +2,8 @@
 
 The executor's reader stage and its statistics passes fill buffers with `preadv` at the offsets
 the plan gives. Consumed input pages leave the page cache, and each input file is closed and
-released (`Checkpoint.release_file`) once every chunk that reads or copies it is done. Where cores are
-plentiful a chunk's reads are cut into pieces that a thread pool reads at once.
+released (`Checkpoint.release_file`) once every chunk that reads or copies it is done. Where
+cores are plentiful a chunk's reads are cut into pieces that a thread pool reads at once.
 """
 
 from __future__ import annotations
