@@ -44,8 +44,8 @@ def write_lanes(backend: str, shards: int, asked: int | None = None, save_disk: 
     would keep several output shards, and the input files they read, on disk at once."""
     if save_disk:
         return 1
-    env = os.environ.get(LANES_ENV, "")
     if asked is None:
+        env = os.environ.get(LANES_ENV, "")
         asked = int(env) if env.isdigit() else (_GPU_LANES if backend == "cuda" else 1)
     return max(1, min(asked, shards))
 

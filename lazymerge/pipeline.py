@@ -31,7 +31,7 @@ from lazymerge.io.digest import hash_pool
 from lazymerge.io.direct import RING as DIRECT_RING
 from lazymerge.io.direct import DirectShardWriter, use_direct_writes
 from lazymerge.io.reader import InputReader
-from lazymerge.io.writer import HashingWriter, ShardWriter, make_write_pool
+from lazymerge.io.writer import HashingWriter, ShardWriter
 from lazymerge.kernels.backend import Backend, CpuBackend
 from lazymerge.lanes import interleave_shards, write_lanes
 from lazymerge.manifest import Manifest
@@ -152,7 +152,6 @@ class MergeRun:
         self.reader = InputReader(checkpoints, self.tasks, self.busy)
         # Statistics of methods that need them, read before the chunks that use them.
         self.stats = RunStats(plans, self.reader)
-        self.write_pool = make_write_pool()
         self.direct = use_direct_writes(backend, plans)
         # Threads that hash and write the O_DIRECT writer's blocks: one per block in flight.
         self.direct_pool = (
@@ -200,9 +199,8 @@ class MergeRun:
             torch.set_num_threads(previous_threads)
             self.reader.close()
             self.hash_pool.shutdown(cancel_futures=True)
-            for pool in (self.write_pool[0] if self.write_pool else None, self.direct_pool):
-                if pool is not None:
-                    pool.shutdown(cancel_futures=True)
+            if self.direct_pool is not None:
+                self.direct_pool.shutdown(cancel_futures=True)
         if os.environ.get("LAZYMERGE_PROFILE") == "1":
             busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
             print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", flush=True)
@@ -349,9 +347,7 @@ class MergeRun:
                     self.written[v] += len(plan.shards[k].header)
             if self.direct:
                 return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool)]
-            return [
-                HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.write_pool) for plan in self.plans
-            ]
+            return [HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool) for plan in self.plans]
         assert writers is not None
         for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):
             shard = plan.shards[k]

@@ -18,7 +18,7 @@ from lazymerge.errors import DiskSpaceError, HeaderError, OutputError
 from lazymerge.io.digest import BlockHasher
 from lazymerge.plan import OutputShard
 
-__all__ = ["HashingWriter", "ShardWriter", "make_write_pool", "write_side_file"]
+__all__ = ["HashingWriter", "ShardWriter", "write_side_file"]
 
 _WRITEBACK_BYTES = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -37,29 +37,13 @@ def _load_sync_file_range():
 
 
 _sync_file_range = _load_sync_file_range()
-_PARALLEL_PIECE = 1 << 20  # smallest piece a write is split into for the write pool
-
-
-def make_write_pool() -> tuple[ThreadPoolExecutor, int] | None:
-    """Threads that write one chunk's output in pieces, when LAZYMERGE_WRITE_THREADS asks for 2 or
-    more; none by default. Buffered writes into one file take its inode lock in the kernel, so
-    the pieces are written one after another anyway: on an H200 host (16 cores, tmpfs), a 7B
-    merge wrote 3.68 GB/s of input with one thread, 3.59 with 2 and 3.59 with 4 (one run,
-    benchmarks/gpu_check.py). Write lanes (`lazymerge.lanes`) write several files at once."""
-    env = os.environ.get("LAZYMERGE_WRITE_THREADS")
-    n = int(env) if env and env.isdigit() else 0
-    return (ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-write"), n) if n > 1 else None
 
 
 class ShardWriter:
     """Writes one output shard: header at open, chunks at absolute offsets, rename at finish."""
 
-    def __init__(
-        self, directory: Path, shard: OutputShard, write_pool: tuple[ThreadPoolExecutor, int] | None = None
-    ) -> None:
+    def __init__(self, directory: Path, shard: OutputShard) -> None:
         self.shard = shard
-        # (pool, threads) that split large writes into pieces (`make_write_pool`).
-        self._write_pool = write_pool
         self.final_path = directory / shard.name
         self.partial_path = directory / (shard.name + PARTIAL_SUFFIX)
         self.bytes_written = 0
@@ -88,18 +72,13 @@ class ShardWriter:
             os.ftruncate(self.fd, size)
 
     def write(self, data: memoryview | bytes, offset: int) -> None:
-        """Write `data` at the absolute file `offset`."""
-        if self._write_pool is not None and len(data) >= 2 * _PARALLEL_PIECE:
-            view = memoryview(data).cast("B")
-            piece = max(_PARALLEL_PIECE, -(-len(view) // self._write_pool[1]))
-            futures = [
-                self._write_pool[0].submit(self._pwrite, view[a : a + piece], offset + a)
-                for a in range(0, len(view), piece)
-            ]
-            for f in futures:
-                f.result()  # every piece is waited for (and its error raised) before returning
-        else:
-            self._pwrite(data, offset)
+        """Write `data` at the absolute file `offset`.
+
+        One thread per file: a buffered write holds the file's inode lock in the kernel, so
+        pieces written by several threads go one after another anyway (on an H200 host a 7B
+        merge wrote 3.68 GB/s of input with one thread, 3.59 with 2 and with 4). Write lanes
+        (`lazymerge.lanes`) write several files at once instead."""
+        self._pwrite(data, offset)
         self.bytes_written += len(data)
         self._start_writeback(offset, len(data))
 
@@ -182,14 +161,8 @@ class HashingWriter(ShardWriter):
     included, and the writer thread never waits for the hashes.
     """
 
-    def __init__(
-        self,
-        directory: Path,
-        shard: object,
-        pool: ThreadPoolExecutor,
-        write_pool: tuple[ThreadPoolExecutor, int] | None = None,
-    ) -> None:
-        super().__init__(directory, shard, write_pool)
+    def __init__(self, directory: Path, shard: object, pool: ThreadPoolExecutor) -> None:
+        super().__init__(directory, shard)
         self._hasher = BlockHasher(self.fd, self.shard.size, pool)
         self._next = len(self.shard.header)
 
