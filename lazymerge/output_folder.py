@@ -105,7 +105,7 @@ def _check(
     out: Path, input_paths: Iterable[str | os.PathLike[str]], *, overwrite: bool, resume: bool, writes: Iterable[str]
 ) -> Manifest | None:
     """The checks of `check_output_folder` but the lock; returns the earlier run's manifest."""
-    if field := _TEMPLATE_FIELD.search(out.name):
+    if field := next(filter(None, (_TEMPLATE_FIELD.search(part) for part in out.parts)), None):
         raise OutputError(
             f"the output folder {out} contains {field.group()}, a sweep template, but this is a single merge",
             hint="give several values to sweep (--weight 0.1,0.2 or --sweep KEY=V1,V2), or name the folder",
@@ -207,7 +207,10 @@ def reusable_bytes(plan: MergePlan, *, overwrite: bool, resume: bool) -> int:
     manifest = Manifest.load(real)
     kept: set[str] = set()
     if resume and manifest is not None and manifest.fingerprint == plan_fingerprint(plan):
-        kept = {s.name for s in plan.shards if manifest.shards.get(s.name, {}).get("size") == s.size}
+        for shard in plan.shards:
+            size = manifest.shards.get(shard.name, {}).get("size")
+            if size == shard.size and _file_size(real / shard.name) == size:
+                kept.add(shard.name)
     freed = _previous_output(real, manifest, overwrite=overwrite, writes=plan_writes(plan)) if overwrite else set()
     return sum(_file_size(real / n) for n in kept | freed)
 

@@ -117,6 +117,17 @@ def test_overwrite_removes_the_earlier_shards_and_index(capsys, llama_pair, tmp_
     assert sorted(opened.files) == shards(reference)
 
 
+def test_overwrite_removes_a_foreign_sharded_model_it_replaces(capsys, llama_pair, tmp_path: Path) -> None:
+    # No manifest: the model's index says which shards are the earlier output.
+    out = write_model(tmp_path / "out", {f"t{i}": torch.ones(4) for i in range(6)}, shards=3)
+    (out / "pytorch_model.bin").write_bytes(b"not ours to remove")
+    code, _, err = dogerm(capsys, llama_pair, out, "--overwrite", shard="5GB")
+    assert code == 0, err
+    assert shards(out) == ["model.safetensors"] and not (out / INDEX).exists()
+    assert (out / "pytorch_model.bin").read_bytes() == b"not ours to remove"
+    assert verify(out).ok
+
+
 def test_overwrite_never_follows_a_symlink_out_of_the_folder(capsys, llama_pair, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert dogerm(capsys, llama_pair, out)[0] == 0
