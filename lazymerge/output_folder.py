@@ -105,6 +105,7 @@ def _check(
     out: Path, input_paths: Iterable[str | os.PathLike[str]], *, overwrite: bool, resume: bool, writes: Iterable[str]
 ) -> Manifest | None:
     """The checks of `check_output_folder` but the lock; returns the earlier run's manifest."""
+    writes = tuple(writes)
     if field := next(filter(None, (_TEMPLATE_FIELD.search(part) for part in out.parts)), None):
         raise OutputError(
             f"the output folder {out} contains {field.group()}, a sweep template, but this is a single merge",
@@ -116,7 +117,10 @@ def _check(
         raise OutputError(f"{out} exists and is not a folder")
     if not real.is_dir():
         return None
-    entries = sorted(name for name in os.listdir(real) if name not in _OWN_NAMES)
+    try:
+        entries = sorted(name for name in os.listdir(real) if name not in _OWN_NAMES)
+    except OSError as exc:
+        raise OutputError(f"cannot list {out}: {exc.strerror}") from exc
     manifest = Manifest.load(real) if MANIFEST_NAME in entries else None
     if overwrite:
         return manifest
