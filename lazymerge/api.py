@@ -42,6 +42,7 @@ def plan(
     overwrite: bool = False,
     low_disk: bool = False,
     token: str | bool | None = None,
+    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """Compute a merge plan from headers alone (nothing is read beyond headers and tokenizers).
 
@@ -52,6 +53,7 @@ def plan(
         max_shard_size: shard cap, bytes or a string like "5GB".
         overwrite: allow an output folder that already holds a model.
         low_disk, token: for Hub inputs, see `open_model`.
+        resume: the plan continues the earlier run in `output` (see `merge`).
 
     Returns:
         The plan and the opened input checkpoints (pass both to `lazymerge.execute`).
@@ -63,8 +65,9 @@ def plan(
 
     spec = load_recipe(recipe)
     return plan_recipe(
-        spec, output, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, low_disk=low_disk, token=token
-    )
+        spec, output, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, low_disk=low_disk, token=token,
+        resume=resume,
+    )  # fmt: skip
 
 
 def merge(
@@ -107,9 +110,10 @@ def merge(
         config,
         output,
         max_shard_size=max_shard_size,
-        overwrite=overwrite or resume,
+        overwrite=overwrite,
         low_disk=low_disk,
         token=token,
+        resume=resume,
     )
     pusher = _pusher(push_to_hub, private, revision, commit_message, delete_after_upload, token)
     return _execute(merge_plan, checkpoints, pusher, chunk_elements, progress, resume, device)
@@ -231,7 +235,8 @@ def dogerm(
         Path(output),
         dtype=dtype,
         max_shard_size=parse_size(max_shard_size),
-        overwrite=overwrite or resume,
+        overwrite=overwrite,
+        resume=resume,
     )
     if dry_run:
         return merge_plan

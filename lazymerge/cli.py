@@ -190,7 +190,7 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
         repos = _sweep_checks(args, "weight", args.weight)
         plans = dogerm_plans(
             rm, sft, args.weight, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite or args.resume,
+            overwrite=args.overwrite, resume=args.resume,
         )  # fmt: skip
         return _run_sweep(plans, [rm, sft], args, _labels("weight", args.weight), repos)
     plan = plan_dogerm(
@@ -200,7 +200,8 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
         args.output,
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite or args.resume,
+        overwrite=args.overwrite,
+        resume=args.resume,
     )
     return _run(plan, [rm, sft], args)
 
@@ -216,7 +217,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         repos = _sweep_checks(args, key, values)
         plans, checkpoints = sweep_plans(
             args.config, args.output, key, values, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite or args.resume, low_disk=args.low_disk, token=args.token,
+            overwrite=args.overwrite, low_disk=args.low_disk, token=args.token, resume=args.resume,
         )  # fmt: skip
         return _run_sweep(plans, checkpoints, args, _labels(key, values), repos)
 
@@ -224,9 +225,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         args.config,
         args.output,
         max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite or args.resume,
+        overwrite=args.overwrite,
         low_disk=args.low_disk,
         token=args.token,
+        resume=args.resume,
     )
     return _run(merge_plan, checkpoints, args)
 

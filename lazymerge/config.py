@@ -60,6 +60,7 @@ def plan_recipe(
     check_disk: bool = True,
     low_disk: bool = False,
     token: str | bool | None = None,
+    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """Plan the merge a recipe describes. Returns the plan and the opened checkpoints.
 
@@ -68,11 +69,11 @@ def plan_recipe(
     method = spec.get("merge_method")
     opener = functools.partial(open_any, low_disk=low_disk, token=token)
     if method == "dogerm":
-        return _plan_dogerm(spec, output, max_shard_size, overwrite, check_disk, opener)
+        return _plan_dogerm(spec, output, max_shard_size, overwrite, check_disk, opener, resume=resume)
     if method in METHODS:
         from lazymerge.methods_config import plan_method
 
-        return plan_method(spec, output, max_shard_size, overwrite, check_disk, opener)
+        return plan_method(spec, output, max_shard_size, overwrite, check_disk, opener, resume=resume)
     if method != "linear":
         raise RecipeError(
             f"merge_method {method!r} is not supported",
@@ -123,6 +124,7 @@ def plan_recipe(
         output=output,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
+        resume=resume,
         check_disk=check_disk,
     )
 
@@ -161,6 +163,8 @@ def _plan_dogerm(
     overwrite: bool,
     check_disk: bool,
     opener: Callable[..., Checkpoint] = open_any,
+    *,
+    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     from lazymerge.recipes.dogerm import plan_dogerm
 
@@ -182,5 +186,6 @@ def _plan_dogerm(
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         check_disk=check_disk,
+        resume=resume,
     )
     return plan, [rm, sft]

@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-__all__ = ["build_llama_pair", "run_demo"]
+__all__ = ["DEMO_MARKER", "build_llama_pair", "prepare_demo_folder", "run_demo"]
+
+DEMO_MARKER = ".lazymerge-demo"
+DEMO_FOLDERS = ("reward-model", "domain-model", "merged")
 
 
 def _tokenizer_json(vocab: list[str]) -> dict:
@@ -145,17 +148,16 @@ def build_llama_pair(
 
 
 def run_demo(work: Path, out: Console, err: Console) -> None:
-    """Build the pair in `work`, merge with lambda = 0.3, verify one tensor and the embedding."""
-    import shutil
+    """Build the pair in `work`, merge with lambda = 0.3, verify one tensor and the embedding.
 
+    `work` must be missing, empty or an earlier demo's folder (`prepare_demo_folder`)."""
     import lazymerge
     from lazymerge.execute import execute
     from lazymerge.recipes.dogerm import plan_dogerm
     from lazymerge.report import print_stats
 
+    prepare_demo_folder(work)
     out.print(f"[bold]lazymerge demo[/] in {work}/ (offline: the models are generated here)")
-    if work.exists():
-        shutil.rmtree(work)
     rm_dir, sft_dir = build_llama_pair(work)
     out.print(f"reward model: {rm_dir} (LlamaForSequenceClassification, fp16 safetensors, vocab 512)")
     out.print(f"domain model: {sft_dir} (LlamaForCausalLM, fp32 .bin, vocab 513 with [PAD])")
@@ -166,7 +168,7 @@ def run_demo(work: Path, out: Console, err: Console) -> None:
         f"--weight {lam} --output {output} --max-shard-size 200kB"
     )
     rm, sft = lazymerge.open_model(rm_dir), lazymerge.open_model(sft_dir)
-    plan = plan_dogerm(rm, sft, lam, output, max_shard_size=200_000)
+    plan = plan_dogerm(rm, sft, lam, output, max_shard_size=200_000, overwrite=True)  # the demo's own folder
     out.print(
         f"plan (from headers only): {len(plan.tensors)} tensors in {len(plan.shards)} shards, "
         f"{plan.total_size} bytes; dropped from the SFT model: {', '.join(plan.dropped)}"
@@ -192,6 +194,42 @@ def run_demo(work: Path, out: Console, err: Console) -> None:
         f"{next(t['id'] for t in tok['added_tokens'] if t['content'] == '[PAD]')}"
     )
     out.print(f"files: {', '.join(sorted(p.name for p in output.iterdir()))}")
+
+
+def prepare_demo_folder(work: Path) -> None:
+    """Make `work` ready for the demo without deleting anything the demo did not make.
+
+    A missing or empty folder gets a marker file; a folder holding the marker (an earlier demo)
+    loses only the demo's three subfolders. Any other folder is refused: `--output .` must not
+    wipe the current folder.
+
+    Raises:
+        OutputError: `work` is a file, or a folder the demo did not create.
+    """
+    import shutil
+
+    from lazymerge.errors import OutputError
+
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        raise OutputError(f"{work} is not a folder the demo can use", hint="choose a new --output folder")
+    if work.is_dir() and (work / DEMO_MARKER).is_file() and not (work / DEMO_MARKER).is_symlink():
+        for sub in DEMO_FOLDERS:
+            path = work / sub
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            elif path.is_dir():
+                shutil.rmtree(path)
+        return
+    if work.is_dir() and any(work.iterdir()):
+        raise OutputError(
+            f"{work} is not empty and was not made by lazymerge demo: nothing in it is deleted",
+            hint="choose a new or empty --output folder for the demo",
+        )
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / DEMO_MARKER).write_text("made by `lazymerge demo`; the demo may delete this folder's models\n")
+    except OSError as exc:
+        raise OutputError(f"cannot create {work}: {exc.strerror}") from exc
 
 
 def _names(folder: Path) -> set[str]:

@@ -21,7 +21,7 @@ from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import write_side_file
 from lazymerge.kernels.backend import CpuBackend, DeviceError, gpu_capable, select_backend
 from lazymerge.lock import OutputLock
-from lazymerge.manifest import Manifest, plan_fingerprint
+from lazymerge.output_folder import checkpoint_paths, prepare_output_folder
 from lazymerge.pipeline import MergeRun, ProgressEvent
 from lazymerge.plan import MergePlan
 from lazymerge.recompute import tensor_bytes
@@ -161,7 +161,8 @@ def _execute_many(
         for out_dir in dirs:
             stack.enter_context(OutputLock(out_dir))
         stack.enter_context(backend)
-        states = [_resume_state(p, resume) for p in plans]
+        # Checked again under the lock; the earlier output cleared, the new manifest written first.
+        states = [prepare_output_folder(p, checkpoint_paths(checkpoints), resume=resume) for p in plans]
         # Side files first: none of them makes the folder look like a finished model; the index
         # does, so it goes last.
         for p in plans:
@@ -240,20 +241,3 @@ def _return_freed_buffers_to_the_os() -> None:
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
-
-
-def _resume_state(plan: MergePlan, resume: bool) -> tuple[Manifest, set[int]]:
-    fingerprint = plan_fingerprint(plan)
-    if not resume:
-        return Manifest(fingerprint), set()
-    previous = Manifest.load(plan.output_dir)
-    if previous is None:
-        return Manifest(fingerprint), set()
-    if previous.fingerprint != fingerprint:
-        raise OutputError(
-            f"{plan.output_dir} holds shards of a different merge (other inputs, recipe or shard size)",
-            hint="run the same command as before with --resume, or choose an empty --output",
-        )
-    done = {k for k, s in enumerate(plan.shards) if previous.finished(plan.output_dir, s.name, s.size)}
-    kept = Manifest(fingerprint, {plan.shards[k].name: previous.shards[plan.shards[k].name] for k in done})
-    return kept, done

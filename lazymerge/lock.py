@@ -2,13 +2,17 @@
 
 `fcntl.flock` is released by the kernel when the holder exits, even on `kill -9`, so a stale lock
 from a dead process is recognised without guessing from pids; the pid inside is only for the
-error message.
+error message. While a run holds a folder, SIGTERM unwinds it as Ctrl-C does (`KeyboardInterrupt`),
+so the lock and the `.partial` files are cleaned up (the default action of SIGTERM ends the
+process on the spot). The lock file is never opened through a symlink.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import threading
 from pathlib import Path
 
 from lazymerge.errors import OutputError
@@ -16,13 +20,14 @@ from lazymerge.errors import OutputError
 __all__ = ["LOCK_NAME", "OutputLock", "lock_holder"]
 
 LOCK_NAME = ".lazymerge.lock"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def lock_holder(directory: Path) -> str | None:
     """The pid (as text) of a live run holding `directory`'s lock, or None; takes no lock, creates
     nothing. A lock file left by a dead process is not held: flock died with its holder."""
     try:
-        fd = os.open(directory / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | _NOFOLLOW)
     except OSError:
         return None
     try:
@@ -49,12 +54,13 @@ class OutputLock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_NAME
         self.fd = -1
+        self._previous_sigterm: object = None
 
     def __enter__(self) -> OutputLock:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
             except OSError as exc:
                 raise OutputError(f"cannot create {self.path}: {exc.strerror}") from exc
             try:
@@ -77,10 +83,30 @@ class OutputLock:
         # The lock is ours (any previous holder is dead): record our pid for the next reader.
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        self._previous_sigterm = _sigterm_as_interrupt()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         if self.fd >= 0:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = -1
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
+def _sigterm_as_interrupt() -> object:
+    """Make SIGTERM raise KeyboardInterrupt; returns the handler to restore, or None when left
+    alone: signals reach only the main thread, and a handler the program set is its own."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, _interrupt):
+        return None
+    signal.signal(signal.SIGTERM, _interrupt)
+    return previous

@@ -1,6 +1,7 @@
 """The resume manifest: which output shards are finished, with their sizes and checksums.
 
-Written atomically as each shard closes. `--resume` keeps a shard only if the manifest was made
+Written atomically when a run starts, before any other file (it marks the folder as a lazymerge
+output, see `lazymerge.output_folder`), and again as each shard closes. `--resume` keeps a shard only if the manifest was made
 by the same plan (a fingerprint of the recipe, the inputs' tensor layout and every output header)
 and the file on disk still has the recorded size and digest; everything else is redone.
 """
@@ -11,10 +12,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazymerge.io.digest import ALGORITHM, file_digest, known_algorithm
 from lazymerge.io.writer import write_side_file
-from lazymerge.plan import MergePlan
+
+if TYPE_CHECKING:  # the plan imports the output-folder checks, which read manifests
+    from lazymerge.plan import MergePlan
 
 __all__ = ["MANIFEST_NAME", "Manifest", "plan_fingerprint"]
 
@@ -40,25 +44,51 @@ def plan_fingerprint(plan: MergePlan) -> str:
 
 @dataclass
 class Manifest:
-    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ...}}}`.
+    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ...}},
+    "files": [side file names]}`.
 
     The digest is `lazymerge.io.digest`'s block digest (sha256 of parallel XXH3-128 block
-    digests), not a plain sha256."""
+    digests), not a plain sha256. `files` lists every file the run writes (shards, config,
+    tokenizer, card, index): the output-folder contract replaces those, and no other file,
+    without --overwrite. It is None in manifests written before it existed."""
 
     fingerprint: str
     shards: dict[str, dict] = field(default_factory=dict)
+    files: list[str] | None = None
 
     @classmethod
     def load(cls, directory: Path) -> Manifest | None:
-        path = directory / MANIFEST_NAME
+        """The manifest in `directory`, or None when it is absent or damaged."""
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-            return cls(str(obj["fingerprint"]), {str(k): dict(v) for k, v in obj["shards"].items()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return cls.read(directory)
+        except (OSError, ValueError):
             return None  # absent or damaged: nothing can be trusted, redo everything
 
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        """The manifest in `directory`.
+
+        Raises:
+            OSError: it is absent or unreadable. ValueError: it is not a manifest (the message says why).
+        """
+        text = (directory / MANIFEST_NAME).read_text(encoding="utf-8")
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"not valid JSON ({exc})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("fingerprint"), str):
+            raise ValueError("no fingerprint")
+        shards, files = obj.get("shards"), obj.get("files")
+        if not isinstance(shards, dict) or not all(isinstance(v, dict) for v in shards.values()):
+            raise ValueError("no shards table")
+        if files is not None and not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+            raise ValueError("files is not a list of names")
+        return cls(obj["fingerprint"], {str(k): dict(v) for k, v in shards.items()}, files)
+
     def save(self, directory: Path) -> None:
-        body = {"fingerprint": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
+        body: dict = {"fingerprint": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
+        if self.files is not None:
+            body["files"] = sorted(self.files)
         write_side_file(directory, MANIFEST_NAME, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
     def record(self, name: str, size: int, digest: str) -> None:

@@ -139,6 +139,8 @@ def plan_method(
     overwrite: bool,
     check_disk: bool,
     opener: Callable[..., Checkpoint] = open_checkpoint,
+    *,
+    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """Plan a task_arithmetic / ties / dare / breadcrumbs / della / slerp / model_stock merge from a mergekit config."""
     import json
@@ -158,6 +160,7 @@ def plan_method(
         output=output,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
+        resume=resume,
         check_disk=check_disk,
     )
 
@@ -185,6 +188,7 @@ def plan_checkpoints(
     max_shard_size: int,
     overwrite: bool,
     check_disk: bool,
+    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """The plan writing `tensors` of a merge of `checkpoints` (first = side files' source) to `output`.
 
@@ -202,6 +206,7 @@ def plan_checkpoints(
         side_files=side,
         dropped=dropped,
         overwrite=overwrite,
+        resume=resume,
         check_disk=check_disk,
     )
     return plan, checkpoints

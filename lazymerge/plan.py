@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
-from lazymerge.errors import DiskSpaceError, OutputError, PlanError
+from lazymerge.errors import DiskSpaceError, PlanError
 from lazymerge.io.header import build_header
-from lazymerge.lock import lock_holder
+from lazymerge.output_folder import check_output_folder, plan_writes, reusable_bytes
 
 __all__ = [
     "ChunkTask",
@@ -111,6 +111,8 @@ class MergePlan:
     dropped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     free_bytes: int | None = None
+    # --overwrite: the run may replace what the folder holds (`lazymerge.output_folder`).
+    overwrite: bool = False
 
     @property
     def total_size(self) -> int:
@@ -154,12 +156,16 @@ def build_plan(
     dropped: list[str] | None = None,
     warnings: list[str] | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     check_disk: bool = True,
 ) -> MergePlan:
     """Lay `tensors` (in the order given: the executor's order) into shards and check the output.
 
+    `overwrite` and `resume` are what the output folder allows (`lazymerge.output_folder`).
+
     Raises:
-        OutputError: the output folder is an input folder or already holds a model.
+        OutputError: the output folder is an input, another run's, or holds files lazymerge may
+            not replace (see `lazymerge.output_folder.check_output_folder`).
         DiskSpaceError: the destination has less free space than the output needs.
         PlanError: two output tensors share a name.
     """
@@ -167,7 +173,6 @@ def build_plan(
     if len(set(names)) != len(names):
         raise PlanError("the recipe produces duplicate tensor names")
     output_dir = Path(output_dir)
-    _check_output_dir(output_dir, input_dirs, overwrite)
     metadata = {"format": "pt", "lazymerge_recipe": json.dumps(recipe, sort_keys=True)}
     shards = _layout(tensors, max_shard_size, metadata)
     plan = MergePlan(
@@ -179,15 +184,22 @@ def build_plan(
         side_files=dict(side_files or {}),
         dropped=list(dropped or []),
         warnings=list(warnings or []),
+        overwrite=overwrite,
     )
     index = plan.index_json()
     if index is not None:
         plan.side_files[SAFE_INDEX_NAME] = index
+    # Every input file (not only folders): one reached through a symlink may live in the output.
+    inputs_read = {input_dirs[s.checkpoint] / s.file for t in tensors for seg in t.segments for s in seg.sources}
+    check_output_folder(
+        output_dir, [*input_dirs, *sorted(inputs_read)], overwrite=overwrite, resume=resume, writes=plan_writes(plan)
+    )
     if check_disk:
         plan.free_bytes = free_space(output_dir)
-        if plan.free_bytes < plan.bytes_on_disk:
+        needed = plan.bytes_on_disk - reusable_bytes(plan, overwrite=overwrite, resume=resume)
+        if plan.free_bytes < needed:
             raise DiskSpaceError(
-                f"{output_dir} has {_gb(plan.free_bytes)} free but the merged model needs {_gb(plan.bytes_on_disk)}"
+                f"{output_dir} has {_gb(plan.free_bytes)} free but the merged model needs {_gb(needed)}"
             )
     return plan
 
@@ -214,29 +226,6 @@ def _layout(tensors: list[OutputTensor], max_shard_size: int, metadata: dict[str
         size = len(header) + sum(t.nbytes for t in group)
         shards.append(OutputShard(shard_file_name(k, len(groups)), header, ordered, size))
     return shards
-
-
-def _check_output_dir(output_dir: Path, input_dirs: list[Path], overwrite: bool) -> None:
-    out = output_dir.resolve()
-    for d in input_dirs:
-        if d.resolve() == out:
-            raise OutputError(f"the output folder {output_dir} is an input folder")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{output_dir} exists and is not a folder")
-    if out.is_dir() and (holder := lock_holder(out)) is not None:  # say so before "holds a model"
-        raise OutputError(
-            f"{output_dir} is being written by another lazymerge run (pid {holder})",
-            hint="wait for it to finish, or choose another --output",
-        )
-    if out.is_dir() and not overwrite:
-        existing = [
-            p.name for p in out.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json")
-        ]
-        if existing:
-            raise OutputError(
-                f"{output_dir} already holds a model ({existing[0]})",
-                hint="choose an empty --output folder or pass --overwrite",
-            )
 
 
 def free_space(path: Path) -> int:

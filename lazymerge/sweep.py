@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,20 @@ def parse_values(text: str) -> list[float]:
 def _fill(template: str, key: str, values: Sequence[Any], what: str) -> list[str]:
     """The template filled in for each value: `{key}` (its last dotted part), `{value}`, `{i}`."""
     key = key.split(".")[-1]
+    hint = f"use {{{key}}}, {{value}} or {{i}}"
+    try:  # a field is a bare name: `{weight.real}` or `{weight[0]}` would reach into the value
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise RecipeError(f"bad {what} template {template!r}: {exc}", hint=hint) from None
+    if odd := [f for f in fields if f not in (key, "value", "i")]:
+        raise RecipeError(f"bad {what} template {template!r}: unknown field {{{odd[0]}}}", hint=hint)
     filled = []
     for i, v in enumerate(values):
         shown = f"{v:g}" if isinstance(v, float) else str(v)
         try:
             filled.append(template.format_map({key: shown, "value": shown, "i": i}))
-        except (KeyError, IndexError, ValueError) as exc:
-            raise RecipeError(
-                f"bad {what} template {template!r}: {exc}", hint=f"use {{{key}}}, {{value}} or {{i}}"
-            ) from None
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            raise RecipeError(f"bad {what} template {template!r}: {exc}", hint=hint) from None
     return filled
 
 
@@ -111,6 +117,7 @@ def sweep_plans(
     overwrite: bool = False,
     low_disk: bool = False,
     token: str | bool | None = None,
+    resume: bool = False,
 ) -> tuple[list[MergePlan], list]:
     """Plan one merge per value of the config entry `key` (a dotted path such as
     `parameters.lambda` or `models.1.parameters.weight`); `low_disk`, `token` for Hub inputs."""
@@ -123,8 +130,9 @@ def sweep_plans(
         variant = copy.deepcopy(spec)
         _set_path(variant, key, value)
         plan, ckpts = plan_recipe(
-            variant, out, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, low_disk=low_disk, token=token
-        )
+            variant, out, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, low_disk=low_disk, token=token,
+            resume=resume,
+        )  # fmt: skip
         plans.append(plan)
         checkpoints = checkpoints or ckpts
     return plans, checkpoints or []
@@ -162,8 +170,9 @@ def sweep(
     Example:
         >>> lazymerge.sweep("ties.yml", "out-{lambda}", "parameters.lambda", [0.5, 1.0])
     """
-    overwrite = overwrite or resume
-    plans, checkpoints = sweep_plans(recipe, output, key, values, max_shard_size=max_shard_size, overwrite=overwrite)
+    plans, checkpoints = sweep_plans(
+        recipe, output, key, values, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume
+    )
     if dry_run:
         return plans
     return run_sweep(
@@ -209,6 +218,7 @@ def dogerm_plans(
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> list[MergePlan]:
     """One DogeRM plan per weight (outputs from the `{weight}` template)."""
     from lazymerge.recipes.dogerm import plan_dogerm
@@ -218,7 +228,9 @@ def dogerm_plans(
             raise RecipeError(f"weight must be a number, got {w!r}")
     outs = sweep_outputs(output, "weight", weights)
     return [
-        plan_dogerm(rm, sft, w, out, dtype=dtype, max_shard_size=parse_size(max_shard_size), overwrite=overwrite)
+        plan_dogerm(
+            rm, sft, w, out, dtype=dtype, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, resume=resume
+        )
         for w, out in zip(weights, outs, strict=True)
     ]
 
@@ -246,8 +258,9 @@ def dogerm_sweep(
     from lazymerge.api import open_model
 
     rm, sft = open_model(reward_model), open_model(domain_model)
-    overwrite = overwrite or resume
-    plans = dogerm_plans(rm, sft, weights, output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    plans = dogerm_plans(
+        rm, sft, weights, output, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume
+    )
     if dry_run:
         return plans
     return run_sweep(

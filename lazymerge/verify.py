@@ -3,7 +3,8 @@
 Every shard header is parsed and validated (sizes exact, offsets tile the file), the index must
 agree with the shards both ways and report the right total_size, the manifest's checksums must
 match the files, and optionally N sampled tensors are recomputed from the inputs named in the
-recipe and compared byte for byte.
+recipe and compared byte for byte. A folder without a readable manifest fails: nothing else
+vouches for the shards' bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from lazymerge.constants import SAFE_INDEX_NAME
 from lazymerge.errors import LazyMergeError
 from lazymerge.io.digest import known_algorithm
 from lazymerge.io.header import read_header
-from lazymerge.manifest import Manifest
+from lazymerge.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["Check", "VerifyReport", "verify"]
 
@@ -65,7 +66,7 @@ def verify(folder: str | Path, *, recompute: int = 0, seed: int = 0) -> VerifyRe
             f"{len(header.tensors)} tensors, size exact" + ("" if fmt == "pt" else f"; format is {fmt!r}, not 'pt'"),
         )
     _check_index(folder, headers, report)
-    _check_manifest(folder, report)
+    _check_manifest(folder, shards, report)
     if recompute:
         _recompute(folder, headers, recompute, seed, report)
     return report
@@ -102,10 +103,15 @@ def _check_index(folder: Path, headers: dict, report: VerifyReport) -> None:
     report.add("index", not problems, "; ".join(problems[:5]) or f"{len(weight_map)} tensors, total_size {total}")
 
 
-def _check_manifest(folder: Path, report: VerifyReport) -> None:
-    manifest = Manifest.load(folder)
-    if manifest is None:
-        report.add("checksums", True, "no manifest: checksums not recorded (sizes checked above)")
+def _check_manifest(folder: Path, shards: list[Path], report: VerifyReport) -> None:
+    # Without a manifest nothing vouches for the shards' bytes: that is a failure, not a pass.
+    try:
+        manifest = Manifest.read(folder)
+    except FileNotFoundError:
+        report.add("checksums", False, f"no {MANIFEST_NAME}: the shards' checksums cannot be checked")
+        return
+    except (OSError, ValueError) as exc:
+        report.add("checksums", False, f"{MANIFEST_NAME} is damaged: {exc}")
         return
     bad, unknown = [], []
     for name, entry in sorted(manifest.shards.items()):
@@ -116,6 +122,9 @@ def _check_manifest(folder: Path, report: VerifyReport) -> None:
     problems = []
     if bad:
         problems.append(f"mismatch: {', '.join(bad)}")
+    unrecorded = [p.name for p in shards if p.name not in manifest.shards]
+    if unrecorded:
+        problems.append(f"not in the manifest: {', '.join(unrecorded)}")
     if unknown:
         problems.append(
             f"recorded by a checksum scheme this version does not know (update lazymerge): {', '.join(unknown)}"

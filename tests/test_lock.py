@@ -4,6 +4,7 @@ process does not block."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -93,7 +94,7 @@ def test_second_merge_fails_while_another_process_is_mid_run(capsys, llama_pair,
     proc = _child(dogerm_args(llama_pair, out, "--chunk-elements", "64"))
     try:
         deadline = time.monotonic() + 60
-        while not (out / MANIFEST_NAME).exists():
+        while not _recorded_shards(out):
             assert proc.poll() is None, f"the first run ended before it could be stopped: {proc.stderr.read()}"
             assert time.monotonic() < deadline
             time.sleep(0.001)
@@ -114,6 +115,34 @@ def test_second_merge_fails_while_another_process_is_mid_run(capsys, llama_pair,
     want = {p.name: p.read_bytes() for p in sorted(reference.iterdir())}
     assert got == want
     assert verify(out).ok
+
+
+def _recorded_shards(out: Path) -> dict:
+    """The shards the manifest records as finished (the manifest exists from the start of a run)."""
+    try:
+        return json.loads((out / MANIFEST_NAME).read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(llama_pair, tmp_path: Path) -> None:
+    # `kill PID` (SIGTERM, what a job scheduler or `timeout` sends) mid-shard: the run stops as on
+    # Ctrl-C, releasing the lock and deleting its .partial file, instead of dying on the spot.
+    out = tmp_path / "out"
+    proc = _child(dogerm_args(llama_pair, out, "--chunk-elements", "64"))
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".partial") for p in out.glob("model*")):
+        assert proc.poll() is None, f"the run ended before it could be stopped: {proc.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, stderr)
+    assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert LOCK_NAME not in left, left
+    assert not [n for n in left if n.endswith(".partial")], left
+    assert "model.safetensors.index.json" not in left
 
 
 def wait_stopped(pid: int) -> None:

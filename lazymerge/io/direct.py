@@ -24,10 +24,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lazymerge.constants import PARTIAL_SUFFIX
 from lazymerge.errors import OutputError
 from lazymerge.io.digest import BLOCK_BYTES, block_digest, combine
-from lazymerge.io.writer import ShardWriter, _input_ended
+from lazymerge.io.writer import ShardWriter, _input_ended, create_new
+from lazymerge.output_folder import DIRECT_PROBE_NAME
 from lazymerge.plan import MergePlan, OutputShard
 
 if TYPE_CHECKING:
@@ -47,9 +47,9 @@ def direct_io_supported(directory: Path) -> bool:
     """Whether files in `directory` can be opened with O_DIRECT (not on tmpfs of older kernels)."""
     if not hasattr(os, "O_DIRECT"):
         return False
-    probe = directory / (".lazymerge-direct-probe" + PARTIAL_SUFFIX)
+    probe = directory / DIRECT_PROBE_NAME
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        fd = create_new(probe, os.O_WRONLY | os.O_DIRECT)
     except OSError:
         return False
     else:
@@ -86,7 +86,7 @@ class DirectShardWriter(ShardWriter):
         self.dfd = -1
         super().__init__(directory, shard)  # creates, reserves, and writes the header through us
         try:
-            self.dfd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT)
+            self.dfd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW)
         except OSError:
             self.dfd = -1  # no O_DIRECT here: the blocks go through the page cache
 

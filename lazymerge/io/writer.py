@@ -2,7 +2,8 @@
 
 A shard lives under `<name>.partial` until every byte is written and flushed, then is renamed;
 small side files (config, tokenizer, index) are written to a temporary name and renamed too, so
-an interrupted run never leaves a file that looks finished. `HashingWriter` also checksums the
+an interrupted run never leaves a file that looks finished. A name is never opened through a
+symlink: whatever is there is unlinked and the file created anew (`create_new`). `HashingWriter` also checksums the
 shard as it is written: the executor's buffered writer (`lazymerge.io.direct` is its O_DIRECT one).
 """
 
@@ -12,13 +13,16 @@ import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazymerge.constants import PARTIAL_SUFFIX
 from lazymerge.errors import DiskSpaceError, HeaderError, OutputError
 from lazymerge.io.digest import BlockHasher
-from lazymerge.plan import OutputShard
 
-__all__ = ["HashingWriter", "ShardWriter", "write_side_file"]
+if TYPE_CHECKING:  # the plan imports the output-folder checks, which write manifests through us
+    from lazymerge.plan import OutputShard
+
+__all__ = ["HashingWriter", "ShardWriter", "create_new", "write_side_file"]
 
 _WRITEBACK_BYTES = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -49,7 +53,7 @@ class ShardWriter:
         self.bytes_written = 0
         self._dirty = 0
         try:
-            self.fd = os.open(self.partial_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.fd = create_new(self.partial_path, os.O_RDWR)
         except OSError as exc:
             raise OutputError(f"cannot create {self.partial_path}: {exc.strerror}") from exc
         try:
@@ -199,12 +203,20 @@ def _input_ended(source: object) -> HeaderError:
     return HeaderError(source, "file ends before the tensor data its header promises: truncated?")
 
 
+def create_new(path: Path, flags: int = os.O_WRONLY) -> int:
+    """Open `path` as a new, empty file of ours: whatever is at that name (a stale file, or a
+    symlink someone placed there) is unlinked first, never followed, so only the output folder
+    is written."""
+    path.unlink(missing_ok=True)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
 def write_side_file(directory: Path, name: str, data: bytes) -> Path:
     """Write a small file atomically (temporary name, fsync, rename)."""
     final = directory / name
     tmp = directory / (name + PARTIAL_SUFFIX)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(create_new(tmp), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -44,6 +44,7 @@ def plan_dogerm(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     check_disk: bool = True,
+    resume: bool = False,
 ) -> MergePlan:
     """Plan a DogeRM merge from headers and tokenizer files alone.
 
@@ -102,6 +103,7 @@ def plan_dogerm(
         dropped=dropped,
         warnings=warnings,
         overwrite=overwrite,
+        resume=resume,
         check_disk=check_disk,
     )
 

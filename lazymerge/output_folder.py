@@ -1,0 +1,275 @@
+"""The output-folder contract: what lazymerge may write, replace and remove in `--output`.
+
+lazymerge writes only into a missing or empty folder, a folder holding an earlier lazymerge
+output (its manifest says so), or, with `--overwrite`, any folder. Files it did not write (per
+the manifest) are never replaced without `--overwrite`; `--overwrite` removes the earlier output
+(the shards named by its manifest or index, the index, the manifest, `model.safetensors`, their
+`.partial` files) before writing, and nothing else: entries are unlinked, never followed, and a
+folder is never removed. `--resume` does not imply `--overwrite`: it continues only a run whose
+manifest matches the plan. No input, resolved through every symlink, is the output folder or a
+file in it.
+
+Two steps: `check_output_folder` at plan time (reads only, so `--dry-run` reports every refusal)
+and `prepare_output_folder` at run time, under the folder's lock (checks again, race-free, then
+clears the earlier output and writes the new manifest before any other file, so an interrupted
+run always leaves a folder lazymerge recognises as its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lazymerge.constants import PARTIAL_SUFFIX, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
+from lazymerge.errors import OutputError
+from lazymerge.lock import LOCK_NAME, lock_holder
+from lazymerge.manifest import MANIFEST_NAME, Manifest, plan_fingerprint
+
+if TYPE_CHECKING:
+    from lazymerge.io.checkpoint import Checkpoint
+    from lazymerge.plan import MergePlan
+
+__all__ = [
+    "DIRECT_PROBE_NAME",
+    "check_output_folder",
+    "checkpoint_paths",
+    "plan_writes",
+    "prepare_output_folder",
+    "reusable_bytes",
+]
+
+DIRECT_PROBE_NAME = ".lazymerge-direct-probe" + PARTIAL_SUFFIX
+# Entries a run creates before its manifest exists (or while it replaces it): never the user's.
+_OWN_NAMES = frozenset({LOCK_NAME, DIRECT_PROBE_NAME, MANIFEST_NAME + PARTIAL_SUFFIX})
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".index.json")
+_TEMPLATE_FIELD = re.compile(r"\{[^{}]*\}")
+
+
+def plan_writes(plan: MergePlan) -> list[str]:
+    """The names a run of `plan` writes in its folder: shards, side files (index included), manifest."""
+    return [*(s.name for s in plan.shards), *plan.side_files, MANIFEST_NAME]
+
+
+def checkpoint_paths(checkpoints: Iterable[Checkpoint]) -> list[Path]:
+    """Each input's folder and weight files, as `check_output_folder` wants them."""
+    paths: list[Path] = []
+    for c in checkpoints:
+        paths.append(Path(c.root))
+        paths.extend(Path(c.root) / f for f in c.files)
+    return paths
+
+
+def check_output_folder(
+    output_dir: str | os.PathLike[str],
+    input_paths: Iterable[str | os.PathLike[str]],
+    *,
+    overwrite: bool,
+    resume: bool,
+    writes: Iterable[str] = (),
+) -> None:
+    """Refuse an output folder lazymerge must not write into; reads only, changes nothing.
+
+    Call it once the plan is made and before anything is written (it is what `--dry-run`
+    reports); `prepare_output_folder` runs the same checks again under the lock.
+
+    Args:
+        output_dir: the output folder (it may not exist yet).
+        input_paths: every input folder and weight file (`checkpoint_paths`); each is resolved
+            through every symlink.
+        overwrite: `--overwrite`: a folder holding anything may be written; the earlier output
+            is removed at run time.
+        resume: `--resume`: a folder holding a lazymerge output (its manifest) may be continued.
+        writes: the file names the plan writes (`plan_writes`); a file of the user's at one of
+            these names is refused without `overwrite`.
+
+    Raises:
+        OutputError: the folder is another run's, an input's, not a folder, a sweep template,
+            or holds files lazymerge did not write.
+    """
+    out = Path(output_dir)
+    real = Path(os.path.realpath(out))
+    if real.is_dir() and (holder := lock_holder(real)) is not None:  # say so before "holds a model"
+        raise OutputError(
+            f"{out} is being written by another lazymerge run (pid {holder})",
+            hint="wait for it to finish, or choose another --output",
+        )
+    _check(out, input_paths, overwrite=overwrite, resume=resume, writes=writes)
+
+
+def _check(
+    out: Path, input_paths: Iterable[str | os.PathLike[str]], *, overwrite: bool, resume: bool, writes: Iterable[str]
+) -> Manifest | None:
+    """The checks of `check_output_folder` but the lock; returns the earlier run's manifest."""
+    writes = tuple(writes)
+    if field := next(filter(None, (_TEMPLATE_FIELD.search(part) for part in out.parts)), None):
+        raise OutputError(
+            f"the output folder {out} contains {field.group()}, a sweep template, but this is a single merge",
+            hint="give several values to sweep (--weight 0.1,0.2 or --sweep KEY=V1,V2), or name the folder",
+        )
+    real = Path(os.path.realpath(out))
+    _check_inputs(out, real, input_paths)
+    if os.path.lexists(real) and not real.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if not real.is_dir():
+        return None
+    try:
+        entries = sorted(name for name in os.listdir(real) if name not in _OWN_NAMES)
+    except OSError as exc:
+        raise OutputError(f"cannot list {out}: {exc.strerror}") from exc
+    manifest = Manifest.load(real) if MANIFEST_NAME in entries else None
+    if overwrite:
+        return manifest
+    if manifest is None:
+        if entries:
+            models = [n for n in entries if n.endswith(_MODEL_SUFFIXES)]
+            if models:
+                raise OutputError(
+                    f"{out} already holds a model ({models[0]})",
+                    hint="choose an empty --output folder or pass --overwrite",
+                )
+            raise OutputError(
+                f"{out} is not empty and holds no lazymerge output ({entries[0]})",
+                hint="choose an empty --output folder, or pass --overwrite to write lazymerge's files into it",
+            )
+        return None
+    ours = _recorded(manifest, writes)
+    if not resume:
+        models = [n for n in entries if n.endswith(_MODEL_SUFFIXES)]
+        if models:
+            raise OutputError(
+                f"{out} already holds a model ({models[0]})",
+                hint="pass --resume to continue that run, --overwrite to replace it, or choose an empty folder",
+            )
+    theirs = [n for n in entries if n not in ours]
+    wanted = {*writes, *(n + PARTIAL_SUFFIX for n in writes)}
+    clash = [n for n in theirs if n in wanted or n.endswith(_MODEL_SUFFIXES)]
+    if clash:
+        raise OutputError(
+            f"{out} holds {clash[0]}, which the earlier lazymerge run did not write",
+            hint="move it out of the folder, or pass --overwrite to replace it",
+        )
+    return manifest
+
+
+def _check_inputs(out: Path, real: Path, input_paths: Iterable[str | os.PathLike[str]]) -> None:
+    for path in input_paths:
+        resolved = Path(os.path.realpath(path))
+        if resolved == real:
+            raise OutputError(f"the output folder {out} is an input folder")
+        if not resolved.is_dir() and resolved.parent == real:
+            raise OutputError(
+                f"the output folder {out} holds an input file ({path} is {resolved})",
+                hint="choose another --output folder; lazymerge would replace or remove that file",
+            )
+
+
+def _recorded(manifest: Manifest, writes: Iterable[str]) -> set[str]:
+    """Names the earlier run wrote. A manifest from before lazymerge recorded its side files
+    (`files` is None) vouches for the names this plan writes too."""
+    names = {MANIFEST_NAME, *manifest.shards, *(manifest.files if manifest.files is not None else writes)}
+    return names | {n + PARTIAL_SUFFIX for n in names}
+
+
+def _previous_output(real: Path, manifest: Manifest | None, *, overwrite: bool, writes: Sequence[str]) -> set[str]:
+    """Names of the earlier output to remove: what its manifest records, and with `overwrite` a
+    model's index, the shards it names and `model.safetensors`; the `.partial` of each and of
+    every name this run writes."""
+    names = set(manifest.shards) | set(manifest.files or ()) if manifest is not None else set()
+    if overwrite:
+        names |= {SAFE_INDEX_NAME, SAFE_SINGLE_NAME, *_index_shards(real / SAFE_INDEX_NAME)}
+    names |= {n + PARTIAL_SUFFIX for n in {*names, *writes}}
+    return {n for n in names if _plain_name(n)}
+
+
+def _index_shards(index: Path) -> list[str]:
+    try:
+        if index.is_symlink() or not index.is_file():
+            return []
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        return [str(f) for f in weight_map.values()] if isinstance(weight_map, dict) else []
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return []  # not an index we can read: no shards of it are removed
+
+
+def _plain_name(name: str) -> bool:
+    """A name of an entry directly in the folder (an index comes from a stranger)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def reusable_bytes(plan: MergePlan, *, overwrite: bool, resume: bool) -> int:
+    """Bytes already in the output folder that the run frees or keeps: shards a resumed run keeps
+    (the manifest's, for this plan, with the planned size), and with `overwrite` the earlier
+    output's files, removed before writing. The free-space check needs only the rest."""
+    real = Path(os.path.realpath(plan.output_dir))
+    if not real.is_dir():
+        return 0
+    manifest = Manifest.load(real)
+    kept: set[str] = set()
+    if resume and manifest is not None and manifest.fingerprint == plan_fingerprint(plan):
+        for shard in plan.shards:
+            size = manifest.shards.get(shard.name, {}).get("size")
+            if size == shard.size and _file_size(real / shard.name) == size:
+                kept.add(shard.name)
+    freed = _previous_output(real, manifest, overwrite=overwrite, writes=plan_writes(plan)) if overwrite else set()
+    return sum(_file_size(real / n) for n in kept | freed)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        st = path.lstat()
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def prepare_output_folder(
+    plan: MergePlan, input_paths: Iterable[str | os.PathLike[str]], *, resume: bool
+) -> tuple[Manifest, set[int]]:
+    """Make `plan.output_dir` ready for the run; call it holding the folder's lock, before any write.
+
+    Checks the folder again (`check_output_folder`, with the plan's `overwrite`), clears the
+    earlier output (see the module docstring), then writes the new manifest, which records every
+    file this run will write and, with `resume`, the shards kept from the earlier run of the
+    same plan.
+
+    Returns:
+        The run's manifest and the indexes of the shards kept (checksums verified).
+
+    Raises:
+        OutputError: the folder may not be written, or (`resume`) holds a different merge.
+    """
+    out = plan.output_dir
+    real = Path(os.path.realpath(out))
+    writes = plan_writes(plan)
+    overwrite = bool(getattr(plan, "overwrite", False))
+    previous = _check(out, input_paths, overwrite=overwrite, resume=resume, writes=writes)
+    fingerprint = plan_fingerprint(plan)
+    done: set[int] = set()
+    kept: dict[str, dict] = {}
+    if resume and previous is not None and (previous.fingerprint == fingerprint or not overwrite):
+        if previous.fingerprint != fingerprint:
+            raise OutputError(
+                f"{out} holds shards of a different merge (other inputs, recipe or shard size)",
+                hint="run the same command as before with --resume, or choose an empty --output",
+            )
+        done = {k for k, s in enumerate(plan.shards) if previous.finished(real, s.name, s.size)}
+        kept = {plan.shards[k].name: previous.shards[plan.shards[k].name] for k in done}
+    for name in sorted(_previous_output(real, previous, overwrite=overwrite, writes=writes) - set(kept)):
+        _remove_entry(real / name)
+    manifest = Manifest(fingerprint, kept, files=sorted(n for n in writes if n != MANIFEST_NAME))
+    manifest.save(real)
+    return manifest, done
+
+
+def _remove_entry(path: Path) -> None:
+    """Unlink a file or a symlink (never its target); leave a folder alone."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot remove {path} of the earlier output: {exc.strerror}") from exc
