@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import StatsAccumulator, register
+from lazymerge.methods import StatisticsAccumulator
 from lazymerge.methods.dare import uniform53
 from lazymerge.methods.rescale import L1Rescale
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
@@ -145,7 +145,7 @@ def della_keep(
     return out
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
+def della_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
     ranks = DellaRankStats(params, numel)
     if not params.get("rescale", True):
         return ranks
@@ -175,13 +175,11 @@ def _della(
     )
 
 
-@register("della", reference_url="https://arxiv.org/abs/2406.11617", new_stats=_new_stats)
 def della(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
     """`params`: tensor, row, weights, densities, epsilons, seed, rescale, normalize (True), lambda."""
     return _della(xs, params, stats, element_start, consensus=True)
 
 
-@register("della_linear", reference_url="https://arxiv.org/abs/2406.11617", new_stats=_new_stats)
 def della_linear(
     xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
 ) -> torch.Tensor:

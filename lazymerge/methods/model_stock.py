@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import register
 from lazymerge.methods.rescale import BLOCK, det_sum
 
 
@@ -75,11 +74,10 @@ def model_stock_t(cos_thetas: Sequence[torch.Tensor], count: int) -> torch.Tenso
     return torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe_denominator)
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> ModelStockStats:
+def model_stock_statistics(params: Mapping[str, Any], numel: int) -> ModelStockStats:
     return ModelStockStats(params, numel)
 
 
-@register("model_stock", reference_url="https://arxiv.org/abs/2403.19522", new_stats=_new_stats)
 def model_stock(
     xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
 ) -> torch.Tensor:

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from lazymerge.errors import RecipeError
-from lazymerge.methods import register
 from lazymerge.methods.rescale import BLOCK, det_sum
 
 
@@ -110,13 +109,10 @@ class MultiSlerpStats:
         return MultiSlerpCoefs(c["norms"], c["mean_norm"], c["dots"], c["tangent_norm"], False)
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> MultiSlerpStats:
+def multislerp_statistics(params: Mapping[str, Any], numel: int) -> MultiSlerpStats:
     return MultiSlerpStats(params, numel)
 
 
-@register(
-    "multislerp", reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", new_stats=_new_stats
-)
 def multislerp(
     xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
 ) -> torch.Tensor:

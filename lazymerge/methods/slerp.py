@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import register
-
 
 class SlerpStats:
     """Two passes: chunk norms, then the dot product of the normalised chunks."""
@@ -70,11 +68,10 @@ def slerp_coefficients(t: float, dot: torch.Tensor, threshold: float = 0.9995) -
     return coef_a, coef_b
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> SlerpStats:
+def slerp_statistics(params: Mapping[str, Any], numel: int) -> SlerpStats:
     return SlerpStats(params, numel)
 
 
-@register("slerp", reference_url="https://en.wikipedia.org/wiki/Slerp", new_stats=_new_stats)
 def slerp(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
     """`xs`: base, other (fp32 chunks); `stats`: the two coefficients from `SlerpStats`."""
     coef_a, coef_b = stats

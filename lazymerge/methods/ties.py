@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import StatsAccumulator, register
+from lazymerge.methods import StatisticsAccumulator
 from lazymerge.methods.rescale import L1Rescale
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
 
@@ -195,16 +195,12 @@ def _breadcrumbs_requests(params: Mapping[str, Any], numel: int) -> list[tuple[i
     return out
 
 
-def _is_global(params: Mapping[str, Any]) -> bool:
-    return bool(params.get("global", False))
-
-
 def _pos(params: Mapping[str, Any], element_start: int) -> int:
     # The statistics passes key every tensor by its ordinal (global or not), so positions do too.
     return (params.get("ordinal", 0) << _POS_SHIFT) + element_start
 
 
-def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> StatsAccumulator:
+def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> StatisticsAccumulator:
     """mergekit's `rescale: true`: wrap the top-k cuts with per-tensor L1 factors."""
     if not params.get("rescale", False):
         return inner
@@ -216,11 +212,11 @@ def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> Sta
     return L1Rescale(inner, keep_fn, enabled)
 
 
-def _ties_new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
+def ties_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
     return _with_rescale(params, TopKStats(_ties_requests(params, numel), numel), _magnitude_keep)
 
 
-def _breadcrumbs_new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
+def breadcrumbs_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
     return _with_rescale(params, TopKStats(_breadcrumbs_requests(params, numel), numel), _breadcrumbs_keep)
 
 
@@ -242,7 +238,6 @@ def _breadcrumbs_keep(xs: Sequence[torch.Tensor], cuts: Sequence[TopKCut], pos: 
     return keep
 
 
-@register("ties", reference_url="https://arxiv.org/abs/2306.01708", new_stats=_ties_new_stats, is_global=_is_global)
 def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
     """`params`: weights, densities, normalize (default True), lambda, rescale (L1, default False)."""
     cuts, factors = _cuts_and_factors(params, stats)
@@ -258,12 +253,6 @@ def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, elem
     )
 
 
-@register(
-    "breadcrumbs",
-    reference_url="https://arxiv.org/abs/2312.06795",
-    new_stats=_breadcrumbs_new_stats,
-    is_global=_is_global,
-)
 def breadcrumbs(
     xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
 ) -> torch.Tensor:
@@ -280,12 +269,6 @@ def breadcrumbs(
     )
 
 
-@register(
-    "breadcrumbs_ties",
-    reference_url="https://arxiv.org/abs/2312.06795",
-    new_stats=_breadcrumbs_new_stats,
-    is_global=_is_global,
-)
 def breadcrumbs_ties(
     xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
 ) -> torch.Tensor:
