@@ -90,9 +90,11 @@ def _resolve(param: Parameter, scopes: list[tuple[str, dict]], tensor: str, t: f
         setting = scope[param.name]
         if not param.per_tensor and not _is_scalar(setting):
             raise RecipeError(f"{where}.{param.name} must be a number (per-tensor lists are not supported)")
+        if _is_scalar(setting):  # checked as written, so the message shows it ('1e309', not inf)
+            return param.check(setting, where)
         value = evaluate_setting(tensor, setting, t, param.kind)
         if value is not None:
-            return param.check(value, where if _is_scalar(setting) else f"{where} (tensor {tensor})")
+            return param.check(value, where, f"tensor {tensor}")
     if param.default is REQUIRED:
         raise RecipeError(
             f"missing required parameter `{param.name}` for {scopes[0][0]}" + (f" (tensor {tensor})" if tensor else ""),

@@ -54,13 +54,17 @@ class Range:
 UNIT = Range(0.0, 1.0)
 
 
-def check_value(name: str, value: Any, kind: type, allowed: Range | None = None, where: str = "") -> Any:
+def check_value(
+    name: str, value: Any, kind: type, allowed: Range | None = None, where: str = "", context: str = ""
+) -> Any:
     """`value` as a `kind` (bool, int or float), finite and inside `allowed`, else a RecipeError.
 
     Numbers written as strings (`'0.5'`, as YAML gives `'1e309'`) are read as numbers first, as
-    mergekit does; NaN and infinities are never a valid parameter.
+    mergekit does; NaN and infinities are never a valid parameter. The message names the value
+    as `where.name` and ends with `context` (e.g. the tensor a gradient was evaluated for).
     """
-    prefix = f"{where}: " if where else ""
+    label = f"{where}.{name}" if where else name
+    ctx = f" ({context})" if context else ""
     try:
         if kind is bool:
             if not isinstance(value, bool):
@@ -74,11 +78,11 @@ def check_value(name: str, value: Any, kind: type, allowed: Range | None = None,
                 raise ValueError
             number = int(number)
     except (TypeError, ValueError, OverflowError):
-        raise RecipeError(f"{prefix}{name} must be {_article(kind)}, got {value!r}") from None
+        raise RecipeError(f"{label} must be {_article(kind)}, got {value!r}{ctx}") from None
     if not math.isfinite(number) and allowed is None:
-        raise RecipeError(f"{prefix}{name} must be a finite number, got {value!r}")
+        raise RecipeError(f"{label} must be a finite number, got {value!r}{ctx}")
     if allowed is not None and (not math.isfinite(number) or number not in allowed):
-        raise RecipeError(f"{prefix}{name} must be in {allowed}, got {value!r}")
+        raise RecipeError(f"{label} must be in {allowed}, got {value!r}{ctx}")
     return number
 
 
@@ -122,13 +126,13 @@ class Parameter:
     def params_key(self) -> str:
         return self.key or self.name
 
-    def check(self, value: Any, where: str = "") -> Any:
+    def check(self, value: Any, where: str = "", context: str = "") -> Any:
         """The value as the declared type, finite, in range and among the choices."""
-        value = check_value(self.name, value, self.kind, self.allowed, where)
+        value = check_value(self.name, value, self.kind, self.allowed, where, context)
         if self.choices is not None and value not in self.choices:
             shown = " or ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in self.choices)
-            prefix = f"{where}: " if where else ""
-            raise RecipeError(f"{prefix}{self.name} must be {shown}, got {value!r}", hint=self.hint)
+            label = f"{where}.{self.name}" if where else self.name
+            raise RecipeError(f"{label} must be {shown}, got {value!r}", hint=self.hint)
         return value
 
 
