@@ -214,10 +214,10 @@ def open_method_models(
         if bad:
             misplaced = [k for k in bad if k in global_names]
             raise RecipeError(
-                f"models[{i}].parameters has unsupported key(s) for {method.name}: {', '.join(bad)}",
-                hint=f"{misplaced[0]} is a global parameter: give it in the top-level `parameters`"
+                f"models[{i}].parameters has unsupported key(s): {', '.join(bad)}",
+                hint=f"{misplaced[0]} is a global parameter of {method.name}: give it in the top-level `parameters`"
                 if misplaced
-                else f"supported here: {', '.join(sorted(per_model)) or '(none)'}",
+                else f"supported per model by {method.name}: {', '.join(sorted(per_model)) or '(none)'}",
             )
         if method.needs_base and _same_model(entry["model"], base):
             continue  # mergekit ignores the base model's per-model parameters
@@ -264,8 +264,8 @@ def method_tensors(
     bad = sorted(set(top) - allowed)
     if bad:
         raise RecipeError(
-            f"`parameters` has unsupported key(s) for {method.name}: {', '.join(bad)}",
-            hint=f"supported here: {', '.join(sorted(allowed)) or '(none)'}",
+            f"`parameters` has unsupported key(s): {', '.join(bad)}",
+            hint=f"supported by {method.name}: {', '.join(sorted(allowed)) or '(none)'}",
         )
     first = checkpoints[0]
     merged = model_params[1:] if method.needs_base else model_params

@@ -78,14 +78,14 @@ def _dare(xs: Sequence[torch.Tensor], params: Mapping[str, Any], element_start: 
 
 
 def dare_linear(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any = None, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any = None, element_start: int = 0
 ) -> torch.Tensor:
     """`params`: tensor (name), weights, densities, seed, rescale (default True), normalize, lambda."""
     return _dare(xs, params, element_start, consensus=False)
 
 
 def dare_ties(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any = None, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any = None, element_start: int = 0
 ) -> torch.Tensor:
     """DARE dropping, then TIES sign election and disjoint mean."""
     return _dare(xs, params, element_start, consensus=True)

@@ -86,7 +86,7 @@ def _sum_models(rows: torch.Tensor) -> torch.Tensor:
 
 
 def task_arithmetic(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any = None, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any = None, element_start: int = 0
 ) -> torch.Tensor:
     """`params`: weights, normalize (default False), lambda (default 1)."""
     return generalized_task_arithmetic(

@@ -62,7 +62,7 @@ def in_top(bits: torch.Tensor, cut: TopKCut, pos_start: int) -> torch.Tensor:
     return keep
 
 
-class TopKStats:
+class TopKStatistics:
     """Streaming exact top-k cuts for several (model, k) requests over the same stream.
 
     `update` gets the fp32 chunks (base first) and the position key of the chunk's first
@@ -200,7 +200,7 @@ def _pos(params: Mapping[str, Any], element_start: int) -> int:
     return (params.get("ordinal", 0) << _POS_SHIFT) + element_start
 
 
-def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> StatisticsAccumulator:
+def _with_rescale(params: Mapping[str, Any], inner: TopKStatistics, keep: Any) -> StatisticsAccumulator:
     """mergekit's `rescale: true`: wrap the top-k cuts with per-tensor L1 factors."""
     if not params.get("rescale", False):
         return inner
@@ -213,17 +213,17 @@ def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> Sta
 
 
 def ties_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
-    return _with_rescale(params, TopKStats(_ties_requests(params, numel), numel), _magnitude_keep)
+    return _with_rescale(params, TopKStatistics(_ties_requests(params, numel), numel), _magnitude_keep)
 
 
 def breadcrumbs_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
-    return _with_rescale(params, TopKStats(_breadcrumbs_requests(params, numel), numel), _breadcrumbs_keep)
+    return _with_rescale(params, TopKStatistics(_breadcrumbs_requests(params, numel), numel), _breadcrumbs_keep)
 
 
-def _cuts_and_factors(params: Mapping[str, Any], stats: Any) -> tuple[Any, Any]:
+def _cuts_and_factors(params: Mapping[str, Any], statistics: Any) -> tuple[Any, Any]:
     if params.get("rescale", False):
-        return stats.inner, stats.for_key(params.get("ordinal", 0))
-    return stats, None
+        return statistics.inner, statistics.for_key(params.get("ordinal", 0))
+    return statistics, None
 
 
 def _magnitude_keep(xs: Sequence[torch.Tensor], cuts: Sequence[TopKCut], pos: int) -> list[torch.Tensor]:
@@ -238,9 +238,11 @@ def _breadcrumbs_keep(xs: Sequence[torch.Tensor], cuts: Sequence[TopKCut], pos: 
     return keep
 
 
-def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
+def ties(
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
+) -> torch.Tensor:
     """`params`: weights, densities, normalize (default True), lambda, rescale (L1, default False)."""
-    cuts, factors = _cuts_and_factors(params, stats)
+    cuts, factors = _cuts_and_factors(params, statistics)
     keep = _magnitude_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,
@@ -254,10 +256,10 @@ def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, elem
 
 
 def breadcrumbs(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
 ) -> torch.Tensor:
     """`params`: weights, densities, gammas, normalize (default False), lambda, rescale (L1)."""
-    cuts, factors = _cuts_and_factors(params, stats)
+    cuts, factors = _cuts_and_factors(params, statistics)
     keep = _breadcrumbs_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,
@@ -270,10 +272,10 @@ def breadcrumbs(
 
 
 def breadcrumbs_ties(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
 ) -> torch.Tensor:
     """Breadcrumbs trimming with TIES sign election."""
-    cuts, factors = _cuts_and_factors(params, stats)
+    cuts, factors = _cuts_and_factors(params, statistics)
     keep = _breadcrumbs_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,
