@@ -246,6 +246,9 @@ def _with_specials(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     w = out["model.layers.0.mlp.up_proj.weight"]
     w[0, 0], w[0, 1], w[0, 2], w[0, 3] = float("inf"), float("-inf"), float("nan"), -0.0
     out["model.norm.weight"][0] = -0.0
+    emb = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    emb[1, 1], emb[2, 2] = float("inf"), -0.0
+    out["model.embed_tokens.weight"] = emb  # the union-vocabulary path (same rows, no tokenizer)
     return out
 
 

@@ -84,7 +84,9 @@ def plan_dogerm(
         else:
             sources = _mix(ref, other, 0, lam)
             segments = (Segment(0, ref.numel, sources),) if ref.numel else ()
-            how = f"{1 - lam:g} x RM + {lam:g} x SFT"
+            how = {0.0: "reward model (lambda 0)", 1.0: "domain model (lambda 1)"}.get(
+                lam, f"{1 - lam:g} x RM + {lam:g} x SFT"
+            )
             tensors.append(OutputTensor(name, override or ref.dtype, ref.shape, segments, how))
     dropped = [name for name in sft.tensors if name not in rm.tensors]
     recipe = {
