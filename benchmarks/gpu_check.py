@@ -246,10 +246,10 @@ def interpreter_as_cuda() -> None:
     """Smoke mode without a GPU: make the executor's "cuda" the CudaBackend on the interpreter
     (select_backend rightly refuses "cuda" there), so the whole integrated path still runs."""
     import lazymerge.execute as ex
-    from lazymerge.kernels import backend as bk
+    from lazymerge.kernels import device as kdev
     from lazymerge.kernels.cuda import CudaBackend
 
-    real = bk.select_backend
+    real = kdev.select_backend
 
     def select(device: str = "auto") -> tuple[Any, str]:
         if device == "cuda":
@@ -305,7 +305,7 @@ class _Reader:
 def backend_identity(rm: Path, sft: Path, work: Path, chunk_elements: int) -> tuple[int, int]:
     """Every merged chunk of the pair on CudaBackend and CpuBackend; returns (chunks, bytes)
     compared. Raises AssertionError at the first difference."""
-    from lazymerge.kernels.backend import CpuBackend
+    from lazymerge.kernels.cpu import CpuBackend
     from lazymerge.kernels.cuda import CudaBackend
 
     tasks, cps = _chunk_tasks(rm, sft, work / "unused-out", chunk_elements)

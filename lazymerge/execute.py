@@ -19,7 +19,9 @@ from pathlib import Path
 from lazymerge.errors import OutputError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import write_side_file
-from lazymerge.kernels.backend import CpuBackend, DeviceError, gpu_capable, select_backend
+from lazymerge.kernels.base import DeviceError
+from lazymerge.kernels.cpu import CpuBackend
+from lazymerge.kernels.device import gpu_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.output_folder import checkpoint_paths, prepare_output_folder
 from lazymerge.pipeline import MergeRun, ProgressEvent

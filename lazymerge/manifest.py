@@ -31,7 +31,7 @@ def plan_fingerprint(plan: MergePlan) -> str:
     h.update(json.dumps(plan.recipe, sort_keys=True).encode())
     for t in plan.tensors:
         h.update(f"{t.name}|{t.dtype}|{t.shape}|{t.divisor}|{t.shard}|{t.offset}".encode())
-        if t.method != "linear":
+        if t.params:  # a method with per-tensor parameters (a weighted sum has none)
             h.update(f"{t.method}|{json.dumps(t.params, sort_keys=True, default=str)}".encode())
         for seg in t.segments:
             for s in seg.sources:

@@ -1,14 +1,18 @@
-"""mergekit configs for the task-vector methods, SLERP and Model Stock: parameters resolved per tensor.
+"""mergekit configs for every declared method: one generic resolver over the declarations.
 
-Semantics are mergekit's (0.1.5): a parameter is looked up in the model's own `parameters`, then
-in the top-level `parameters`, then takes the method's default; a value is a number, a gradient
-(a list interpolated across layers: layer i of n gets t = i / (n - 1), tensors outside layers
-get t = 0), or a list of `{filter, value}` entries where the first whose filter is a substring
-of the tensor name (or has no filter / "*") wins. No tensor bytes are read here (torch-free).
+Semantics are mergekit's (0.1.5): a per-model parameter is looked up in the model's own
+`parameters`, then in the top-level `parameters`, then takes the declared default; a global one
+in the top-level `parameters` only. A value is a number, a gradient (a list interpolated across
+layers: layer i of n gets t = i / (n - 1), tensors outside layers get t = 0), or a list of
+`{filter, value}` entries where the first whose filter is a substring of the tensor name (or has
+no filter / "*") wins. Every resolved value is checked against its declaration (type, finite,
+range). A weighted-sum method (linear) is lowered to weighted sources. No tensor bytes are read
+here (torch-free).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -18,57 +22,15 @@ from typing import Any
 from lazymerge.constants import MERGEABLE_DTYPES
 from lazymerge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, open_checkpoint
+from lazymerge.methods import REQUIRED, MergeMethod, Parameter, get, names
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
+from lazymerge.recipes.common import carried_side_files, copy_tensor, normalize_dtype, source_at
 
-__all__ = ["METHODS", "evaluate_setting", "method_tensors", "open_method_models", "plan_method"]
+__all__ = ["evaluate_setting", "method_tensors", "open_method_models", "plan_method", "reject_unknown_keys"]
 
-# method -> (default normalize, default rescale, per-model parameters)
-_GTA: dict[str, tuple[bool, bool, tuple[str, ...]]] = {
-    "task_arithmetic": (False, False, ("weight",)),
-    "ties": (True, False, ("weight", "density")),
-    "dare_linear": (False, True, ("weight", "density")),
-    "dare_ties": (False, True, ("weight", "density")),
-    "breadcrumbs": (False, False, ("weight", "density", "gamma")),
-    "breadcrumbs_ties": (False, False, ("weight", "density", "gamma")),
-    "della": (True, True, ("weight", "density", "epsilon")),
-    "della_linear": (False, True, ("weight", "density", "epsilon")),
-}
-# Methods whose statistics need no task-vector parameters: only these top-level keys.
-_OTHER: dict[str, tuple[str, ...]] = {
-    "slerp": ("t",),
-    "model_stock": ("filter_wise",),
-    "multislerp": ("weight", "normalize_weights", "eps"),
-}
-METHODS = (*_GTA, *_OTHER)
-_SHARED = {
-    "normalize": bool,
-    "rescale": bool,
-    "lambda": float,
-    "int8_mask": bool,
-    "seed": int,  # lazymerge: DARE's mask seed
-    "global_magnitude": bool,  # lazymerge: one magnitude threshold per model over all tensors
-}
-_DEFAULTS = {
-    "lambda": 1.0,
-    "int8_mask": False,
-    "seed": 0,
-    "global_magnitude": False,
-    "density": 1.0,
-    "gamma": 0.01,
-    "epsilon": 0.15,
-}
-_TYPES = {
-    "weight": float,
-    "density": float,
-    "gamma": float,
-    "epsilon": float,
-    "t": float,
-    "filter_wise": bool,
-    "normalize_weights": bool,
-    "eps": float,
-    **_SHARED,
-}
+_TOP_KEYS = {"merge_method", "models", "parameters", "dtype", "out_dtype", "base_model"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
 def evaluate_setting(tensor_name: str, setting: Any, t: float, kind: type) -> Any:
@@ -112,24 +74,33 @@ def _validate(value: Any, kind: type) -> Any:
         if isinstance(value, bool):
             raise ValueError
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RecipeError(f"parameter value {value!r} is not a {kind.__name__}") from None
 
 
-def _resolve(name: str, scopes: list[dict], tensor: str, t: float, default: Any, where: str) -> Any:
-    for scope in scopes:
-        if name in scope:
-            value = evaluate_setting(tensor, scope[name], t, _TYPES[name])
-            if value is not None:
-                return value
-    if default is None:
+def _is_scalar(setting: Any) -> bool:
+    return isinstance(setting, (bool, int, float, str))
+
+
+def _resolve(param: Parameter, scopes: list[tuple[str, dict]], tensor: str, t: float) -> Any:
+    """The parameter's value for one tensor: the first scope that gives it, else the default."""
+    for where, scope in scopes:
+        if param.name not in scope:
+            continue
+        setting = scope[param.name]
+        if not param.per_tensor and not _is_scalar(setting):
+            raise RecipeError(f"{where}.{param.name} must be a number (per-tensor lists are not supported)")
+        if _is_scalar(setting):  # checked as written, so the message shows it ('1e309', not inf)
+            return param.check(setting, where)
+        value = evaluate_setting(tensor, setting, t, param.kind)
+        if value is not None:
+            return param.check(value, where, f"tensor {tensor}")
+    if param.default is REQUIRED:
         raise RecipeError(
-            f"missing required parameter `{name}` for {where}", hint=f"give {name} in the model's parameters"
+            f"missing required parameter `{param.name}` for {scopes[0][0]}" + (f" (tensor {tensor})" if tensor else ""),
+            hint=f"give {param.name} in the model's parameters" if param.per_model else f"give parameters.{param.name}",
         )
-    return default
-
-
-_TOP_KEYS = {"merge_method", "models", "parameters", "dtype", "out_dtype", "base_model"}
+    return param.default
 
 
 def plan_method(
@@ -142,59 +113,31 @@ def plan_method(
     *,
     resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
-    """Plan a task_arithmetic / ties / dare / breadcrumbs / della / slerp / model_stock merge from a mergekit config."""
-    import json
+    """Plan a merge of any declared method from a mergekit config.
 
-    from lazymerge.recipes.common import normalize_dtype
-
+    Raises:
+        RecipeError: an unknown method or key, a missing or out-of-range parameter, too few models.
+    """
+    method = _method(spec.get("merge_method"))
     reject_unknown_keys(spec, _TOP_KEYS, "the recipe")
     out_dtype = normalize_dtype(spec.get("out_dtype")) or normalize_dtype(spec.get("dtype"))
     checkpoints, model_params = open_method_models(spec, opener)
     tensors, dropped = method_tensors(spec, checkpoints, model_params, out_dtype)
-    return plan_checkpoints(
-        json.loads(json.dumps(spec, default=str)),
-        checkpoints,
-        tensors,
-        dropped,
-        out_dtype,
-        output=output,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        resume=resume,
-        check_disk=check_disk,
-    )
-
-
-def reject_unknown_keys(obj: dict, allowed: set[str], where: str) -> None:
-    """A recipe mapping may hold only `allowed` keys; the error names the others and what is supported."""
-    if not isinstance(obj, dict):
-        raise RecipeError(f"{where} must be a mapping")
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise RecipeError(
-            f"{where} has unsupported key(s): {', '.join(unknown)}",
-            hint=f"supported here: {', '.join(sorted(allowed))}",
-        )
-
-
-def plan_checkpoints(
-    recipe: dict,
-    checkpoints: list[Checkpoint],
-    tensors: list[OutputTensor],
-    dropped: list[str],
-    out_dtype: str | None,
-    *,
-    output: str | os.PathLike[str],
-    max_shard_size: int,
-    overwrite: bool,
-    check_disk: bool,
-    resume: bool = False,
-) -> tuple[MergePlan, list[Checkpoint]]:
-    """The plan writing `tensors` of a merge of `checkpoints` (first = side files' source) to `output`.
-
-    Shared by the linear planner (config.py) and the method planner; returns the plan and `checkpoints`."""
-    from lazymerge.recipes.common import carried_side_files
-
+    if method.weighted_sum:
+        # One number per model (not per tensor): recorded resolved, as the merge uses them.
+        top = [("parameters", _top(spec))]
+        weight = _param(method, "weight")
+        weights = [_resolve(weight, [(f"models[{i}].parameters", scope), *top], "", 0.0) for i, scope in model_params]
+        recipe: dict = {
+            "merge_method": method.name,
+            "models": [
+                {"model": c.label, "parameters": {"weight": w}} for c, w in zip(checkpoints, weights, strict=True)
+            ],
+            "parameters": {"normalize": _resolve(_param(method, "normalize"), top, "", 0.0)},
+            "dtype": out_dtype,
+        }
+    else:
+        recipe = json.loads(json.dumps(spec, default=str))
     side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype)
     plan = build_plan(
         recipe=recipe,
@@ -212,19 +155,55 @@ def plan_checkpoints(
     return plan, checkpoints
 
 
+def _method(name: Any) -> MergeMethod:
+    try:
+        return get(name)
+    except (KeyError, TypeError):
+        raise RecipeError(
+            f"merge_method {name!r} is not supported", hint=f"supported: dogerm, {', '.join(names())}"
+        ) from None
+
+
+def _param(method: MergeMethod, name: str) -> Parameter:
+    param = method.parameter(name)
+    assert param is not None, f"{method.name} declares no {name}"
+    return param
+
+
+def _top(spec: dict) -> dict:
+    top = spec.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise RecipeError("`parameters` must be a mapping")
+    return top
+
+
+def reject_unknown_keys(obj: dict, allowed: set[str], where: str) -> None:
+    """A recipe mapping may hold only `allowed` keys; the error names the others and what is supported."""
+    if not isinstance(obj, dict):
+        raise RecipeError(f"{where} must be a mapping")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise RecipeError(
+            f"{where} has unsupported key(s): {', '.join(unknown)}",
+            hint=f"supported here: {', '.join(sorted(allowed))}",
+        )
+
+
 def open_method_models(
     spec: dict, opener: Callable[..., Checkpoint] = open_checkpoint
-) -> tuple[list[Checkpoint], list[dict]]:
-    """The base model first, then every other model, with each one's `parameters` mapping."""
-    method = spec["merge_method"]
+) -> tuple[list[Checkpoint], list[tuple[int, dict]]]:
+    """The base model first (when the method needs one), then every other model, with each one's
+    index in `models` and `parameters` mapping (the base's: -1 and {})."""
+    method = _method(spec.get("merge_method"))
     base = spec.get("base_model")
-    if not isinstance(base, str):
-        raise RecipeError(f"merge_method {method} needs `base_model`")
+    if method.needs_base and not isinstance(base, str):
+        raise RecipeError(f"merge_method {method.name} needs `base_model`")
     models = spec.get("models")
     if not isinstance(models, list) or not models:
-        raise RecipeError(f"merge_method {method} needs a `models` list")
-    per_model = _GTA[method][2] if method in _GTA else ("weight",) if method == "multislerp" else ()
-    others: list[tuple[str, dict]] = []
+        raise RecipeError(f"merge_method {method.name} needs a `models` list")
+    per_model = {p.name for p in method.per_model}
+    global_names = {p.name for p in method.global_parameters}
+    others: list[tuple[int, str, dict]] = []
     for i, entry in enumerate(models):
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise RecipeError(f"models[{i}] needs a `model:` path or repo id")
@@ -234,23 +213,39 @@ def open_method_models(
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise RecipeError(f"models[{i}].parameters must be a mapping")
-        bad = sorted(set(params) - set(per_model) - set(_SHARED))
+        bad = sorted(set(params) - per_model)
         if bad:
+            misplaced = [k for k in bad if k in global_names]
             raise RecipeError(
-                f"models[{i}].parameters has unsupported key(s) for {method}: {', '.join(bad)}",
-                hint=f"supported here: {', '.join(per_model) or '(none)'}",
+                f"models[{i}].parameters has unsupported key(s): {', '.join(bad)}",
+                hint=f"{misplaced[0]} is a global parameter of {method.name}: give it in the top-level `parameters`"
+                if misplaced
+                else f"supported per model by {method.name}: {', '.join(sorted(per_model)) or '(none)'}",
             )
-        if _same_model(entry["model"], base):
+        if method.needs_base and _same_model(entry["model"], base):
             continue  # mergekit ignores the base model's per-model parameters
-        others.append((entry["model"], params))
-    if method == "slerp" and len(others) != 1:
-        raise RecipeError("slerp merges exactly two models: `base_model` and one other")
-    if method == "model_stock" and len(others) < 2:
-        raise RecipeError("model_stock needs `base_model` and at least two other models")
-    if not others:
-        raise RecipeError(f"merge_method {method} needs at least one model besides the base model")
-    checkpoints = [opener(base, label=base)] + [opener(m, label=m) for m, _ in others]
-    return checkpoints, [{}] + [p for _, p in others]
+        others.append((i, entry["model"], params))
+    _check_count(method, len(others))
+    checkpoints = [opener(m, label=m) for _, m, _ in others]
+    model_params = [(i, p) for i, _, p in others]
+    if method.needs_base:
+        checkpoints.insert(0, opener(base, label=base))
+        model_params.insert(0, (-1, {}))
+    return checkpoints, model_params
+
+
+def _check_count(method: MergeMethod, n: int) -> None:
+    lo, hi = method.min_models, method.max_models
+    if lo <= n and (hi is None or n <= hi):
+        return
+    if not method.needs_base:
+        raise RecipeError(f"a {method.name} merge needs a `models` list with at least {_WORDS.get(lo, lo)} entries")
+    if hi == lo:
+        total = _WORDS.get(lo + 1, lo + 1)
+        raise RecipeError(f"{method.name} merges exactly {total} models: `base_model` and {_WORDS.get(lo, lo)} other")
+    if lo == 1:
+        raise RecipeError(f"merge_method {method.name} needs at least one model besides the base model")
+    raise RecipeError(f"{method.name} needs `base_model` and at least {_WORDS.get(lo, lo)} other models")
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -263,122 +258,107 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def method_tensors(
-    spec: dict, checkpoints: list[Checkpoint], model_params: list[dict], out_dtype: str | None
+    spec: dict, checkpoints: list[Checkpoint], model_params: list[tuple[int, dict]], out_dtype: str | None
 ) -> tuple[list[OutputTensor], list[str]]:
-    """One OutputTensor per tensor of the base model, with its resolved per-tensor parameters."""
-    method = spec["merge_method"]
-    top = spec.get("parameters") or {}
-    if not isinstance(top, dict):
-        raise RecipeError("`parameters` must be a mapping")
-    allowed = set(_OTHER[method]) if method in _OTHER else set(_SHARED) | set(_GTA[method][2])
+    """One OutputTensor per tensor of the first model (the base), with its resolved parameters."""
+    method = _method(spec.get("merge_method"))
+    top = _top(spec)
+    allowed = {p.name for p in method.parameters}
     bad = sorted(set(top) - allowed)
     if bad:
         raise RecipeError(
-            f"`parameters` has unsupported key(s) for {method}: {', '.join(bad)}",
-            hint=f"supported here: {', '.join(sorted(allowed))}",
+            f"`parameters` has unsupported key(s): {', '.join(bad)}",
+            hint=f"supported by {method.name}: {', '.join(sorted(allowed)) or '(none)'}",
         )
-    base = checkpoints[0]
-    n_layers = _num_layers(base)
+    first = checkpoints[0]
+    merged = model_params[1:] if method.needs_base else model_params
+    n_layers = _num_layers(first)
     tensors: list[OutputTensor] = []
     ordinal = 0
-    for name, ref in base.tensors.items():
+    for name, ref in first.tensors.items():
         refs = []
         for ckpt in checkpoints:
             other = ckpt.tensors.get(name)
             if other is None:
-                raise MissingTensorError(name, ckpt.label, hint=f"every model of a {method} merge needs every tensor")
+                raise MissingTensorError(
+                    name, ckpt.label, hint=f"every model of a {method.name} merge needs every tensor"
+                )
             if other.shape != ref.shape:
-                raise ShapeMismatchError(name, base.label, ref.shape, ckpt.label, other.shape)
+                raise ShapeMismatchError(name, first.label, ref.shape, ckpt.label, other.shape)
             refs.append(other)
-        from lazymerge.recipes.common import copy_tensor, source_at
-
         if any(r.dtype not in MERGEABLE_DTYPES for r in refs) or ref.numel == 0:
-            tensors.append(copy_tensor(0, ref, out_dtype, f"base model ({ref.dtype} is copied, not merged)"))
+            which = "base model" if method.needs_base else "first model"
+            tensors.append(copy_tensor(0, ref, out_dtype, f"{which} ({ref.dtype} is copied, not merged)"))
             continue
-        t = _layer_t(name, n_layers)
-        params = _tensor_params(method, name, t, top, model_params, ref.shape)
+        params = _tensor_params(method, name, _layer_t(name, n_layers), top, merged, ref.shape)
+        if method.weighted_sum:
+            tensors.append(_weighted_tensor(method, name, ref, refs, params, out_dtype))
+            continue
         params["ordinal"] = ordinal
         ordinal += 1
         sources = tuple(source_at(i, r, 0) for i, r in enumerate(refs))
-        how = f"{method} of base + {len(refs) - 1} model(s)"
         tensors.append(
             OutputTensor(
                 name,
                 out_dtype or ref.dtype,
                 ref.shape,
                 (Segment(0, ref.numel, sources),),
-                how,
-                method=method,
+                f"{method.name} of base + {len(refs) - 1} model(s)",
+                method=method.name,
                 params=params,
             )
         )
     _check_global(method, tensors)
-    dropped = sorted({n for c in checkpoints[1:] for n in c.tensors if n not in base.tensors})
+    dropped = sorted({n for c in checkpoints[1:] for n in c.tensors if n not in first.tensors})
     return tensors, dropped
 
 
 def _tensor_params(
-    method: str, name: str, t: float, top: dict, model_params: list[dict], shape: tuple[int, ...]
+    method: MergeMethod, name: str, t: float, top: dict, merged: list[tuple[int, dict]], shape: tuple[int, ...]
 ) -> dict:
-    if method == "slerp":
-        return {"tensor": name, "t": _resolve("t", [top], name, t, None, name)}
-    if method == "model_stock":
-        if _resolve("filter_wise", [top], name, t, False, name):
-            raise RecipeError(
-                "model_stock `filter_wise: true` (one angle per row) is not supported",
-                hint="remove `filter_wise`: lazymerge computes one angle per tensor, mergekit's default",
-            )
-        return {"tensor": name}
-    if method == "multislerp":
-        weights = [
-            _resolve("weight", [scope, top], name, t, None, f"models[{i}] tensor {name}")
-            for i, scope in enumerate(model_params[1:])
-        ]
-        return {
-            "tensor": name,
-            "weights": weights,
-            "normalize_weights": _resolve("normalize_weights", [top], name, t, True, name),
-            "eps": _resolve("eps", [top], name, t, 1e-8, name),
-        }
-    default_normalize, default_rescale, per_model = _GTA[method]
     params: dict[str, Any] = {"tensor": name}
-    defaults = {**_DEFAULTS, "normalize": default_normalize, "rescale": default_rescale}
-    for key in ("normalize", "rescale", "lambda", "seed", "global_magnitude"):
-        params[key] = _resolve(key, [top], name, t, defaults[key], name)
-    params["global"] = params.pop("global_magnitude")
-    if params["global"] and method not in ("ties", "breadcrumbs", "breadcrumbs_ties"):
-        raise RecipeError("`global_magnitude` applies to ties and breadcrumbs only")
-    for key in per_model:
-        values = []
-        for i, scope in enumerate(model_params[1:]):
-            values.append(_resolve(key, [scope, top], name, t, _DEFAULTS.get(key), f"models[{i}] tensor {name}"))
-        params[f"{key}s" if key != "density" else "densities"] = values
-    if method in ("della", "della_linear"):
-        # mergekit ranks magnitudes along each row (dim 1 of a 2-D tensor; a 1-D one is one row).
-        params["row"] = shape[-1] if len(shape) >= 2 else max(1, _numel(shape))
-        for i, (d, e) in enumerate(zip(params["densities"], params["epsilons"], strict=True)):
-            if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
-                raise RecipeError(
-                    f"models[{i}] tensor {name}: della needs density +/- epsilon in (0, 1), "
-                    f"got density {d} and epsilon {e}",
-                    hint="lower `epsilon` (mergekit raises the same error)",
-                )
+    for p in method.parameters:
+        if p.ignored:
+            _resolve(p, [("parameters", top)], name, t)  # checked, without effect
+        elif p.per_model:
+            params[p.params_key] = [
+                _resolve(p, [(f"models[{i}].parameters", scope), ("parameters", top)], name, t) for i, scope in merged
+            ]
+        else:
+            params[p.params_key] = _resolve(p, [("parameters", top)], name, t)
+    if method.check_tensor is not None:
+        method.check_tensor(params, shape, name)
     return params
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def _weighted_tensor(
+    method: MergeMethod, name: str, ref: Any, refs: list[Any], params: dict, out_dtype: str | None
+) -> OutputTensor:
+    """A weighted-sum method as weighted sources (the executor's fast path)."""
+    weights = params["weights"]
+    divisor = None
+    if params["normalize"]:
+        divisor = sum(weights)
+        if divisor == 0:
+            raise RecipeError("the weights sum to 0, so `normalize: true` would divide by zero")
+    sources = tuple(source_at(i, r, 0, w) for i, (r, w) in enumerate(zip(refs, weights, strict=True)))
+    how = " + ".join(f"{w:g} x #{i}" for i, w in enumerate(weights))
+    if divisor is not None:
+        how = f"({how}) / {divisor:g}"
+    segments = (Segment(0, ref.numel, sources),)
+    return OutputTensor(name, out_dtype or ref.dtype, ref.shape, segments, how, divisor, method=method.name)
 
 
-def _check_global(method: str, tensors: list[OutputTensor]) -> None:
-    merged = [t for t in tensors if t.method == method and t.params.get("global")]
-    if merged and any(t.params["densities"] != merged[0].params["densities"] for t in merged):
-        raise RecipeError("with `global_magnitude: true` each model's density must be the same for every tensor")
-    if merged and any(t.params["rescale"] != merged[0].params["rescale"] for t in merged):
-        raise RecipeError("with `global_magnitude: true`, `rescale` must be the same for every tensor")
+def _check_global(method: MergeMethod, tensors: list[OutputTensor]) -> None:
+    """A model-wide statistics pass needs the parameters it reads to be the same for every tensor."""
+    merged = [t for t in tensors if t.method == method.name and method.is_global(t.params)]
+    if not merged:
+        return
+    flag = next(p.name for p in method.parameters if p.params_key == method.global_flag)
+    for p in method.parameters:
+        if p.statistics and any(t.params[p.params_key] != merged[0].params[p.params_key] for t in merged):
+            per = "each model's " if p.per_model else ""
+            raise RecipeError(f"with `{flag}: true`, {per}`{p.name}` must be the same for every tensor")
 
 
 def _num_layers(ckpt: Checkpoint) -> int:

@@ -32,11 +32,12 @@ from lazymerge.io.direct import RING as DIRECT_RING
 from lazymerge.io.direct import DirectShardWriter, use_direct_writes
 from lazymerge.io.reader import InputReader
 from lazymerge.io.writer import HashingWriter, ShardWriter
-from lazymerge.kernels.backend import Backend, CpuBackend
+from lazymerge.kernels.base import Backend
+from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.lanes import interleave_shards, write_lanes
 from lazymerge.manifest import Manifest
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
-from lazymerge.stats import RunStats
+from lazymerge.statistics import RunStatistics
 
 __all__ = ["MergeRun", "ProgressEvent"]
 
@@ -151,7 +152,7 @@ class MergeRun:
         self.hash_pool = hash_pool()
         self.reader = InputReader(checkpoints, self.tasks, self.busy)
         # Statistics of methods that need them, read before the chunks that use them.
-        self.stats = RunStats(plans, self.reader)
+        self.statistics = RunStatistics(plans, self.reader)
         self.direct = use_direct_writes(backend, plans)
         # Threads that hash and write the O_DIRECT writer's blocks: one per block in flight.
         self.direct_pool = (
@@ -180,7 +181,7 @@ class MergeRun:
         if self.backend.name == "cpu":
             torch.set_num_threads(1)  # parallelism comes from the workers
         try:
-            self.stats.global_stats()
+            self.statistics.global_statistics()
             for t in [*threads, *writers]:
                 t.daemon = True
                 t.start()
@@ -245,7 +246,7 @@ class MergeRun:
                     if not self._put(self.to_compute, (i, [v[i] for v in self.variants], None)):
                         return
                     continue
-                tasks = [self.stats.with_stats(k, v[i]) for k, v in enumerate(self.variants)]  # type: ignore[arg-type]
+                tasks = [self.statistics.with_statistics(k, v[i]) for k, v in enumerate(self.variants)]  # type: ignore[arg-type]
                 slot = self._get(self.free_slots)
                 if slot is _DONE:
                     return

@@ -18,6 +18,7 @@ from pathlib import Path
 from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
 from lazymerge.errors import DiskSpaceError, PlanError
 from lazymerge.io.header import build_header
+from lazymerge.methods import get as get_method
 from lazymerge.output_folder import check_output_folder, plan_writes, reusable_bytes
 
 __all__ = [
@@ -66,9 +67,9 @@ class OutputTensor:
     divisor: float | None = None
     shard: int = -1
     offset: int = -1  # absolute byte offset in the shard file
-    # A registered method (lazymerge.methods) other than "linear" reads its sources in order
-    # (the base model first) and takes its per-tensor parameters from `params`, not from the
-    # sources' weights.
+    # The declared method (lazymerge.methods). A weighted-sum method (linear) is carried by the
+    # sources' weights and `divisor`; any other reads its sources in order (the base model
+    # first) and takes its per-tensor parameters from `params`.
     method: str = "linear"
     params: dict = field(default_factory=dict)
 
@@ -80,9 +81,14 @@ class OutputTensor:
     def nbytes(self) -> int:
         return self.numel * DTYPE_SIZES[self.dtype]
 
+    @property
+    def weighted_sum(self) -> bool:
+        """Whether the tensor is a weighted sum of its sources (the executor's fast path)."""
+        return get_method(self.method).weighted_sum
+
     def segment_is_copy(self, segment: Segment) -> bool:
         """True when a segment is a plain byte copy (one source, same dtype, no arithmetic)."""
-        if len(segment.sources) != 1 or self.divisor is not None or self.method != "linear":
+        if len(segment.sources) != 1 or self.divisor is not None or not self.weighted_sum:
             return False
         src = segment.sources[0]
         return src.dtype == self.dtype and (src.weight == 1.0 or self.dtype not in MERGEABLE_DTYPES)
@@ -255,7 +261,7 @@ class ChunkTask:
     params: dict | None = field(default=None, compare=False)
     tensor: str = ""  # the output tensor's name (keys counter-based randomness)
     element_start: int = 0  # index in the tensor of the chunk's first element
-    stats: object = field(default=None, compare=False)  # from the method's statistics pass
+    statistics: object = field(default=None, compare=False)  # from the method's statistics passes
 
     @property
     def out_nbytes(self) -> int:
@@ -272,6 +278,7 @@ def iter_chunks(plan: MergePlan, chunk_elements: int, shards: list[int] | None =
         yield ("start", k)
         for t in shard.tensors:
             itemsize = DTYPE_SIZES[t.dtype]
+            weighted = t.weighted_sum
             for seg in t.segments:
                 copy = t.segment_is_copy(seg)
                 # Copies never pass through a buffer, so they can move in larger pieces.
@@ -283,8 +290,8 @@ def iter_chunks(plan: MergePlan, chunk_elements: int, shards: list[int] | None =
                         for s in seg.sources
                     )
                     out_offset = t.offset + (seg.start + first) * itemsize
-                    if t.method == "linear":
-                        yield ChunkTask(k, out_offset, n, t.dtype, sources, t.divisor, copy)
+                    if weighted:
+                        yield ChunkTask(k, out_offset, n, t.dtype, sources, t.divisor, copy, t.method)
                     else:
                         yield ChunkTask(
                             k,

@@ -15,9 +15,9 @@ import torch
 from lazymerge import methods
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.io.checkpoint import Checkpoint
-from lazymerge.kernels.backend import CpuBackend
+from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor, iter_chunks
-from lazymerge.stats import stats_passes
+from lazymerge.statistics import statistics_group, statistics_passes
 
 __all__ = ["tensor_bytes"]
 
@@ -41,20 +41,15 @@ def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: Out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        stats = None
-        if tensor.method != "linear" and tensor.segments and (method := methods.get(tensor.method)).needs_stats:
-            group = [tensor]
-            if method.is_global(tensor.params):
-                group = sorted(
-                    (t for t in plan.tensors if t.method == tensor.method and t.segments),
-                    key=lambda t: t.params.get("ordinal", 0),
-                )
-            acc = method.new_stats(tensor.params, sum(t.numel for t in group))  # type: ignore[misc]
-            stats_passes(group, acc, read)
-            stats = acc.result()
+        statistics = None
+        if tensor.segments and (method := methods.get(tensor.method)).needs_statistics:
+            group = statistics_group(plan, tensor)
+            acc = method.new_statistics(group[0].params, sum(t.numel for t in group))
+            statistics_passes(group, acc, read)
+            statistics = acc.result()
         for task in _tensor_tasks(plan, tensor):
-            if stats is not None:
-                task = replace(task, stats=stats)
+            if statistics is not None:
+                task = replace(task, statistics=statistics)
             buffers = []
             for s in task.sources:
                 key = (s.checkpoint, s.file)

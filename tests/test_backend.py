@@ -25,8 +25,10 @@ pytest.importorskip("triton")
 import lazymerge.kernels.triton as lt  # noqa: E402
 from lazymerge.constants import DTYPE_SIZES  # noqa: E402
 from lazymerge.errors import LazyMergeError  # noqa: E402
-from lazymerge.kernels import backend as bk  # noqa: E402
+from lazymerge.kernels import base as bk  # noqa: E402
+from lazymerge.kernels import cpu as kcpu  # noqa: E402
 from lazymerge.kernels import cuda as kc  # noqa: E402
+from lazymerge.kernels import device as kdev  # noqa: E402
 from lazymerge.plan import ChunkTask, Source  # noqa: E402
 
 if not HAS_CUDA and not lt._INTERPRETED:
@@ -94,7 +96,7 @@ def _cuda_backend(**kw: object) -> kc.CudaBackend:
 def _run_fifo(cuda: bk.Backend, tasks: list[ChunkTask], n_slots: int, seed: int) -> None:
     """Submit every task to `cuda` through a small pool of reused host slots (waits in FIFO order)
     and compare each result with CpuBackend's, byte for byte."""
-    cpu = bk.CpuBackend()
+    cpu = kcpu.CpuBackend()
     n_inputs = max(len(t.sources) for t in tasks)
     free = _slots(cuda, n_slots, n_inputs)
     ref = _slots(cpu, 1, n_inputs)[0]
@@ -170,7 +172,7 @@ def test_device_buffers_grow_beyond_allocate_capacity() -> None:
 
 
 def test_cpu_backend_rejects_bad_buffers() -> None:
-    cpu = bk.CpuBackend()
+    cpu = kcpu.CpuBackend()
     task = ChunkTask(0, 0, 10, "F16", (Source(0, "f", 0, "F32", 1.0),), None, copy=False)
     with pytest.raises(ValueError, match="at least 40 bytes"):
         cpu.submit(task, [torch.empty(39, dtype=torch.uint8)], torch.empty(20, dtype=torch.uint8))
@@ -185,18 +187,18 @@ def test_cpu_backend_rejects_bad_buffers() -> None:
 
 
 def test_select_cpu() -> None:
-    backend, why = bk.select_backend("cpu")
-    assert isinstance(backend, bk.CpuBackend) and backend.name == "cpu"
+    backend, why = kdev.select_backend("cpu")
+    assert isinstance(backend, kcpu.CpuBackend) and backend.name == "cpu"
     assert why == "cpu: requested"
 
 
 def test_select_auto() -> None:
-    backend, why = bk.select_backend("auto")
+    backend, why = kdev.select_backend("auto")
     if HAS_CUDA and lt.available()[0] and not lt._INTERPRETED:
         assert backend.name == "cuda" and why.startswith("cuda: ") and why.endswith(" via Triton")
         backend.close()
     else:
-        assert isinstance(backend, bk.CpuBackend)
+        assert isinstance(backend, kcpu.CpuBackend)
         assert why.startswith("cpu: ") and "\n" not in why
         if not HAS_CUDA:
             assert why == "cpu: no CUDA device"
@@ -205,7 +207,7 @@ def test_select_auto() -> None:
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised without CUDA")
 def test_select_cuda_without_gpu_is_a_clean_error() -> None:
     with pytest.raises(bk.DeviceError) as info:
-        bk.select_backend("cuda")
+        kdev.select_backend("cuda")
     err = info.value
     assert isinstance(err, LazyMergeError) and isinstance(err, RuntimeError)
     assert "\n" not in str(err) and "no CUDA device" in str(err)
@@ -214,7 +216,7 @@ def test_select_cuda_without_gpu_is_a_clean_error() -> None:
 
 def test_select_unknown_device() -> None:
     with pytest.raises(bk.DeviceError, match="unknown device"):
-        bk.select_backend("tpu")
+        kdev.select_backend("tpu")
 
 
 @needs_triton
@@ -251,7 +253,7 @@ def test_cuda_buffers_pinned_and_memory_bounded() -> None:
 def test_cuda_large_chunks_many_in_flight() -> None:
     # Chunks the executor's default size, ring depth 3, six host slots: real overlap on streams.
     n = 2 * 1024 * 1024
-    cpu = bk.CpuBackend()
+    cpu = kcpu.CpuBackend()
     with kc.CudaBackend("cuda") as backend:
         g = torch.Generator().manual_seed(5)
         sources = (Source(0, "a", 0, "F16", 0.7), Source(1, "b", 0, "F32", 0.3))

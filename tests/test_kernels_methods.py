@@ -29,8 +29,9 @@ if not HAS_CUDA and not lt._INTERPRETED:
 
 import lazymerge.kernels.triton_methods as tm  # noqa: E402
 from lazymerge import methods  # noqa: E402
-from lazymerge.kernels import backend as bk  # noqa: E402
+from lazymerge.kernels import cpu as kcpu  # noqa: E402
 from lazymerge.kernels import cuda as kc  # noqa: E402
+from lazymerge.kernels import device as kdev  # noqa: E402
 from lazymerge.plan import ChunkTask, Source  # noqa: E402
 
 if lt._INTERPRETED and tm.lt is not lt:
@@ -129,8 +130,8 @@ def test_refuses_what_it_cannot_do() -> None:
         tm.task_vector_combine("ties", [x, x], {"weights": [1.0]}, x.clone(), 0)
     with pytest.raises(ValueError, match=r"1\.\.7 models"):
         tm.task_vector_combine("task_arithmetic", [x] * 9, {"weights": [1.0] * 8}, x.clone(), 0)
-    assert not bk.gpu_capable("ties", 3) and not bk.gpu_capable("dare_ties", 9)
-    assert bk.gpu_capable("dare_ties", 8) and bk.gpu_capable("linear", 20)
+    assert not kdev.gpu_capable("ties", 3) and not kdev.gpu_capable("dare_ties", 9)
+    assert kdev.gpu_capable("dare_ties", 8) and kdev.gpu_capable("linear", 20)
 
 
 def test_cuda_backend_runs_method_chunks() -> None:
@@ -142,7 +143,7 @@ def test_cuda_backend_runs_method_chunks() -> None:
     task = ChunkTask(0, 0, n, "BF16", sources, None, False, "dare_ties", params, NAME, 777)
     ins = [_values(n, d, g, specials=True).view(torch.uint8).clone() for d in (F16, BF16, F32)]
     cpu_out = torch.empty(n * 2, dtype=torch.uint8)
-    bk.CpuBackend().submit(task, ins, cpu_out)
+    kcpu.CpuBackend().submit(task, ins, cpu_out)
     with kc.CudaBackend() as cuda:
         host_in = [cuda.allocate(x.numel()) for x in ins]
         for h, x in zip(host_in, ins, strict=True):

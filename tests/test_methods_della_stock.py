@@ -12,7 +12,7 @@ from test_methods import _bytes, assert_same_bits_as_mergekit, needs_mergekit, t
 
 import lazymerge
 from lazymerge.errors import RecipeError
-from lazymerge.methods.della import BINS, DellaRankStats, keep_probability
+from lazymerge.methods.della import BINS, DellaRankStatistics, keep_probability
 from lazymerge.methods.rescale import BLOCK, block_sums, det_sum
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
 
@@ -205,7 +205,7 @@ def test_della_rank_estimate_is_close_to_the_exact_rank() -> None:
     base, other = torch.randn(40, 3000, generator=g), torch.randn(40, 3000, generator=g)
     density, eps = 0.4, 0.1
     params = {"row": 3000, "densities": [density]}
-    stats = DellaRankStats(params, base.numel())
+    stats = DellaRankStatistics(params, base.numel())
     while stats.needs_pass():
         for s in range(0, base.numel(), 7001):  # chunks that straddle rows
             stats.update([base.reshape(-1)[s : s + 7001], other.reshape(-1)[s : s + 7001]], s)

@@ -31,7 +31,7 @@ from lazymerge.output_folder import DIRECT_PROBE_NAME
 from lazymerge.plan import MergePlan, OutputShard
 
 if TYPE_CHECKING:
-    from lazymerge.kernels.backend import Backend
+    from lazymerge.kernels.base import Backend
 
 __all__ = ["RING", "DirectShardWriter", "direct_io_supported", "use_direct_writes"]
 

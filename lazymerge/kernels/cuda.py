@@ -6,7 +6,7 @@ once they have landed, and the result goes device -> host into the caller's pinn
 on a D2H stream; an event recorded after that copy is the handle. Two copy streams (not one) so
 the upload of chunk k+1 is not queued behind the download of chunk k: the copy engines work both
 directions at once. GPU memory is ring depth x (inputs + 1) x the buffer capacity, whatever the
-tensor or model size. The buffer contract is `lazymerge.kernels.backend`'s.
+tensor or model size. The buffer contract is `lazymerge.kernels.base`'s.
 
 Under `TRITON_INTERPRET=1` without CUDA, `CudaBackend` runs the same code on device "cpu" with
 no-op streams and events and unpinned buffers, so its bookkeeping is testable in CI.
@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from lazymerge import methods
 from lazymerge.constants import DTYPE_SIZES
-from lazymerge.kernels.backend import Backend, DeviceError, Handle, gpu_capable, typed_inputs, typed_view
+from lazymerge.kernels.base import Backend, DeviceError, Handle, typed_inputs, typed_view
 from lazymerge.plan import ChunkTask
 
 __all__ = ["SYNC_ENV", "CudaBackend"]
@@ -143,7 +144,8 @@ class CudaBackend(Backend):
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._real)
 
     def submit(self, task: ChunkTask, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> Handle:
-        if not gpu_capable(task.method, len(task.sources)):
+        method = methods.get(task.method)
+        if not method.gpu_capable(len(task.sources)):
             raise DeviceError(
                 f"merge method {task.method!r} with {len(task.sources)} inputs runs on the CPU backend only",
                 hint="use --device cpu or --device auto",
@@ -174,13 +176,12 @@ class CudaBackend(Backend):
             self._compute.wait_event(uploaded)
             if entry.d2h_done is not None:
                 self._compute.wait_event(entry.d2h_done)
-            if task.method == "linear":
+            kernel = method.gpu_kernel
+            if method.weighted_sum:  # the sources' weights and divisor, any number of inputs
                 weights = [s.weight for s in task.sources]
-                self._lt.linear_combine(dev_in, weights, dev_out, task.divisor, acc=entry.acc)
+                kernel(dev_in, weights, dev_out, task.divisor, acc=entry.acc)
             else:
-                from lazymerge.kernels.triton_methods import task_vector_combine
-
-                task_vector_combine(task.method, dev_in, task.params or {}, dev_out, task.element_start)
+                kernel(task.method, dev_in, task.params or {}, dev_out, task.element_start)
             computed.record(self._compute)
 
         # 3. Download into the caller's pinned buffer. Its completion implies the uploads (and so

@@ -1,5 +1,6 @@
 """Fused Triton kernel for the task-vector methods that are elementwise: task_arithmetic,
-dare_linear and dare_ties (CUDA, or Triton's CPU interpreter with TRITON_INTERPRET=1).
+dare_linear and dare_ties, the methods whose declaration names it (`lazymerge.methods.registry`)
+(CUDA, or Triton's CPU interpreter with TRITON_INTERPRET=1).
 
 It computes `lazymerge.methods.task_arithmetic.generalized_task_arithmetic` bit for bit, one
 element per lane, in the reference's operation order (each step rounded to fp32 on its own):
@@ -30,13 +31,17 @@ from typing import Any
 
 import torch
 
+from lazymerge import methods
 from lazymerge.kernels import triton as lt
+from lazymerge.methods.registry import TASK_VECTOR_GPU
 
 __all__ = ["GPU_METHODS", "MAX_MODELS", "task_vector_combine"]
 
-GPU_METHODS = ("task_arithmetic", "dare_linear", "dare_ties")
+# The methods declared with this kernel (derived: the registry is the one table).
+GPU_METHODS = tuple(n for n in methods.names() if methods.get(n).gpu == TASK_VECTOR_GPU)
 # Non-base models one launch handles (the base is an extra input): the kernel is unrolled.
 MAX_MODELS = 7
+assert TASK_VECTOR_GPU.max_inputs == MAX_MODELS + 1
 _BLOCK = 1024  # smaller than the linear kernel's: up to 8 live fp32 deltas per lane
 _NUM_WARPS = 4
 
@@ -180,6 +185,7 @@ def task_vector_combine(
         raise RuntimeError(f"Triton path unavailable: {why}")
     if method not in GPU_METHODS:
         raise ValueError(f"no GPU kernel for merge method {method!r}")
+    options = methods.get(method).options
     n = out.numel()
     lt._check(out, n, "out")
     for i, x in enumerate(inputs):
@@ -191,8 +197,8 @@ def task_vector_combine(
     if n == 0:
         return out
     weights = [float(w) for w in params["weights"]]
-    dare = method != "task_arithmetic"
-    consensus = method == "dare_ties"
+    dare = options["sparsify"] == "dare"
+    consensus = bool(options["consensus"])
     keys, limits, densities, rescale = [0] * others, [0] * others, [0] * others, 0
     if dare:
         from lazymerge.methods.dare import stream_key

@@ -1,31 +1,49 @@
-"""Merge methods: small pure functions on 1-D fp32 chunks, registered by name.
+"""Merge methods: small pure functions on 1-D fp32 chunks, each declared once by name.
 
 A method turns the chunks of its inputs (the base model first, then the other models, as
 `OutputTensor.segments` lists them) into the merged chunk. It sees one chunk at a time plus:
-`params` (per-tensor parameters resolved by the planner: weights, density, lambda, t...),
-`element_start` (the index of the chunk's first element in the tensor, for counter-based
-randomness) and `stats` (what its statistics pass computed over the whole tensor, or over the
-whole model for a global method). A method that needs statistics declares `new_stats`, an
-accumulator the executor feeds with the tensor's chunks, pass after pass, in bounded memory.
-Every method is elementwise given its stats, so the bytes never depend on the chunk size.
+`params` (per-tensor parameters resolved by the planner from the declaration: weights,
+density, lambda, t...), `element_start` (the index of the chunk's first element in the tensor,
+for counter-based randomness) and `statistics` (what its statistics passes computed over the
+whole tensor, or over the whole model for a global method). A method that needs statistics
+declares a factory of `StatisticsAccumulator`s, which the executor feeds with the tensor's
+chunks, pass after pass, in bounded memory. Every method is elementwise given its statistics,
+so the bytes never depend on the chunk size.
+
+This package and its declarations are torch-free (planning runs before torch is imported); the
+family modules (`ties`, `dare`, `slerp`...) hold the torch arithmetic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+from lazymerge.methods.declaration import REQUIRED, GpuKernel, MergeMethod, Parameter, Range, check_value
+from lazymerge.methods.registry import METHODS
 
-__all__ = ["STATS_CHUNK", "MergeMethod", "StatsAccumulator", "get", "names", "register"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "REQUIRED",
+    "STATISTICS_CHUNK",
+    "GpuKernel",
+    "MergeMethod",
+    "Parameter",
+    "Range",
+    "StatisticsAccumulator",
+    "check_value",
+    "get",
+    "names",
+]
 
 # Elements per chunk of a statistics pass: fixed (not the run's chunk size) so that statistics
 # that are floating-point reductions do not depend on run settings; mergekit's SLERP chunking.
-STATS_CHUNK = 1 << 20
+STATISTICS_CHUNK = 1 << 20
 
 
-class StatsAccumulator(Protocol):
+class StatisticsAccumulator(Protocol):
     """Streaming statistics of one tensor (or of a whole model for a global method)."""
 
     def needs_pass(self) -> bool:
@@ -41,60 +59,18 @@ class StatsAccumulator(Protocol):
         """The statistics handed to the method's chunk function."""
 
 
-Combine = Callable[[Sequence[torch.Tensor], Mapping[str, Any], Any, int], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registered method: `combine(xs, params, stats, element_start) -> fp32 chunk`."""
-
-    name: str
-    reference_url: str
-    combine: Combine
-    new_stats: Callable[[Mapping[str, Any], int], StatsAccumulator] | None = None
-    # A global method's statistics span every tensor that uses it: new_stats(params, numel) is
-    # then called once per model, with the parameters of the first such tensor.
-    is_global: Callable[[Mapping[str, Any]], bool] = lambda params: False
-
-    @property
-    def needs_stats(self) -> bool:
-        return self.new_stats is not None
-
-
-_REGISTRY: dict[str, MergeMethod] = {}
-
-
-def register(
-    name: str,
-    *,
-    reference_url: str,
-    new_stats: Callable[[Mapping[str, Any], int], StatsAccumulator] | None = None,
-    is_global: Callable[[Mapping[str, Any]], bool] | None = None,
-) -> Callable[[Combine], Combine]:
-    """Decorator: register a chunk function under `name` (mergekit's method name)."""
-
-    def wrap(fn: Combine) -> Combine:
-        if name in _REGISTRY:
-            raise ValueError(f"merge method {name!r} is already registered")
-        _REGISTRY[name] = MergeMethod(name, reference_url, fn, new_stats, is_global or (lambda params: False))
-        return fn
-
-    return wrap
-
-
 def get(name: str) -> MergeMethod:
-    _load()
+    """The declaration of method `name`.
+
+    Raises:
+        KeyError: no method has that name.
+    """
     try:
-        return _REGISTRY[name]
+        return METHODS[name]
     except KeyError:
         raise KeyError(f"unknown merge method {name!r}; known: {', '.join(names())}") from None
 
 
 def names() -> list[str]:
-    _load()
-    return sorted(_REGISTRY)
-
-
-def _load() -> None:
-    # The families register themselves on import; late, so `plan` stays torch-free.
-    from lazymerge.methods import dare, della, linear, model_stock, multislerp, slerp, task_arithmetic, ties  # noqa: F401
+    """Every declared method's name, sorted."""
+    return sorted(METHODS)

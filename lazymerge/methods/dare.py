@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from lazymerge.methods import register
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -78,17 +77,15 @@ def _dare(xs: Sequence[torch.Tensor], params: Mapping[str, Any], element_start: 
     )
 
 
-@register("dare_linear", reference_url="https://arxiv.org/abs/2311.03099")
 def dare_linear(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any = None, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any = None, element_start: int = 0
 ) -> torch.Tensor:
     """`params`: tensor (name), weights, densities, seed, rescale (default True), normalize, lambda."""
     return _dare(xs, params, element_start, consensus=False)
 
 
-@register("dare_ties", reference_url="https://arxiv.org/abs/2311.03099")
 def dare_ties(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any = None, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any = None, element_start: int = 0
 ) -> torch.Tensor:
     """DARE dropping, then TIES sign election and disjoint mean."""
     return _dare(xs, params, element_start, consensus=True)

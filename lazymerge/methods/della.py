@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import StatsAccumulator, register
+from lazymerge.methods import StatisticsAccumulator
 from lazymerge.methods.dare import uniform53
 from lazymerge.methods.rescale import L1Rescale
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
 
-__all__ = ["BINS", "DellaRankStats", "DellaRanks", "della_keep", "keep_probability"]
+__all__ = ["BINS", "DellaRankStatistics", "DellaRanks", "della_keep", "keep_probability"]
 
 BINS = 64
 _SALT = "della"
@@ -68,7 +68,7 @@ def _bin_of(pos: torch.Tensor) -> torch.Tensor:
     return pos.floor().clamp_(0, BINS - 1).to(torch.int64)
 
 
-class DellaRankStats:
+class DellaRankStatistics:
     """Pass 1: each row's max |delta| per model; pass 2: each row's histogram of |delta|."""
 
     def __init__(self, params: Mapping[str, Any], numel: int) -> None:
@@ -145,8 +145,8 @@ def della_keep(
     return out
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
-    ranks = DellaRankStats(params, numel)
+def della_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
+    ranks = DellaRankStatistics(params, numel)
     if not params.get("rescale", True):
         return ranks
     enabled = [0 < d < 1 for d in params["densities"]]
@@ -158,12 +158,12 @@ def _new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
 
 
 def _della(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int, consensus: bool
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int, consensus: bool
 ) -> torch.Tensor:
     if params.get("rescale", True):
-        ranks, factors = stats.inner, stats.for_key(params.get("ordinal", 0))
+        ranks, factors = statistics.inner, statistics.for_key(params.get("ordinal", 0))
     else:
-        ranks, factors = stats, None
+        ranks, factors = statistics, None
     return generalized_task_arithmetic(
         xs,
         params["weights"],
@@ -175,15 +175,15 @@ def _della(
     )
 
 
-@register("della", reference_url="https://arxiv.org/abs/2406.11617", new_stats=_new_stats)
-def della(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
+def della(
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
+) -> torch.Tensor:
     """`params`: tensor, row, weights, densities, epsilons, seed, rescale, normalize (True), lambda."""
-    return _della(xs, params, stats, element_start, consensus=True)
+    return _della(xs, params, statistics, element_start, consensus=True)
 
 
-@register("della_linear", reference_url="https://arxiv.org/abs/2406.11617", new_stats=_new_stats)
 def della_linear(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
 ) -> torch.Tensor:
     """DELLA dropping and rescaling, then a weighted sum without sign election."""
-    return _della(xs, params, stats, element_start, consensus=False)
+    return _della(xs, params, statistics, element_start, consensus=False)

@@ -1,7 +1,10 @@
 """linear: `sum(w_i * x_i)`, divided by `sum(w_i)` when normalizing (mergekit's `linear`).
 
-The executor's fast path runs `lazymerge.kernels.torch.linear_combine` directly with the
-weights carried by each Source; this registered form is the same arithmetic on fp32 chunks.
+Declared as a weighted-sum method (`lazymerge.methods.registry`): the planner lowers it to
+weighted sources and a divisor, and the backends run it on their weighted-sum fast path
+(`lazymerge.kernels.torch.linear_combine`, or the Triton kernel on a GPU) with the weights each
+Source carries. This chunk function is the same arithmetic on fp32 chunks, for callers that
+hold the weights in `params`.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from typing import Any
 import torch
 
 from lazymerge.kernels.torch import linear_combine
-from lazymerge.methods import register
 
 
-@register("linear", reference_url="https://arxiv.org/abs/2203.05482")
-def linear(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any = None, element_start: int = 0):
+def linear(
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any = None, element_start: int = 0
+) -> torch.Tensor:
     """`params`: weights (one per input), divisor (None: no normalisation)."""
     out = torch.empty_like(xs[0], dtype=torch.float32)
     return linear_combine(xs, params["weights"], out, params.get("divisor"))

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import register
 from lazymerge.methods.rescale import BLOCK, det_sum
 
 
@@ -33,7 +32,7 @@ def _norm(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(list(parts)))
 
 
-class ModelStockStats:
+class ModelStockStatistics:
     """One pass: each offset's norm and each pair's dot product; then mergekit's `t`."""
 
     def __init__(self, params: Mapping[str, Any], numel: int) -> None:
@@ -75,16 +74,15 @@ def model_stock_t(cos_thetas: Sequence[torch.Tensor], count: int) -> torch.Tenso
     return torch.where(singular, torch.zeros_like(cos_theta), (count * cos_theta) / safe_denominator)
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> ModelStockStats:
-    return ModelStockStats(params, numel)
+def model_stock_statistics(params: Mapping[str, Any], numel: int) -> ModelStockStatistics:
+    return ModelStockStatistics(params, numel)
 
 
-@register("model_stock", reference_url="https://arxiv.org/abs/2403.19522", new_stats=_new_stats)
 def model_stock(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
 ) -> torch.Tensor:
-    """`xs`: base, then two or more models; `stats`: the ratio t from `ModelStockStats`."""
-    t = stats
+    """`xs`: base, then two or more models; `statistics`: the ratio t from `ModelStockStatistics`."""
+    t = statistics
     ws = list(xs[1:])
     average = sum(ws) / len(ws)  # Python's sum, as mergekit: 0 + w_1 + w_2 + ...
     return t * average + (1 - t) * xs[0]

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from lazymerge.errors import RecipeError
-from lazymerge.methods import register
 from lazymerge.methods.rescale import BLOCK, det_sum
 
 
@@ -48,7 +47,7 @@ class MultiSlerpCoefs:
     linear: bool  # mergekit's two-model fallback when the weighted mean vanishes
 
 
-class MultiSlerpStats:
+class MultiSlerpStatistics:
     def __init__(self, params: Mapping[str, Any], numel: int) -> None:
         self.w = _weights(params)
         self.eps = float(params.get("eps", 1e-8))
@@ -110,28 +109,25 @@ class MultiSlerpStats:
         return MultiSlerpCoefs(c["norms"], c["mean_norm"], c["dots"], c["tangent_norm"], False)
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> MultiSlerpStats:
-    return MultiSlerpStats(params, numel)
+def multislerp_statistics(params: Mapping[str, Any], numel: int) -> MultiSlerpStatistics:
+    return MultiSlerpStatistics(params, numel)
 
 
-@register(
-    "multislerp", reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea", new_stats=_new_stats
-)
 def multislerp(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
 ) -> torch.Tensor:
     """`xs`: base, then the models; `params`: weights, normalize_weights, eps."""
-    if stats is None:  # one model: mergekit returns it as is
+    if statistics is None:  # one model: mergekit returns it as is
         return xs[1].clone()
     w = _weights(params)
     d = torch.stack([torch.sub(x, xs[0]) for x in xs[1:]])
-    if stats.linear:
+    if statistics.linear:
         return (d[0] * w[0] + d[1] * w[1]) + xs[0]
     eps = float(params.get("eps", 1e-8))
-    unit = d / (stats.norms + eps)
-    mean = (unit * w.view(-1, 1)).sum(0) / stats.mean_norm
-    tangent = ((unit - stats.dots * mean) * w.view(-1, 1)).sum(0)
-    tn = stats.tangent_norm
+    unit = d / (statistics.norms + eps)
+    mean = (unit * w.view(-1, 1)).sum(0) / statistics.mean_norm
+    tangent = ((unit - statistics.dots * mean) * w.view(-1, 1)).sum(0)
+    tn = statistics.tangent_norm
     result = mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)
-    avg_norm = (stats.norms.squeeze(-1) * w).sum()
+    avg_norm = (statistics.norms.squeeze(-1) * w).sum()
     return result * avg_norm + xs[0]

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import STATS_CHUNK, StatsAccumulator
+from lazymerge.methods import STATISTICS_CHUNK, StatisticsAccumulator
 
 __all__ = ["BLOCK", "L1Rescale", "Rescaled", "block_sums", "det_sum", "l1_factor"]
 
 BLOCK = 32768  # torch's GRAIN_SIZE: reductions of fewer elements never go parallel
-assert STATS_CHUNK % BLOCK == 0  # so blocks never straddle two statistics chunks
+assert STATISTICS_CHUNK % BLOCK == 0  # so blocks never straddle two statistics chunks
 _EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
 
 # keep(xs, inner_result, element_start, key) -> one bool mask per non-base model (None: all kept)
@@ -73,7 +73,7 @@ class L1Rescale:
     `enabled[i]` says whether model i + 1 is rescaled (mergekit skips densities >= 1).
     """
 
-    def __init__(self, inner: StatsAccumulator, keep: KeepFn, enabled: Sequence[bool]) -> None:
+    def __init__(self, inner: StatisticsAccumulator, keep: KeepFn, enabled: Sequence[bool]) -> None:
         self.inner = inner
         self.keep = keep
         self.enabled = list(enabled)

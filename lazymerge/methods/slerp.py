@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import register
 
-
-class SlerpStats:
+class SlerpStatistics:
     """Two passes: chunk norms, then the dot product of the normalised chunks."""
 
     def __init__(self, params: Mapping[str, Any], numel: int, eps: float = 1e-8) -> None:
@@ -70,13 +68,14 @@ def slerp_coefficients(t: float, dot: torch.Tensor, threshold: float = 0.9995) -
     return coef_a, coef_b
 
 
-def _new_stats(params: Mapping[str, Any], numel: int) -> SlerpStats:
-    return SlerpStats(params, numel)
+def slerp_statistics(params: Mapping[str, Any], numel: int) -> SlerpStatistics:
+    return SlerpStatistics(params, numel)
 
 
-@register("slerp", reference_url="https://en.wikipedia.org/wiki/Slerp", new_stats=_new_stats)
-def slerp(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
-    """`xs`: base, other (fp32 chunks); `stats`: the two coefficients from `SlerpStats`."""
-    coef_a, coef_b = stats
+def slerp(
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
+) -> torch.Tensor:
+    """`xs`: base, other (fp32 chunks); `statistics`: the two coefficients from `SlerpStatistics`."""
+    coef_a, coef_b = statistics
     a, b = xs[0].reshape(1, -1), xs[1].reshape(1, -1)
     return (coef_a * a + coef_b * b).reshape(-1)

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import register
-
 
 def generalized_task_arithmetic(
     xs: Sequence[torch.Tensor],
@@ -87,9 +85,8 @@ def _sum_models(rows: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-@register("task_arithmetic", reference_url="https://arxiv.org/abs/2212.04089")
 def task_arithmetic(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any = None, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any = None, element_start: int = 0
 ) -> torch.Tensor:
     """`params`: weights, normalize (default False), lambda (default 1)."""
     return generalized_task_arithmetic(

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lazymerge.methods import StatsAccumulator, register
+from lazymerge.methods import StatisticsAccumulator
 from lazymerge.methods.rescale import L1Rescale
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
 
@@ -62,7 +62,7 @@ def in_top(bits: torch.Tensor, cut: TopKCut, pos_start: int) -> torch.Tensor:
     return keep
 
 
-class TopKStats:
+class TopKStatistics:
     """Streaming exact top-k cuts for several (model, k) requests over the same stream.
 
     `update` gets the fp32 chunks (base first) and the position key of the chunk's first
@@ -195,16 +195,12 @@ def _breadcrumbs_requests(params: Mapping[str, Any], numel: int) -> list[tuple[i
     return out
 
 
-def _is_global(params: Mapping[str, Any]) -> bool:
-    return bool(params.get("global", False))
-
-
 def _pos(params: Mapping[str, Any], element_start: int) -> int:
     # The statistics passes key every tensor by its ordinal (global or not), so positions do too.
     return (params.get("ordinal", 0) << _POS_SHIFT) + element_start
 
 
-def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> StatsAccumulator:
+def _with_rescale(params: Mapping[str, Any], inner: TopKStatistics, keep: Any) -> StatisticsAccumulator:
     """mergekit's `rescale: true`: wrap the top-k cuts with per-tensor L1 factors."""
     if not params.get("rescale", False):
         return inner
@@ -216,18 +212,18 @@ def _with_rescale(params: Mapping[str, Any], inner: TopKStats, keep: Any) -> Sta
     return L1Rescale(inner, keep_fn, enabled)
 
 
-def _ties_new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
-    return _with_rescale(params, TopKStats(_ties_requests(params, numel), numel), _magnitude_keep)
+def ties_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
+    return _with_rescale(params, TopKStatistics(_ties_requests(params, numel), numel), _magnitude_keep)
 
 
-def _breadcrumbs_new_stats(params: Mapping[str, Any], numel: int) -> StatsAccumulator:
-    return _with_rescale(params, TopKStats(_breadcrumbs_requests(params, numel), numel), _breadcrumbs_keep)
+def breadcrumbs_statistics(params: Mapping[str, Any], numel: int) -> StatisticsAccumulator:
+    return _with_rescale(params, TopKStatistics(_breadcrumbs_requests(params, numel), numel), _breadcrumbs_keep)
 
 
-def _cuts_and_factors(params: Mapping[str, Any], stats: Any) -> tuple[Any, Any]:
+def _cuts_and_factors(params: Mapping[str, Any], statistics: Any) -> tuple[Any, Any]:
     if params.get("rescale", False):
-        return stats.inner, stats.for_key(params.get("ordinal", 0))
-    return stats, None
+        return statistics.inner, statistics.for_key(params.get("ordinal", 0))
+    return statistics, None
 
 
 def _magnitude_keep(xs: Sequence[torch.Tensor], cuts: Sequence[TopKCut], pos: int) -> list[torch.Tensor]:
@@ -242,10 +238,11 @@ def _breadcrumbs_keep(xs: Sequence[torch.Tensor], cuts: Sequence[TopKCut], pos: 
     return keep
 
 
-@register("ties", reference_url="https://arxiv.org/abs/2306.01708", new_stats=_ties_new_stats, is_global=_is_global)
-def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0) -> torch.Tensor:
+def ties(
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
+) -> torch.Tensor:
     """`params`: weights, densities, normalize (default True), lambda, rescale (L1, default False)."""
-    cuts, factors = _cuts_and_factors(params, stats)
+    cuts, factors = _cuts_and_factors(params, statistics)
     keep = _magnitude_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,
@@ -258,17 +255,11 @@ def ties(xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, elem
     )
 
 
-@register(
-    "breadcrumbs",
-    reference_url="https://arxiv.org/abs/2312.06795",
-    new_stats=_breadcrumbs_new_stats,
-    is_global=_is_global,
-)
 def breadcrumbs(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
 ) -> torch.Tensor:
     """`params`: weights, densities, gammas, normalize (default False), lambda, rescale (L1)."""
-    cuts, factors = _cuts_and_factors(params, stats)
+    cuts, factors = _cuts_and_factors(params, statistics)
     keep = _breadcrumbs_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,
@@ -280,17 +271,11 @@ def breadcrumbs(
     )
 
 
-@register(
-    "breadcrumbs_ties",
-    reference_url="https://arxiv.org/abs/2312.06795",
-    new_stats=_breadcrumbs_new_stats,
-    is_global=_is_global,
-)
 def breadcrumbs_ties(
-    xs: Sequence[torch.Tensor], params: Mapping[str, Any], stats: Any, element_start: int = 0
+    xs: Sequence[torch.Tensor], params: Mapping[str, Any], statistics: Any, element_start: int = 0
 ) -> torch.Tensor:
     """Breadcrumbs trimming with TIES sign election."""
-    cuts, factors = _cuts_and_factors(params, stats)
+    cuts, factors = _cuts_and_factors(params, statistics)
     keep = _breadcrumbs_keep(xs, cuts, _pos(params, element_start))
     return generalized_task_arithmetic(
         xs,

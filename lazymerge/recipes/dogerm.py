@@ -5,17 +5,23 @@ included; the reward head (`score.*`) comes from the RM; the SFT `lm_head` is dr
 embedding covers the union vocabulary (shared tokens averaged, one-sided tokens keep their own
 model's row). Unlike the official script, a row only the RM has keeps its trained value instead
 of a random re-initialisation, so the merge is deterministic.
+
+At lambda = 0 and 1 the merged tensors are the RM's / the SFT's values, selected rather than
+multiplied (0 * inf is NaN): the plan reads only the selected model, as a one-source segment
+with weight 1, so the bytes are a copy when the dtype is kept, and the same fp32 -> dtype cast
+as every other merged tensor when it changes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 from lazymerge.constants import CARRIED_FILES, DEFAULT_MAX_SHARD_SIZE, MERGEABLE_DTYPES
 from lazymerge.errors import RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, TensorRef
-from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
+from lazymerge.plan import MergePlan, OutputTensor, Segment, Source, build_plan
 from lazymerge.recipes.card import hub_base_models, model_card
 from lazymerge.recipes.common import copy_tensor, normalize_dtype, output_config, source_at
 from lazymerge.recipes.vocab import add_tokens, load_vocab, union_rows
@@ -54,9 +60,7 @@ def plan_dogerm(
         VocabularyError: the tokenizers give one token two ids.
         OutputError / DiskSpaceError: see `build_plan`.
     """
-    lam = float(weight)
-    if not 0.0 <= lam <= 1.0:
-        raise RecipeError(f"--weight must be between 0 and 1, got {weight}", hint="DogeRM's lambda: 0 = RM, 1 = SFT")
+    lam = check_weight(weight)
     # Each tensor keeps the reward model's dtype unless --dtype overrides it.
     override = normalize_dtype(dtype)
     rm, sft = reward_model, domain_model
@@ -79,9 +83,11 @@ def plan_dogerm(
         elif ref.dtype not in MERGEABLE_DTYPES or other.dtype not in MERGEABLE_DTYPES:
             tensors.append(copy_tensor(RM, ref, None, f"reward model ({ref.dtype} is copied, not merged)"))
         else:
-            sources = (source_at(RM, ref, 0, 1.0 - lam), source_at(SFT, other, 0, lam))
+            sources = _mix(ref, other, 0, lam)
             segments = (Segment(0, ref.numel, sources),) if ref.numel else ()
-            how = f"{1 - lam:g} x RM + {lam:g} x SFT"
+            how = {0.0: "reward model (lambda 0)", 1.0: "domain model (lambda 1)"}.get(
+                lam, f"{1 - lam:g} x RM + {lam:g} x SFT"
+            )
             tensors.append(OutputTensor(name, override or ref.dtype, ref.shape, segments, how))
     dropped = [name for name in sft.tensors if name not in rm.tensors]
     recipe = {
@@ -108,6 +114,30 @@ def plan_dogerm(
     )
 
 
+def check_weight(weight: object) -> float:
+    """DogeRM's lambda as a float: a finite number in [0, 1] (NaN and infinities refused).
+
+    Raises:
+        RecipeError: anything else.
+    """
+    try:
+        lam = float(weight)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        lam = math.nan
+    if isinstance(weight, bool) or not (math.isfinite(lam) and 0.0 <= lam <= 1.0):
+        raise RecipeError(f"--weight must be between 0 and 1, got {weight}", hint="DogeRM's lambda: 0 = RM, 1 = SFT")
+    return lam
+
+
+def _mix(rm: TensorRef, sft: TensorRef, start: int, lam: float) -> tuple[Source, ...]:
+    """`(1 - lam) * RM + lam * SFT` from element `start`; at 0 or 1 the one model alone."""
+    if lam == 0.0:
+        return (source_at(RM, rm, start),)
+    if lam == 1.0:
+        return (source_at(SFT, sft, start),)
+    return (source_at(RM, rm, start, 1.0 - lam), source_at(SFT, sft, start, lam))
+
+
 def _union_embedding(
     rm: Checkpoint, sft: Checkpoint, ref: TensorRef, other: TensorRef, lam: float, out_dtype: str
 ) -> tuple[OutputTensor, list[tuple[int, str]]]:
@@ -118,7 +148,7 @@ def _union_embedding(
     for run in runs:
         start = run.start * width
         if run.sources == ("rm", "sft"):
-            sources = (source_at(RM, ref, start, 1.0 - lam), source_at(SFT, other, start, lam))
+            sources = _mix(ref, other, start, lam)
             label = "averaged"
         elif run.sources == ("rm",):
             sources, label = (source_at(RM, ref, start),), "reward model"
