@@ -172,7 +172,7 @@ def run_demo(work: Path, out: Console, err: Console) -> None:
         f"{plan.total_size} bytes; dropped from the SFT model: {', '.join(plan.dropped)}"
     )
     stats = execute(plan, [rm, sft])
-    print_stats(out, plan, stats)
+    print_stats(out, stats)
     # Check against an in-memory computation of the same formula.
     rm_q = _load(rm_dir, "model.layers.0.self_attn.q_proj.weight")
     sft_q = torch.load(next(sft_dir.glob("pytorch_model-00001-*.bin")), weights_only=True)[

@@ -1,4 +1,4 @@
-"""Run merge plans: `execute` (one plan) and `execute_sweep` (K plans, one read of the inputs).
+"""Run merge plans: `execute_sweep` (K plans, one read of the inputs) and `execute`, a sweep of one.
 
 Everything around the stream: the output folders (created, locked), the backend, the shards kept
 by --resume (checked against the manifest), the side files (the index last: it is what makes a
@@ -13,34 +13,20 @@ import contextlib
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 
 from lazymerge.errors import OutputError
+from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import write_side_file
 from lazymerge.kernels.backend import CpuBackend, DeviceError, gpu_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.manifest import Manifest, plan_fingerprint
-from lazymerge.pipeline import MergeRun, ProgressEvent
+from lazymerge.pipeline import MergeRun
 from lazymerge.plan import MergePlan
 from lazymerge.recompute import tensor_bytes
 
 __all__ = ["MergeStats", "ProgressEvent", "execute", "execute_sweep", "tensor_bytes"]
-
-
-@dataclass
-class MergeStats:
-    """A finished run: counts, sizes, time, memory, and where the files are."""
-
-    tensors: int
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    peak_rss_bytes: int
-    device: str
-    files: list[Path] = field(default_factory=list)
-    resumed_shards: int = 0
 
 
 def execute(
@@ -54,10 +40,10 @@ def execute(
     workers: int | None = None,
     write_lanes: int | None = None,
 ) -> MergeStats:
-    """Write the merged model described by `plan` into `plan.output_dir`.
+    """Write the merged model described by `plan` into `plan.output_dir` (a sweep of one).
 
     Args:
-        plan: from `lazymerge.plan(...)` or a recipe's planner.
+        plan: from `lazymerge.plan_merge(...)` or a recipe's planner.
         checkpoints: the opened inputs, in `plan.inputs` order.
         chunk_elements: elements per chunk; bounds memory. Default: 2 Mi on CPU, 8 Mi on CUDA.
         progress: called with a ProgressEvent after every chunk and when each shard closes.
@@ -76,16 +62,10 @@ def execute(
         OutputError: the folder is locked by another run, or holds a different merge (--resume).
         DiskSpaceError, HeaderError: disk full, or an input truncated since it was planned.
     """
-    return _execute_many(
-        [plan],
-        checkpoints,
-        chunk_elements=chunk_elements,
-        progress=progress,
-        resume=resume,
-        device=device,
-        workers=workers,
-        write_lanes=write_lanes,
-    )[0]
+    return execute_sweep(
+        [plan], checkpoints, chunk_elements=chunk_elements, progress=progress, resume=resume, device=device,
+        workers=workers, write_lanes=write_lanes,
+    )[0]  # fmt: skip
 
 
 def execute_sweep(
@@ -110,31 +90,9 @@ def execute_sweep(
     Raises:
         PlanError: the plans do not read the same input ranges.
     """
-    return _execute_many(
-        list(plans),
-        checkpoints,
-        chunk_elements=chunk_elements,
-        progress=progress,
-        resume=resume,
-        device=device,
-        workers=workers,
-        write_lanes=write_lanes,
-    )
-
-
-def _execute_many(
-    plans: list[MergePlan],
-    checkpoints: Sequence[Checkpoint],
-    *,
-    chunk_elements: int | None,
-    progress: Callable[[ProgressEvent], None] | None,
-    resume: bool,
-    device: str,
-    workers: int | None,
-    write_lanes: int | None,
-) -> list[MergeStats]:
     start = time.perf_counter()
     _return_freed_buffers_to_the_os()
+    plans = list(plans)
     dirs = [p.output_dir for p in plans]
     if len({d.resolve() for d in dirs}) != len(dirs):
         raise OutputError("two outputs of the sweep go to the same folder", hint="put {weight} in --output")
@@ -224,6 +182,7 @@ def _execute_many(
             device=reason,
             files=[p.output_dir / s.name for s in p.shards],
             resumed_shards=len(done),
+            output_dir=p.output_dir,
         )
         for p, (_, done) in zip(plans, states, strict=True)
     ]

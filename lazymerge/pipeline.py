@@ -19,13 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.errors import PlanError
+from lazymerge.events import ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.digest import hash_pool
 from lazymerge.io.direct import RING as DIRECT_RING
@@ -41,19 +41,6 @@ from lazymerge.stats import RunStats
 __all__ = ["MergeRun", "ProgressEvent"]
 
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """What the executor reports. `kind` is "start", "chunk", "shard" (a shard closed),
-    "skip" (a shard kept from an earlier run by --resume) or "done"."""
-
-    kind: str
-    shard: str
-    bytes_written: int
-    total_bytes: int
-    bytes_read: int
-    path: Path | None = None
 
 
 # The GPU path's chunk size (when the caller left the default) and number of host slots.
