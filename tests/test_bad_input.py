@@ -27,8 +27,8 @@ from conftest import write_model
 
 import lazymerge
 import lazymerge.execute
-from lazymerge.config import plan_recipe
 from lazymerge.cli import main
+from lazymerge.config import plan_recipe
 from lazymerge.errors import LazyMergeError
 from lazymerge.io.header import read_header
 
