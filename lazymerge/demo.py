@@ -148,7 +148,7 @@ def run_demo(work: Path, out: Console, err: Console) -> None:
     """Build the pair in `work`, merge with lambda = 0.3, verify one tensor and the embedding."""
     import shutil
 
-    import lazymerge
+    from lazymerge.api import open_model
     from lazymerge.execute import execute
     from lazymerge.recipes.dogerm import plan_dogerm
     from lazymerge.report import print_stats
@@ -165,7 +165,7 @@ def run_demo(work: Path, out: Console, err: Console) -> None:
         f"running: lazymerge dogerm --reward-model {rm_dir} --domain-model {sft_dir} "
         f"--weight {lam} --output {output} --max-shard-size 200kB"
     )
-    rm, sft = lazymerge.open_model(rm_dir), lazymerge.open_model(sft_dir)
+    rm, sft = open_model(rm_dir), open_model(sft_dir)
     plan = plan_dogerm(rm, sft, lam, output, max_shard_size=200_000)
     out.print(
         f"plan (from headers only): {len(plan.tensors)} tensors in {len(plan.shards)} shards, "

@@ -98,7 +98,7 @@ class OutputShard:
     size: int  # total file size in bytes
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr would list every tensor and header byte
 class MergePlan:
     """Everything the executor needs, and everything --dry-run shows."""
 
@@ -111,6 +111,14 @@ class MergePlan:
     dropped: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     free_bytes: int | None = None
+
+    def __repr__(self) -> str:
+        method = self.recipe.get("merge_method", "?")
+        return (
+            f"MergePlan({method} of {', '.join(self.inputs)} -> {str(self.output_dir)!r}: "
+            f"{len(self.tensors)} tensors, {len(self.shards)} shard(s), {self.total_size} bytes"
+            f"{f', {len(self.warnings)} warning(s)' if self.warnings else ''})"
+        )
 
     @property
     def total_size(self) -> int:
