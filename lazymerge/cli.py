@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import logging
 import os
 import sys
 import warnings
@@ -20,9 +19,9 @@ from typing import Any
 from rich.console import Console
 
 from lazymerge._version import __version__
-from lazymerge.constants import debug_enabled
 from lazymerge.errors import LazyMergeError, PlanWarning
 from lazymerge.options import DEVICES, HubOptions, RunOptions
+from lazymerge.settings import debug_enabled, quiet_hub_logging
 
 EXIT_USER_ERROR = 2
 
@@ -52,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    _quiet_hub_warnings()
+    quiet_hub_logging()
     try:
         return args.func(args) or 0
     except LazyMergeError as exc:
@@ -77,18 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _line(f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))}")
         _line("[dim]hint: rerun with LAZYMERGE_DEBUG=1 for a traceback and report it[/]")
         return 1
-
-
-def _quiet_hub_warnings() -> None:
-    """huggingface_hub logs every retry of a failed download on stderr (an "Error while
-    downloading ... Trying to resume download..." pair each time): 12 lines before our one-line
-    error. Its logger shows errors only, then, unless the user set HF_HUB_VERBOSITY or
-    LAZYMERGE_DEBUG=1. The variable is what huggingface_hub reads when first imported; the
-    level covers an import that happened already."""
-    if debug_enabled() or "HF_HUB_VERBOSITY" in os.environ:
-        return
-    os.environ["HF_HUB_VERBOSITY"] = "error"
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def _line(markup: str) -> None:

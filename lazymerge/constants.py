@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 from lazymerge.errors import RecipeError
 
@@ -65,14 +64,6 @@ TOKENIZER_FILES = (
 )
 # Extra files a model folder commonly carries that a merge result should keep (from the first model).
 CARRIED_FILES = ("generation_config.json",)
-
-ENV_DEBUG = "LAZYMERGE_DEBUG"
-
-
-def debug_enabled() -> bool:
-    """True when LAZYMERGE_DEBUG asks for tracebacks instead of one-line errors."""
-    return os.environ.get(ENV_DEBUG, "") not in ("", "0", "false", "False")
-
 
 # The largest shard size: a file offset must fit a signed 64-bit integer.
 MAX_SIZE_BYTES = (1 << 63) - 1

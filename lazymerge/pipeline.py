@@ -36,6 +36,7 @@ from lazymerge.kernels.backend import Backend, CpuBackend
 from lazymerge.lanes import interleave_shards, write_lanes
 from lazymerge.manifest import Manifest
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
+from lazymerge.settings import profile_enabled
 from lazymerge.stats import RunStats
 
 __all__ = ["MergeRun", "ProgressEvent"]
@@ -188,7 +189,7 @@ class MergeRun:
             self.hash_pool.shutdown(cancel_futures=True)
             if self.direct_pool is not None:
                 self.direct_pool.shutdown(cancel_futures=True)
-        if os.environ.get("LAZYMERGE_PROFILE") == "1":
+        if profile_enabled():
             busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
             print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", flush=True)
         if self.errors:
