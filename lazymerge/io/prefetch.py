@@ -46,10 +46,7 @@ class StartupPrefetch:
         self._thread: threading.Thread | None = None
         self.bytes_read = 0
         self._enabled = (
-            "torch" not in sys.modules
-            and not resume
-            and prefetch_enabled()
-            and all(not c.remote for c in checkpoints)
+            "torch" not in sys.modules and not resume and prefetch_enabled() and all(not c.remote for c in checkpoints)
         )
 
     def __enter__(self) -> StartupPrefetch:
