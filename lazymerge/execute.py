@@ -14,6 +14,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from lazymerge.errors import OutputError
 from lazymerge.events import MergeStats, ProgressEvent
@@ -29,43 +30,19 @@ from lazymerge.recompute import tensor_bytes
 __all__ = ["MergeStats", "ProgressEvent", "execute", "execute_sweep", "tensor_bytes"]
 
 
-def execute(
-    plan: MergePlan,
-    checkpoints: Sequence[Checkpoint],
-    *,
-    chunk_elements: int | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
-    resume: bool = False,
-    device: str = "cpu",
-    workers: int | None = None,
-    write_lanes: int | None = None,
-) -> MergeStats:
-    """Write the merged model described by `plan` into `plan.output_dir` (a sweep of one).
+def execute(plan: MergePlan, checkpoints: Sequence[Checkpoint], **options: Any) -> MergeStats:
+    """Write the merged model described by `plan` into `plan.output_dir`: `execute_sweep([plan])`.
 
     Args:
         plan: from `lazymerge.plan_merge(...)` or a recipe's planner.
         checkpoints: the opened inputs, in `plan.inputs` order.
-        chunk_elements: elements per chunk; bounds memory. Default: 2 Mi on CPU, 8 Mi on CUDA.
-        progress: called with a ProgressEvent after every chunk and when each shard closes.
-        resume: keep shards that an earlier run of the same plan finished (checked against the
-            manifest's sizes and checksums), redo the rest.
-        device: "cpu", "cuda" or "auto" (CUDA when a GPU and Triton are usable).
-        workers: CPU merge threads (default: the number of cores).
-        write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
-            CUDA, 1 on CPU; always 1 with low-disk Hub inputs, and the pusher asks for 1 when
-            shards are deleted once uploaded).
+        options: `chunk_elements`, `progress`, `resume`, `device`, `workers`, `write_lanes`, as
+            for `execute_sweep`.
 
     Returns:
         MergeStats of the run.
-
-    Raises:
-        OutputError: the folder is locked by another run, or holds a different merge (--resume).
-        DiskSpaceError, HeaderError: disk full, or an input truncated since it was planned.
     """
-    return execute_sweep(
-        [plan], checkpoints, chunk_elements=chunk_elements, progress=progress, resume=resume, device=device,
-        workers=workers, write_lanes=write_lanes,
-    )[0]  # fmt: skip
+    return execute_sweep([plan], checkpoints, **options)[0]
 
 
 def execute_sweep(
@@ -79,7 +56,8 @@ def execute_sweep(
     workers: int | None = None,
     write_lanes: int | None = None,
 ) -> list[MergeStats]:
-    """Write K merged models that read the same input ranges (a parameter sweep) in one pass.
+    """Write K merged models that read the same input ranges (a parameter sweep) in one pass; K = 1
+    for a single merge.
 
     Every chunk of the inputs is read once and merged K times, once per plan; each output has
     its own folder, writer, manifest and index. The plans must read the same inputs in the same
@@ -87,7 +65,25 @@ def execute_sweep(
     the shards its own manifest records as finished; a shard is merged only for the outputs that
     lack it, and each input range is still read once.
 
+    Args:
+        plans: the K plans (`lazymerge.plan_merge(..., sweep=...)`), each with its own output folder.
+        checkpoints: the opened inputs, in `plan.inputs` order.
+        chunk_elements: elements per chunk; bounds memory. Default: 2 Mi on CPU, 8 Mi on CUDA.
+        progress: called with a ProgressEvent after every chunk and when each shard closes.
+        resume: keep shards that an earlier run of the same plan finished (checked against the
+            manifest's sizes and checksums), redo the rest.
+        device: "cpu", "cuda" or "auto" (CUDA when a GPU and Triton are usable).
+        workers: CPU merge threads (default: the number of cores).
+        write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
+            CUDA, 1 on CPU; always 1 with low-disk Hub inputs, and the pusher asks for 1 when
+            shards are deleted once uploaded).
+
+    Returns:
+        One MergeStats per plan (`bytes_read` is the shared read).
+
     Raises:
+        OutputError: a folder is locked by another run, or holds a different merge (`resume`).
+        DiskSpaceError, HeaderError: disk full, or an input truncated since it was planned.
         PlanError: the plans do not read the same input ranges.
     """
     start = time.perf_counter()
