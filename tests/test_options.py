@@ -125,3 +125,18 @@ def test_resume_is_not_overwrite(tmp_path: Path, llama_pair: tuple[Path, Path]) 
     with pytest.raises(LazyMergeError, match="already holds a model"):
         lazymerge.dogerm(rm, sft, 0.3, out, device="cpu")
     assert lazymerge.dogerm(rm, sft, 0.3, out, device="cpu", resume=True).resumed_shards == 1
+
+
+def test_progress_true_a_callback_or_none(
+    tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rm, sft = llama_pair
+    lazymerge.dogerm(rm, sft, 0.3, tmp_path / "bar", device="cpu", progress=True)
+    captured = capsys.readouterr()
+    assert "done" in captured.err and "━" in captured.err and captured.out == ""  # the bar, on stderr
+    events: list[lazymerge.ProgressEvent] = []
+    lazymerge.dogerm(rm, sft, [0.3, 0.5], tmp_path / "cb-{weight}", device="cpu", progress=events.append)
+    assert events[-1].kind == "done" and events[-1].bytes_written == events[-1].total_bytes
+    assert {e.kind for e in events} >= {"chunk", "shard", "done"}
+    lazymerge.dogerm(rm, sft, 0.3, tmp_path / "quiet", device="cpu")
+    assert capsys.readouterr() == ("", "")
