@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -22,6 +22,9 @@ from lazymerge._version import __version__
 from lazymerge.errors import LazyMergeError, PlanWarning
 from lazymerge.options import DEVICES, HubOptions, RunOptions
 from lazymerge.settings import debug_enabled, quiet_hub_logging
+
+if TYPE_CHECKING:
+    from lazymerge.sweep import Sweep
 
 EXIT_USER_ERROR = 2
 
@@ -225,19 +228,14 @@ def _plan_warnings(shown: bool) -> Iterator[None]:
         yield
 
 
-def _render(result: Any, dry_run: bool, sweep: Any, hub: HubOptions) -> int:
+def _render(result: Any, dry_run: bool, sweep: Sweep | None, hub: HubOptions) -> int:
     from lazymerge.report import print_plan, print_results
 
     results = result if isinstance(result, list) else [result]
     if not dry_run:
         print_results(_stdout, results)
         return 0
-    labels = sweep.labels() if sweep is not None else []
-    if hub.push_to_hub is None:
-        repos = []
-    else:
-        repos = sweep.repos(hub.push_to_hub) if sweep is not None else [hub.push_to_hub]
-    print_plan(_stdout, results, labels, repos)
+    print_plan(_stdout, results, sweep.labels() if sweep is not None else [], hub.repo_ids(sweep) or [])
     return 0
 
 

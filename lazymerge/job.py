@@ -62,9 +62,7 @@ def _check_outputs(plan: MergePlan, checkpoints: Sequence[Checkpoint], options: 
 def _outputs(output: PathLike, sweep: Sweep | None, hub: HubOptions) -> tuple[list[Path], list[str] | None]:
     """Each output's folder and repo: the names as given for one merge, filled templates for a sweep
     (checked before planning, so that a bad template costs no header read)."""
-    if sweep is None:
-        return [Path(output)], None if hub.push_to_hub is None else [hub.push_to_hub]
-    return sweep.outputs(output), None if hub.push_to_hub is None else sweep.repos(hub.push_to_hub)
+    return [Path(output)] if sweep is None else sweep.outputs(output), hub.repo_ids(sweep)
 
 
 def _finish(

@@ -19,6 +19,7 @@ from lazymerge.errors import RecipeError
 
 if TYPE_CHECKING:
     from lazymerge.events import ProgressEvent
+    from lazymerge.sweep import Sweep
 
 __all__ = ["DEVICES", "HubOptions", "ProgressCallback", "RunOptions", "split_settings"]
 
@@ -98,6 +99,13 @@ class HubOptions:
                 "--delete-after-upload needs --push-to-hub (delete_after_upload needs push_to_hub)",
                 hint="add --push-to-hub OWNER/NAME, or drop --delete-after-upload",
             )
+
+    def repo_ids(self, sweep: Sweep | None = None) -> list[str] | None:
+        """The repo of each output (`push_to_hub`, or its template filled for each value of
+        `sweep`), or None when nothing is pushed."""
+        if self.push_to_hub is None:
+            return None
+        return [self.push_to_hub] if sweep is None else sweep.repos(self.push_to_hub)
 
 
 def _at_least_one(name: str, value: Any) -> None:
