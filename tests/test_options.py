@@ -140,3 +140,28 @@ def test_progress_true_a_callback_or_none(
     assert {e.kind for e in events} >= {"chunk", "shard", "done"}
     lazymerge.dogerm(rm, sft, 0.3, tmp_path / "quiet", device="cpu")
     assert capsys.readouterr() == ("", "")
+
+
+def test_cli_is_the_public_api_with_options_from_its_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lazymerge.api
+
+    calls: list[tuple] = []
+
+    def fake_merge(recipe: object, output: object, **kw: object) -> list[lazymerge.MergeStats]:
+        calls.append((recipe, output, kw))
+        return [lazymerge.MergeStats(1, 2, 3, 1.0, 4, "cpu", output_dir=tmp_path / f"o-{v}") for v in (0.5, 1)]
+
+    monkeypatch.setattr(lazymerge.api, "merge", fake_merge)
+    args = ["merge", "cfg.yml", "-o", "o-{lambda}", "--sweep", "parameters.lambda=0.5,1", "--device", "cpu"]
+    code = main(
+        [*args, "--workers", "2", "--resume", "--max-shard-size", "1MB", "--push-to-hub", "me/m-{lambda}", "-q"]
+    )
+    assert code == 0, capsys.readouterr().err
+    [(recipe, output, kw)] = calls
+    assert (recipe, output) == (Path("cfg.yml"), Path("o-{lambda}"))
+    assert kw["sweep"] == lazymerge.Sweep("parameters.lambda", [0.5, 1.0])
+    assert kw["options"] == RunOptions(max_shard_size=10**6, resume=True, device="cpu", workers=2, progress=False)
+    assert kw["hub"] == HubOptions(push_to_hub="me/m-{lambda}")
+    assert "2 models from one read" in capsys.readouterr().out
