@@ -180,8 +180,14 @@ def environment(report: Report, smoke: bool) -> bool:
 
 
 def dogerm_has_device() -> bool:
+    import dataclasses
+
     import lazymerge
 
+    # device= is a RunOptions field, which lazymerge.dogerm takes as a keyword too.
+    options = getattr(lazymerge, "RunOptions", None)
+    if options is not None:
+        return "device" in {f.name for f in dataclasses.fields(options)}
     return "device" in inspect.signature(lazymerge.dogerm).parameters
 
 
