@@ -180,8 +180,14 @@ def environment(report: Report, smoke: bool) -> bool:
 
 
 def dogerm_has_device() -> bool:
+    import dataclasses
+
     import lazymerge
 
+    # device= is a RunOptions field, which lazymerge.dogerm takes as a keyword too.
+    options = getattr(lazymerge, "RunOptions", None)
+    if options is not None:
+        return "device" in {f.name for f in dataclasses.fields(options)}
     return "device" in inspect.signature(lazymerge.dogerm).parameters
 
 
@@ -270,7 +276,7 @@ def _chunk_tasks(rm: Path, sft: Path, out: Path, chunk_elements: int) -> tuple[l
     from lazymerge.recipes.dogerm import plan_dogerm
 
     a, b = open_model(rm), open_model(sft)
-    plan = plan_dogerm(a, b, DOGERM_WEIGHT, out, overwrite=True, check_disk=False)
+    plan = plan_dogerm(a, b, DOGERM_WEIGHT, out, overwrite=True)
     tasks = [t for t in iter_chunks(plan, chunk_elements) if isinstance(t, ChunkTask) and not t.copy]
     return tasks, [a, b]
 

@@ -1,11 +1,31 @@
-"""lazymerge: merge large checkpoints while streaming, tensor by tensor, in bounded memory."""
+"""lazymerge: merge large checkpoints while streaming, tensor by tensor, in bounded memory.
+
+The public surface is `__all__` (tested in tests/test_exported_members.py); everything else is
+reached through its module.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lazymerge._version import __version__
+from lazymerge.api import dogerm, merge, open_model, plan_merge
+from lazymerge.errors import LazyMergeError, PlanWarning
+from lazymerge.events import MergeStats, ProgressEvent
+from lazymerge.options import HubOptions, RunOptions
+from lazymerge.plan import MergePlan
+from lazymerge.sweep import Sweep
 
-from lazymerge.api import dogerm, merge, open_model, plan
-from lazymerge.errors import LazyMergeError
-from lazymerge.sweep import sweep
-
-__all__ = ["LazyMergeError", "__version__", "dogerm", "merge", "open_model", "plan", "sweep"]
+__all__ = [
+    "HubOptions",
+    "LazyMergeError",
+    "MergePlan",
+    "MergeStats",
+    "PlanWarning",
+    "ProgressEvent",
+    "RunOptions",
+    "Sweep",
+    "__version__",
+    "dogerm",
+    "merge",
+    "open_model",
+    "plan_merge",
+]

@@ -1,21 +1,30 @@
-"""The `lazymerge` command. The only module that prints: rich progress, tables, one-line errors."""
+"""The `lazymerge` command: parse the flags, build the options, call the public API, render.
+
+The only module that prints (with `report`): tables, one-line errors. Every merge goes through
+`lazymerge.merge`/`plan_merge`/`dogerm`, the calls a Python user makes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import logging
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from lazymerge import __version__
-from lazymerge.constants import debug_enabled, parse_size
-from lazymerge.errors import LazyMergeError
-from lazymerge.plan import MergePlan
+from lazymerge._version import __version__
+from lazymerge.errors import LazyMergeError, PlanWarning
+from lazymerge.options import DEVICES, HubOptions, RunOptions
+from lazymerge.settings import debug_enabled, quiet_hub_logging
+
+if TYPE_CHECKING:
+    from lazymerge.sweep import Sweep
 
 EXIT_USER_ERROR = 2
 
@@ -45,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    _quiet_hub_warnings()
+    quiet_hub_logging()
     try:
         return args.func(args) or 0
     except LazyMergeError as exc:
@@ -70,18 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _line(f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))}")
         _line("[dim]hint: rerun with LAZYMERGE_DEBUG=1 for a traceback and report it[/]")
         return 1
-
-
-def _quiet_hub_warnings() -> None:
-    """huggingface_hub logs every retry of a failed download on stderr (an "Error while
-    downloading ... Trying to resume download..." pair each time): 12 lines before our one-line
-    error. Its logger shows errors only, then, unless the user set HF_HUB_VERBOSITY or
-    LAZYMERGE_DEBUG=1. The variable is what huggingface_hub reads when first imported; the
-    level covers an import that happened already."""
-    if debug_enabled() or "HF_HUB_VERBOSITY" in os.environ:
-        return
-    os.environ["HF_HUB_VERBOSITY"] = "error"
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def _line(markup: str) -> None:
@@ -148,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", required=True, type=Path, help="output folder")
-    p.add_argument("--max-shard-size", default="5GB", type=parse_size, help="shard cap (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard cap (default 5GB)")
     p.add_argument("--chunk-elements", default=None, type=int, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the plan and every check; read no tensor")
     p.add_argument("--overwrite", action="store_true", help="allow an output folder that holds a model")
@@ -156,7 +153,7 @@ def _common_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--resume", action="store_true", help="keep shards a killed run of the same command finished; redo the rest"
     )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to merge (default auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to merge (default auto)")
     p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     _hub_args(p)
 
@@ -179,58 +176,67 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_dogerm(args: argparse.Namespace) -> int:
-    from lazymerge.api import open_model
-    from lazymerge.recipes.dogerm import plan_dogerm
+    from lazymerge.api import dogerm
+    from lazymerge.sweep import Sweep
 
-    rm = open_model(args.reward_model, low_disk=args.low_disk, token=args.token)
-    sft = open_model(args.domain_model, low_disk=args.low_disk, token=args.token)
-    if len(args.weight) > 1:
-        from lazymerge.sweep import dogerm_plans
-
-        repos = _sweep_checks(args, "weight", args.weight)
-        plans = dogerm_plans(
-            rm, sft, args.weight, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, resume=args.resume,
+    options, hub = _options(args)
+    sweep = Sweep("weight", args.weight) if len(args.weight) > 1 else None
+    weight = args.weight if sweep is not None else args.weight[0]
+    with _plan_warnings(shown=not args.dry_run):
+        result = dogerm(
+            args.reward_model, args.domain_model, weight, args.output, dtype=args.dtype, dry_run=args.dry_run,
+            options=options, hub=hub,
         )  # fmt: skip
-        return _run_sweep(plans, [rm, sft], args, _labels("weight", args.weight), repos)
-    plan = plan_dogerm(
-        rm,
-        sft,
-        args.weight[0],
-        args.output,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        resume=args.resume,
-    )
-    return _run(plan, [rm, sft], args)
+    return _render(result, args.dry_run, sweep, hub)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from lazymerge.api import plan
+    from lazymerge.api import merge, plan_merge
+    from lazymerge.sweep import Sweep
 
-    if args.sweep:
-        from lazymerge.sweep import parse_values, sweep_plans
+    options, hub = _options(args)
+    sweep = Sweep.parse(args.sweep) if args.sweep else None
+    with _plan_warnings(shown=not args.dry_run):
+        verb = plan_merge if args.dry_run else merge
+        result = verb(args.config, args.output, sweep=sweep, options=options, hub=hub)
+    return _render(result, args.dry_run, sweep, hub)
 
-        key, _, text = args.sweep.partition("=")
-        key, values = key.strip(), parse_values(text)
-        repos = _sweep_checks(args, key, values)
-        plans, checkpoints = sweep_plans(
-            args.config, args.output, key, values, max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite, low_disk=args.low_disk, token=args.token, resume=args.resume,
-        )  # fmt: skip
-        return _run_sweep(plans, checkpoints, args, _labels(key, values), repos)
 
-    merge_plan, checkpoints = plan(
-        args.config,
-        args.output,
-        max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite,
-        low_disk=args.low_disk,
-        token=args.token,
-        resume=args.resume,
-    )
-    return _run(merge_plan, checkpoints, args)
+def _options(args: argparse.Namespace) -> tuple[RunOptions, HubOptions]:
+    """The options objects from the flags of the same names (checked by their constructors)."""
+    from dataclasses import fields
+
+    run = {f.name: getattr(args, f.name) for f in fields(RunOptions) if hasattr(args, f.name)}
+    hub = {f.name: getattr(args, f.name) for f in fields(HubOptions) if hasattr(args, f.name)}
+    return RunOptions(**run, progress=not args.quiet), HubOptions(**hub)
+
+
+@contextlib.contextmanager
+def _plan_warnings(shown: bool) -> Iterator[None]:
+    """Planning warnings as one stderr line each (a --dry-run lists them with the plan instead)."""
+
+    def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+        if issubclass(category, PlanWarning):
+            _line(f"[yellow]warning:[/] {_escape(str(message))}")
+        else:
+            default(message, category, *rest, **kw)
+
+    with warnings.catch_warnings():
+        default = warnings.showwarning
+        warnings.simplefilter("always" if shown else "ignore", PlanWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _render(result: Any, dry_run: bool, sweep: Sweep | None, hub: HubOptions) -> int:
+    from lazymerge.report import print_plan, print_results
+
+    results = result if isinstance(result, list) else [result]
+    if not dry_run:
+        print_results(_stdout, results)
+        return 0
+    print_plan(_stdout, results, sweep.labels() if sweep is not None else [], hub.repo_ids(sweep) or [])
+    return 0
 
 
 def _weights(text: str) -> list[float]:
@@ -240,129 +246,6 @@ def _weights(text: str) -> list[float]:
         return parse_values(text)
     except LazyMergeError as exc:
         raise argparse.ArgumentTypeError(exc.message) from None
-
-
-def _sweep_checks(args: argparse.Namespace, key: str, values: list) -> list[str] | None:
-    """A sweep's Hub options, checked before planning: the repo of each value, or None."""
-    from lazymerge.sweep import sweep_repos
-
-    if args.push_to_hub is None:
-        if args.delete_after_upload:
-            raise LazyMergeError(
-                "--delete-after-upload needs --push-to-hub", hint="add --push-to-hub 'OWNER/NAME-{...}'"
-            )
-        return None
-    return sweep_repos(args.push_to_hub, key, values)
-
-
-def _labels(key: str, values: list) -> list[str]:
-    return [f"{key}={v:g}" if isinstance(v, float) else f"{key}={v}" for v in values]
-
-
-def _run_sweep(
-    plans: list[MergePlan], checkpoints: list, args: argparse.Namespace, labels: list[str], repos: list[str] | None
-) -> int:
-    """K outputs from one read of the inputs; with --push-to-hub, one repo (one commit) per output."""
-    from dataclasses import replace
-
-    from lazymerge.push import execute_sweep_and_push, sweep_pushers
-    from lazymerge.report import human, print_sweep_plan, progress_bar
-
-    if args.dry_run:
-        print_sweep_plan(_stdout, plans, labels, repos)
-        return 0
-    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
-        _line(f"[yellow]warning:[/] {_escape(warning)}")
-    pushers = None
-    if repos is not None:
-        pushers = sweep_pushers(
-            repos, private=args.private, revision=args.revision, commit_message=args.commit_message,
-            delete_after_upload=args.delete_after_upload, token=args.token,
-        )  # fmt: skip
-    every = replace(plans[0], shards=[s for p in plans for s in p.shards])  # the bar counts all K outputs
-    with progress_bar(_stderr, every, disable=args.quiet, upload=pushers is not None) as callback:
-        if pushers is not None:
-            _sum_uploads(pushers, sum(s.size for s in every.shards), callback.upload)
-        all_stats, pushed = execute_sweep_and_push(
-            plans, checkpoints, pushers, chunk_elements=args.chunk_elements, progress=callback, resume=args.resume,
-            device=args.device, workers=args.workers,
-        )  # fmt: skip
-    for plan, stats in zip(plans, all_stats, strict=True):
-        kept = f" ({stats.resumed_shards} shard(s) kept from the earlier run)" if stats.resumed_shards else ""
-        written = human(stats.bytes_written)
-        _stdout.print(f"{_escape(str(plan.output_dir))}: {written} written{kept}", soft_wrap=True)
-    for result in pushed or []:
-        reused = f" ({len(result.reused)} shard(s) already on the Hub, not re-sent)" if result.reused else ""
-        where = f"{result.repo_id}@{result.revision}"
-        _stdout.print(f"pushed to {_escape(where)}{reused}: {_escape(result.commit_url)}", soft_wrap=True)
-    first = all_stats[0]
-    _stdout.print(f"{len(plans)} models from one read of {human(first.bytes_read)} in {first.seconds:.1f} s")
-    return 0
-
-
-def _sum_uploads(pushers: list, total: int, report: Callable[[int, int], None]) -> None:
-    """One upload line for the K pushers (each calls from its own thread)."""
-    import threading
-
-    done, lock = [0] * len(pushers), threading.Lock()
-
-    def on_upload(v: int, n: int) -> None:
-        with lock:
-            done[v] = n
-            now = sum(done)
-        report(now, total)
-
-    for v, pusher in enumerate(pushers):
-        pusher.on_upload = lambda n, _total, v=v: on_upload(v, n)
-
-
-def _run(plan: MergePlan, checkpoints: list, args: argparse.Namespace) -> int:
-    from lazymerge.report import print_plan, print_stats, progress_bar
-
-    if args.dry_run:
-        print_plan(_stdout, plan)
-        return 0
-    for warning in plan.warnings:
-        _line(f"[yellow]warning:[/] {_escape(warning)}")
-    from lazymerge.push import execute_and_push
-
-    pusher = _pusher(args)
-    with progress_bar(_stderr, plan, disable=args.quiet, upload=pusher is not None) as callback:
-        if pusher is not None:
-            pusher.on_upload = callback.upload
-        stats, pushed = execute_and_push(
-            plan,
-            checkpoints,
-            pusher,
-            chunk_elements=args.chunk_elements,
-            progress=callback,
-            resume=args.resume,
-            device=args.device,
-            workers=args.workers,
-        )
-    print_stats(_stdout, plan, stats)
-    if pushed is not None:
-        reused = f" ({len(pushed.reused)} shard(s) already on the Hub, not re-sent)" if pushed.reused else ""
-        where = f"{pushed.repo_id}@{pushed.revision}"
-        _stdout.print(f"pushed to {_escape(where)}{reused}: {_escape(pushed.commit_url)}")
-    return 0
-
-
-def _pusher(args: argparse.Namespace):
-    if args.push_to_hub is None:
-        if args.delete_after_upload:
-            raise LazyMergeError("--delete-after-upload needs --push-to-hub", hint="add --push-to-hub OWNER/NAME")
-        return None
-    from lazymerge.push import HubPusher
-
-    return HubPusher(
-        args.push_to_hub,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        delete_after_upload=args.delete_after_upload,
-        token=args.token,
-    )
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -56,10 +56,8 @@ def plan_recipe(
     *,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
-    check_disk: bool = True,
     low_disk: bool = False,
     token: str | bool | None = None,
-    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """Plan the merge a recipe describes. Returns the plan and the opened checkpoints.
 
@@ -67,8 +65,8 @@ def plan_recipe(
     remote headers; `low_disk` and `token` apply to those)."""
     opener = functools.partial(open_any, low_disk=low_disk, token=token)
     if spec.get("merge_method") == "dogerm":
-        return _plan_dogerm(spec, output, max_shard_size, overwrite, check_disk, opener, resume=resume)
-    return plan_method(spec, output, max_shard_size, overwrite, check_disk, opener, resume=resume)
+        return _plan_dogerm(spec, output, max_shard_size, overwrite, opener)
+    return plan_method(spec, output, max_shard_size, overwrite, opener)
 
 
 def _plan_dogerm(
@@ -76,10 +74,7 @@ def _plan_dogerm(
     output: str | os.PathLike[str],
     max_shard_size: int,
     overwrite: bool,
-    check_disk: bool,
     opener: Callable[..., Checkpoint] = open_any,
-    *,
-    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     from lazymerge.recipes.dogerm import plan_dogerm
 
@@ -100,7 +95,5 @@ def _plan_dogerm(
         dtype=spec.get("dtype"),
         max_shard_size=max_shard_size,
         overwrite=overwrite,
-        resume=resume,
-        check_disk=check_disk,
     )
     return plan, [rm, sft]

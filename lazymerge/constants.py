@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import math
+
+from lazymerge.errors import RecipeError
 
 # safetensors dtype name -> bytes per element.
 DTYPE_SIZES: dict[str, int] = {
@@ -63,36 +65,44 @@ TOKENIZER_FILES = (
 # Extra files a model folder commonly carries that a merge result should keep (from the first model).
 CARRIED_FILES = ("generation_config.json",)
 
-ENV_DEBUG = "LAZYMERGE_DEBUG"
+# The largest shard size: a file offset must fit a signed 64-bit integer.
+MAX_SIZE_BYTES = (1 << 63) - 1
 
 
-def debug_enabled() -> bool:
-    """True when LAZYMERGE_DEBUG asks for tracebacks instead of one-line errors."""
-    return os.environ.get(ENV_DEBUG, "") not in ("", "0", "false", "False")
+def parse_size(text: str | int, what: str = "size") -> int:
+    """Parse a size like '5GB', '500MB', '2GiB' or an integer number of bytes.
 
-
-def parse_size(text: str | int) -> int:
-    """Parse a size like '5GB', '500MB', '2GiB' or an integer number of bytes."""
+    Raises:
+        RecipeError (a ValueError): not a size, or not a whole number of bytes from 1 B to
+            MAX_SIZE_BYTES (`0.5`, `1e-9GB`, `inf`, `1e400` are refused, not rounded or overflowed).
+    """
+    limits = f"from 1 byte to {MAX_SIZE_BYTES} bytes (try 5GB, 500MB or a number of bytes)"
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
+        raise RecipeError(f"{what} must be a size {limits}, got {text!r}")
     if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {
-        "KIB": 1024,
-        "MIB": 1024**2,
-        "GIB": 1024**3,
-        "TIB": 1024**4,
-        "KB": 1000,
-        "MB": 1000**2,
-        "GB": 1000**3,
-        "TB": 1000**4,
-        "B": 1,
-    }
-    unit = next((u for u in units if s.endswith(u)), "")
-    number, factor = (s[: -len(unit)], units[unit]) if unit else (s, 1)
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (try 5GB, 500MB or a number of bytes)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
+        value: float = text
+        factor = 1
+    else:
+        s = text.strip().upper().replace(" ", "")
+        unit = next((u for u in _SIZE_UNITS if s.endswith(u)), "")
+        number, factor = (s[: -len(unit)], _SIZE_UNITS[unit]) if unit else (s, 1)
+        try:
+            value = float(number)
+        except ValueError:
+            raise RecipeError(f"{what}: not a size: {text!r}", hint=limits) from None
+    if not math.isfinite(value) or value * factor < 1 or value * factor > MAX_SIZE_BYTES:
+        raise RecipeError(f"{what} must be {limits}, got {text!r}")
     return int(value * factor)
+
+
+_SIZE_UNITS = {
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "B": 1,
+}

@@ -151,7 +151,7 @@ def run_demo(work: Path, out: Console, err: Console) -> None:
     """Build the pair in `work`, merge with lambda = 0.3, verify one tensor and the embedding.
 
     `work` must be missing, empty or an earlier demo's folder (`prepare_demo_folder`)."""
-    import lazymerge
+    from lazymerge.api import open_model
     from lazymerge.execute import execute
     from lazymerge.recipes.dogerm import plan_dogerm
     from lazymerge.report import print_stats
@@ -167,14 +167,14 @@ def run_demo(work: Path, out: Console, err: Console) -> None:
         f"running: lazymerge dogerm --reward-model {rm_dir} --domain-model {sft_dir} "
         f"--weight {lam} --output {output} --max-shard-size 200kB"
     )
-    rm, sft = lazymerge.open_model(rm_dir), lazymerge.open_model(sft_dir)
+    rm, sft = open_model(rm_dir), open_model(sft_dir)
     plan = plan_dogerm(rm, sft, lam, output, max_shard_size=200_000, overwrite=True)  # the demo's own folder
     out.print(
         f"plan (from headers only): {len(plan.tensors)} tensors in {len(plan.shards)} shards, "
         f"{plan.total_size} bytes; dropped from the SFT model: {', '.join(plan.dropped)}"
     )
     stats = execute(plan, [rm, sft])
-    print_stats(out, plan, stats)
+    print_stats(out, stats)
     # Check against an in-memory computation of the same formula.
     rm_q = _load(rm_dir, "model.layers.0.self_attn.q_proj.weight")
     sft_q = torch.load(next(sft_dir.glob("pytorch_model-00001-*.bin")), weights_only=True)[

@@ -16,6 +16,7 @@ __all__ = [
     "MissingTensorError",
     "OutputError",
     "PlanError",
+    "PlanWarning",
     "RecipeError",
     "ShapeMismatchError",
     "VocabularyError",
@@ -107,3 +108,8 @@ class HubError(LazyMergeError, RuntimeError):
     """A Hugging Face Hub call failed (bad token, missing repo, network)."""
 
     hint = "check the repo id and your token (HF_TOKEN or `hf auth login`)"
+
+
+class PlanWarning(UserWarning):
+    """Something the plan does that the user may not expect (e.g. a tensor copied from one model):
+    issued with `warnings.warn` when a merge is planned; the CLI prints it as one line."""

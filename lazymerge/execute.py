@@ -1,4 +1,4 @@
-"""Run merge plans: `execute` (one plan) and `execute_sweep` (K plans, one read of the inputs).
+"""Run merge plans: `execute_sweep` (K plans, one read of the inputs) and `execute`, a sweep of one.
 
 Everything around the stream: the output folders (created, locked), the backend, the shards kept
 by --resume (checked against the manifest), the side files (the index last: it is what makes a
@@ -13,10 +13,11 @@ import contextlib
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
+from typing import Any
 
 from lazymerge.errors import OutputError
+from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import write_side_file
 from lazymerge.kernels.base import DeviceError
@@ -24,70 +25,26 @@ from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.kernels.device import gpu_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.output_folder import checkpoint_paths, prepare_output_folder
-from lazymerge.pipeline import MergeRun, ProgressEvent
+from lazymerge.pipeline import MergeRun
 from lazymerge.plan import MergePlan
 from lazymerge.recompute import tensor_bytes
 
 __all__ = ["MergeStats", "ProgressEvent", "execute", "execute_sweep", "tensor_bytes"]
 
 
-@dataclass
-class MergeStats:
-    """A finished run: counts, sizes, time, memory, and where the files are."""
-
-    tensors: int
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    peak_rss_bytes: int
-    device: str
-    files: list[Path] = field(default_factory=list)
-    resumed_shards: int = 0
-
-
-def execute(
-    plan: MergePlan,
-    checkpoints: Sequence[Checkpoint],
-    *,
-    chunk_elements: int | None = None,
-    progress: Callable[[ProgressEvent], None] | None = None,
-    resume: bool = False,
-    device: str = "cpu",
-    workers: int | None = None,
-    write_lanes: int | None = None,
-) -> MergeStats:
-    """Write the merged model described by `plan` into `plan.output_dir`.
+def execute(plan: MergePlan, checkpoints: Sequence[Checkpoint], **options: Any) -> MergeStats:
+    """Write the merged model described by `plan` into `plan.output_dir`: `execute_sweep([plan])`.
 
     Args:
-        plan: from `lazymerge.plan(...)` or a recipe's planner.
+        plan: from `lazymerge.plan_merge(...)` or a recipe's planner.
         checkpoints: the opened inputs, in `plan.inputs` order.
-        chunk_elements: elements per chunk; bounds memory. Default: 2 Mi on CPU, 8 Mi on CUDA.
-        progress: called with a ProgressEvent after every chunk and when each shard closes.
-        resume: keep shards that an earlier run of the same plan finished (checked against the
-            manifest's sizes and checksums), redo the rest.
-        device: "cpu", "cuda" or "auto" (CUDA when a GPU and Triton are usable).
-        workers: CPU merge threads (default: the number of cores).
-        write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
-            CUDA, 1 on CPU; always 1 with low-disk Hub inputs, and the pusher asks for 1 when
-            shards are deleted once uploaded).
+        options: `chunk_elements`, `progress`, `resume`, `device`, `workers`, `write_lanes`, as
+            for `execute_sweep`.
 
     Returns:
         MergeStats of the run.
-
-    Raises:
-        OutputError: the folder is locked by another run, or holds a different merge (--resume).
-        DiskSpaceError, HeaderError: disk full, or an input truncated since it was planned.
     """
-    return _execute_many(
-        [plan],
-        checkpoints,
-        chunk_elements=chunk_elements,
-        progress=progress,
-        resume=resume,
-        device=device,
-        workers=workers,
-        write_lanes=write_lanes,
-    )[0]
+    return execute_sweep([plan], checkpoints, **options)[0]
 
 
 def execute_sweep(
@@ -101,7 +58,8 @@ def execute_sweep(
     workers: int | None = None,
     write_lanes: int | None = None,
 ) -> list[MergeStats]:
-    """Write K merged models that read the same input ranges (a parameter sweep) in one pass.
+    """Write K merged models that read the same input ranges (a parameter sweep) in one pass; K = 1
+    for a single merge.
 
     Every chunk of the inputs is read once and merged K times, once per plan; each output has
     its own folder, writer, manifest and index. The plans must read the same inputs in the same
@@ -109,34 +67,30 @@ def execute_sweep(
     the shards its own manifest records as finished; a shard is merged only for the outputs that
     lack it, and each input range is still read once.
 
+    Args:
+        plans: the K plans (`lazymerge.plan_merge(..., sweep=...)`), each with its own output folder.
+        checkpoints: the opened inputs, in `plan.inputs` order.
+        chunk_elements: elements per chunk; bounds memory. Default: 2 Mi on CPU, 8 Mi on CUDA.
+        progress: called with a ProgressEvent after every chunk and when each shard closes.
+        resume: keep shards that an earlier run of the same plan finished (checked against the
+            manifest's sizes and checksums), redo the rest.
+        device: "cpu", "cuda" or "auto" (CUDA when a GPU and Triton are usable).
+        workers: CPU merge threads (default: the number of cores).
+        write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
+            CUDA, 1 on CPU; always 1 with low-disk Hub inputs, and the pusher asks for 1 when
+            shards are deleted once uploaded).
+
+    Returns:
+        One MergeStats per plan (`bytes_read` is the shared read).
+
     Raises:
+        OutputError: a folder is locked by another run, or holds a different merge (`resume`).
+        DiskSpaceError, HeaderError: disk full, or an input truncated since it was planned.
         PlanError: the plans do not read the same input ranges.
     """
-    return _execute_many(
-        list(plans),
-        checkpoints,
-        chunk_elements=chunk_elements,
-        progress=progress,
-        resume=resume,
-        device=device,
-        workers=workers,
-        write_lanes=write_lanes,
-    )
-
-
-def _execute_many(
-    plans: list[MergePlan],
-    checkpoints: Sequence[Checkpoint],
-    *,
-    chunk_elements: int | None,
-    progress: Callable[[ProgressEvent], None] | None,
-    resume: bool,
-    device: str,
-    workers: int | None,
-    write_lanes: int | None,
-) -> list[MergeStats]:
     start = time.perf_counter()
     _return_freed_buffers_to_the_os()
+    plans = list(plans)
     dirs = [p.output_dir for p in plans]
     if len({d.resolve() for d in dirs}) != len(dirs):
         raise OutputError("two outputs of the sweep go to the same folder", hint="put {weight} in --output")
@@ -227,6 +181,7 @@ def _execute_many(
             device=reason,
             files=[p.output_dir / s.name for s in p.shards],
             resumed_shards=len(done),
+            output_dir=p.output_dir,
         )
         for p, (_, done) in zip(plans, states, strict=True)
     ]

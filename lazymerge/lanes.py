@@ -12,14 +12,15 @@ computed in order too). Pure data, computed from the task list: no torch here.
 from __future__ import annotations
 
 import heapq
-import os
 from dataclasses import dataclass
 
 from lazymerge.plan import ChunkTask
+from lazymerge.settings import WRITE_LANES_ENV
+from lazymerge.settings import write_lanes as env_lanes
 
 __all__ = ["LANES_ENV", "Schedule", "interleave_shards", "write_lanes"]
 
-LANES_ENV = "LAZYMERGE_WRITE_LANES"
+LANES_ENV = WRITE_LANES_ENV  # the name tests and benchmarks set
 _GPU_LANES = 3  # a 7B fp16 model is 3 shards of at most 5 GB: each gets its own writer
 
 
@@ -45,8 +46,8 @@ def write_lanes(backend: str, shards: int, asked: int | None = None, save_disk: 
     if save_disk:
         return 1
     if asked is None:
-        env = os.environ.get(LANES_ENV, "")
-        asked = int(env) if env.isdigit() else (_GPU_LANES if backend == "cuda" else 1)
+        env = env_lanes()
+        asked = env if env is not None else (_GPU_LANES if backend == "cuda" else 1)
     return max(1, min(asked, shards))
 
 

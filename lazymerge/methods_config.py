@@ -108,10 +108,7 @@ def plan_method(
     output: str | os.PathLike[str],
     max_shard_size: int,
     overwrite: bool,
-    check_disk: bool,
     opener: Callable[..., Checkpoint] = open_checkpoint,
-    *,
-    resume: bool = False,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """Plan a merge of any declared method from a mergekit config.
 
@@ -142,15 +139,12 @@ def plan_method(
     plan = build_plan(
         recipe=recipe,
         inputs=[c.label for c in checkpoints],
-        input_dirs=[c.root for c in checkpoints],
         output_dir=Path(output),
         tensors=tensors,
         max_shard_size=max_shard_size,
         side_files=side,
         dropped=dropped,
         overwrite=overwrite,
-        resume=resume,
-        check_disk=check_disk,
     )
     return plan, checkpoints
 

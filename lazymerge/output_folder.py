@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazymerge.constants import PARTIAL_SUFFIX, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
-from lazymerge.errors import OutputError
+from lazymerge.errors import DiskSpaceError, OutputError
 from lazymerge.lock import LOCK_NAME, lock_holder
 from lazymerge.manifest import MANIFEST_NAME, Manifest, plan_fingerprint
 
@@ -37,7 +38,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DIRECT_PROBE_NAME",
     "check_output_folder",
+    "check_plan_output",
     "checkpoint_paths",
+    "free_space",
     "plan_writes",
     "prepare_output_folder",
     "reusable_bytes",
@@ -62,6 +65,30 @@ def checkpoint_paths(checkpoints: Iterable[Checkpoint]) -> list[Path]:
         paths.append(Path(c.root))
         paths.extend(Path(c.root) / f for f in c.files)
     return paths
+
+
+def check_plan_output(
+    plan: MergePlan, checkpoints: Sequence[Checkpoint], *, resume: bool, check_disk: bool = True
+) -> None:
+    """The planning step after `build_plan` (which touches no file): the output-folder contract
+    for this plan, with `plan.overwrite` and `resume`, and its free space. Reads only.
+
+    Raises:
+        OutputError: see `check_output_folder`.
+        DiskSpaceError: the destination has less free space than the output still needs (shards a
+            resumed run keeps and files an overwrite removes count as free).
+    """
+    overwrite = plan.overwrite
+    check_output_folder(
+        plan.output_dir, checkpoint_paths(checkpoints), overwrite=overwrite, resume=resume, writes=plan_writes(plan)
+    )
+    if check_disk:
+        plan.free_bytes = free_space(plan.output_dir)
+        needed = plan.bytes_on_disk - reusable_bytes(plan, overwrite=overwrite, resume=resume)
+        if plan.free_bytes < needed:
+            raise DiskSpaceError(
+                f"{plan.output_dir} has {_gb(plan.free_bytes)} free but the merged model needs {_gb(needed)}"
+            )
 
 
 def check_output_folder(
@@ -273,3 +300,15 @@ def _remove_entry(path: Path) -> None:
             path.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot remove {path} of the earlier output: {exc.strerror}") from exc
+
+
+def free_space(path: Path) -> int:
+    """Free bytes on the file system that `path` (or its nearest existing parent) is on."""
+    probe = path.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

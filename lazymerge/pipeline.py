@@ -19,13 +19,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.errors import PlanError
+from lazymerge.events import ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.digest import hash_pool
 from lazymerge.io.direct import RING as DIRECT_RING
@@ -37,24 +37,12 @@ from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.lanes import interleave_shards, write_lanes
 from lazymerge.manifest import Manifest
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
+from lazymerge.settings import profile_enabled
 from lazymerge.statistics import RunStatistics
 
 __all__ = ["MergeRun", "ProgressEvent"]
 
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """What the executor reports. `kind` is "start", "chunk", "shard" (a shard closed),
-    "skip" (a shard kept from an earlier run by --resume) or "done"."""
-
-    kind: str
-    shard: str
-    bytes_written: int
-    total_bytes: int
-    bytes_read: int
-    path: Path | None = None
 
 
 # The GPU path's chunk size (when the caller left the default) and number of host slots.
@@ -202,7 +190,7 @@ class MergeRun:
             self.hash_pool.shutdown(cancel_futures=True)
             if self.direct_pool is not None:
                 self.direct_pool.shutdown(cancel_futures=True)
-        if os.environ.get("LAZYMERGE_PROFILE") == "1":
+        if profile_enabled():
             busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
             print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", flush=True)
         if self.errors:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
-from lazymerge.errors import DiskSpaceError, PlanError
+from lazymerge.errors import PlanError
 from lazymerge.io.header import build_header
 from lazymerge.methods import get as get_method
-from lazymerge.output_folder import check_output_folder, plan_writes, reusable_bytes
 
 __all__ = [
     "ChunkTask",
@@ -104,7 +102,7 @@ class OutputShard:
     size: int  # total file size in bytes
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr would list every tensor and header byte
 class MergePlan:
     """Everything the executor needs, and everything --dry-run shows."""
 
@@ -119,6 +117,14 @@ class MergePlan:
     free_bytes: int | None = None
     # --overwrite: the run may replace what the folder holds (`lazymerge.output_folder`).
     overwrite: bool = False
+
+    def __repr__(self) -> str:
+        method = self.recipe.get("merge_method", "?")
+        return (
+            f"MergePlan({method} of {', '.join(self.inputs)} -> {str(self.output_dir)!r}: "
+            f"{len(self.tensors)} tensors, {len(self.shards)} shard(s), {self.total_size} bytes"
+            f"{f', {len(self.warnings)} warning(s)' if self.warnings else ''})"
+        )
 
     @property
     def total_size(self) -> int:
@@ -154,7 +160,6 @@ def build_plan(
     *,
     recipe: dict,
     inputs: list[str],
-    input_dirs: list[Path],
     output_dir: str | os.PathLike[str],
     tensors: list[OutputTensor],
     max_shard_size: int,
@@ -162,17 +167,13 @@ def build_plan(
     dropped: list[str] | None = None,
     warnings: list[str] | None = None,
     overwrite: bool = False,
-    resume: bool = False,
-    check_disk: bool = True,
 ) -> MergePlan:
-    """Lay `tensors` (in the order given: the executor's order) into shards and check the output.
+    """Lay `tensors` (in the order given: the executor's order) into shards. Pure: it touches no
+    file; the output folder and its free space are checked by `output_folder.check_plan_output`.
 
-    `overwrite` and `resume` are what the output folder allows (`lazymerge.output_folder`).
+    `overwrite` is recorded: what the run may remove in the output folder (`lazymerge.output_folder`).
 
     Raises:
-        OutputError: the output folder is an input, another run's, or holds files lazymerge may
-            not replace (see `lazymerge.output_folder.check_output_folder`).
-        DiskSpaceError: the destination has less free space than the output needs.
         PlanError: two output tensors share a name.
     """
     names = [t.name for t in tensors]
@@ -195,18 +196,6 @@ def build_plan(
     index = plan.index_json()
     if index is not None:
         plan.side_files[SAFE_INDEX_NAME] = index
-    # Every input file (not only folders): one reached through a symlink may live in the output.
-    inputs_read = {input_dirs[s.checkpoint] / s.file for t in tensors for seg in t.segments for s in seg.sources}
-    check_output_folder(
-        output_dir, [*input_dirs, *sorted(inputs_read)], overwrite=overwrite, resume=resume, writes=plan_writes(plan)
-    )
-    if check_disk:
-        plan.free_bytes = free_space(output_dir)
-        needed = plan.bytes_on_disk - reusable_bytes(plan, overwrite=overwrite, resume=resume)
-        if plan.free_bytes < needed:
-            raise DiskSpaceError(
-                f"{output_dir} has {_gb(plan.free_bytes)} free but the merged model needs {_gb(needed)}"
-            )
     return plan
 
 
@@ -232,18 +221,6 @@ def _layout(tensors: list[OutputTensor], max_shard_size: int, metadata: dict[str
         size = len(header) + sum(t.nbytes for t in group)
         shards.append(OutputShard(shard_file_name(k, len(groups)), header, ordered, size))
     return shards
-
-
-def free_space(path: Path) -> int:
-    """Free bytes on the file system that `path` (or its nearest existing parent) is on."""
-    probe = path.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 @dataclass(frozen=True)

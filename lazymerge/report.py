@@ -1,5 +1,5 @@
-"""What the CLI shows: the plan of a merge or a sweep (--dry-run), a live progress bar, the closing
-table, `inspect`.
+"""What the CLI shows: the plan of a merge or a sweep (--dry-run), a live progress bar, what a run
+did, `inspect`, `verify`.
 
 Rendering only; the CLI decides when. Everything goes to the Console it is given.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lazymerge.execute import MergeStats
     from lazymerge.verify import VerifyReport
 
-__all__ = ["print_checkpoint", "print_plan", "print_stats", "print_sweep_plan", "print_verify", "progress_bar"]
+__all__ = ["human", "print_checkpoint", "print_plan", "print_results", "print_stats", "print_verify", "progress_bar"]
 
 
 def human(n: float) -> str:
@@ -46,8 +46,20 @@ def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
 
 
-def print_plan(console: Console, plan: MergePlan) -> None:
-    """The whole plan: tensors, shards, sizes, checks. Computed from headers only."""
+def print_plan(
+    console: Console, plans: MergePlan | Sequence[MergePlan], labels: Sequence[str] = (), repos: Sequence[str] = ()
+) -> None:
+    """--dry-run: what a merge (one plan: every tensor and shard) or a sweep (K plans: each output,
+    `labels[k]`, `repos[k]` if pushed) would write, and the checks that passed. From headers only."""
+    if isinstance(plans, MergePlan):
+        plans = [plans]
+    if len(plans) == 1 and not labels:
+        _print_one_plan(console, plans[0], repos[0] if repos else None)
+    else:
+        _print_sweep_plan(console, plans, labels, repos)
+
+
+def _print_one_plan(console: Console, plan: MergePlan, repo: str | None) -> None:
     tensors = _table(f"Plan: {len(plan.tensors)} output tensors")
     for col in ("tensor", "dtype", "shape", "made from", "shard"):
         tensors.add_column(col, overflow="fold")
@@ -61,6 +73,8 @@ def print_plan(console: Console, plan: MergePlan) -> None:
         shards.add_row(s.name, str(len(s.tensors)), human(s.size))
     console.print(shards)
     console.print(f"inputs: {', '.join(escape(i) for i in plan.inputs)}")
+    if repo is not None:
+        console.print(f"pushes to: {escape(repo)}")
     console.print(f"total tensor bytes (index total_size): {plan.total_size} ({human(plan.total_size)})")
     console.print(f"reads {human(plan.input_bytes)} from the inputs, writes {human(plan.bytes_on_disk)}")
     extra = ", ".join(sorted(plan.side_files))
@@ -76,8 +90,11 @@ def print_plan(console: Console, plan: MergePlan) -> None:
 
 
 @contextmanager
-def progress_bar(console: Console, plan: MergePlan, disable: bool = False, upload: bool = False) -> Iterator[Callable]:
-    """A rich progress bar (bytes written, speed, ETA, current shard) fed by executor events.
+def progress_bar(
+    console: Console, plans: Sequence[MergePlan], disable: bool = False, upload: bool = False
+) -> Iterator[Callable]:
+    """A rich progress bar (bytes written by all `plans`, speed, ETA, current shard) fed by executor
+    events; in a terminal or a notebook (rich draws a widget there).
 
     With `upload`, a second line shows the bytes pushed to the Hub; the yielded callback then has
     an `upload(done, total)` attribute for the pusher to call (from its own thread)."""
@@ -91,7 +108,7 @@ def progress_bar(console: Console, plan: MergePlan, disable: bool = False, uploa
         disable=disable,
         transient=False,
     )
-    total = sum(s.size for s in plan.shards)
+    total = sum(s.size for p in plans for s in p.shards)
     task = progress.add_task("merging", total=total)
 
     def callback(event) -> None:
@@ -113,8 +130,9 @@ def progress_bar(console: Console, plan: MergePlan, disable: bool = False, uploa
         yield callback
 
 
-def print_sweep_plan(console: Console, plans: list[MergePlan], labels: list[str], repos: list[str] | None) -> None:
-    """--dry-run of a sweep: what each output would be, from headers alone."""
+def _print_sweep_plan(
+    console: Console, plans: Sequence[MergePlan], labels: Sequence[str], repos: Sequence[str]
+) -> None:
     first = plans[0]
     console.print(f"[bold]Sweep: {len(plans)} outputs from one read[/]")
     for k, (plan, label) in enumerate(zip(plans, labels, strict=True)):
@@ -136,16 +154,35 @@ def print_sweep_plan(console: Console, plans: list[MergePlan], labels: list[str]
     )
 
 
-def print_stats(console: Console, plan: MergePlan, stats: MergeStats) -> None:
-    """The closing table of a run."""
+def print_results(console: Console, stats: Sequence[MergeStats]) -> None:
+    """What a run did: the closing table of a merge, or a line per output of a sweep; where each
+    output was pushed."""
+    if len(stats) == 1:
+        print_stats(console, stats[0])
+    else:
+        for one in stats:
+            kept = f" ({one.resumed_shards} shard(s) kept from the earlier run)" if one.resumed_shards else ""
+            console.print(f"{escape(str(one.output_dir))}: {human(one.bytes_written)} written{kept}", soft_wrap=True)
+    for one in stats:
+        if one.push is not None:
+            reused = f" ({len(one.push.reused)} shard(s) already on the Hub, not re-sent)" if one.push.reused else ""
+            where = f"{one.push.repo_id}@{one.push.revision}"
+            console.print(f"pushed to {escape(where)}{reused}: {escape(one.push.commit_url)}", soft_wrap=True)
+    if len(stats) > 1:
+        first = stats[0]
+        console.print(f"{len(stats)} models from one read of {human(first.bytes_read)} in {first.seconds:.1f} s")
+
+
+def print_stats(console: Console, stats: MergeStats) -> None:
+    """The closing table of a merge."""
     table = _table("Merged")
     table.add_column("what")
     table.add_column("value", justify="right")
     rate = stats.bytes_read / stats.seconds / 1e9 if stats.seconds > 0 else math.inf
     rows = [
-        ("output", escape(str(plan.output_dir))),
+        ("output", escape(str(stats.output_dir))),
         ("tensors", str(stats.tensors)),
-        ("shards", str(len(plan.shards))),
+        ("shards", str(len(stats.files))),
         ("read", human(stats.bytes_read)),
         ("written", human(stats.bytes_written)),
         ("wall time", f"{stats.seconds:.2f} s"),

@@ -141,7 +141,7 @@ def _recompute(folder: Path, headers: dict, n: int, seed: int, report: VerifyRep
         report.add("recompute", False, "no lazymerge_recipe in the shard metadata")
         return
     try:
-        plan, checkpoints = plan_recipe(json.loads(recipe_json), folder, overwrite=True, check_disk=False)
+        plan, checkpoints = plan_recipe(json.loads(recipe_json), folder, overwrite=True)
     except LazyMergeError as exc:
         report.add("recompute", False, f"cannot re-plan from the recipe: {exc.message}")
         return

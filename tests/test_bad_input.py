@@ -8,7 +8,6 @@ Most cases call `lazymerge.cli.main([...])` in-process; a few go through a real
 from __future__ import annotations
 
 import errno
-import importlib
 import json
 import os
 import pickle
@@ -27,12 +26,11 @@ from conftest import write_model
 
 import lazymerge
 import lazymerge.execute
+from lazymerge import output_folder
 from lazymerge.cli import main
+from lazymerge.config import plan_recipe
 from lazymerge.errors import LazyMergeError
 from lazymerge.io.header import read_header
-
-# `lazymerge.plan` is the API function; the module of the same name is reached through importlib.
-plan_module = importlib.import_module("lazymerge.plan")
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -116,7 +114,7 @@ def no_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in ("pread", "preadv", "copy_file_range"):
         monkeypatch.setattr(os, name, forbidden)
-    monkeypatch.setattr(lazymerge.execute, "execute", forbidden)
+    monkeypatch.setattr(lazymerge.execute, "execute_sweep", forbidden)
 
 
 def _sft_file(sft: Path) -> Path:
@@ -423,7 +421,7 @@ def test_real_disk_full_while_writing(
     big = rm_tensors(rows=8, inter=1024 * 256)  # up_proj: 1 Mi fp16 elements = 2 MiB
     rm = write_model(tmp_path / "rm", big)
     sft = write_model(tmp_path / "sft", sft_tensors(rows=8, inter=1024 * 256))
-    monkeypatch.setattr(plan_module, "free_space", lambda _path: 1 << 40)
+    monkeypatch.setattr(output_folder, "free_space", lambda _path: 1 << 40)
     if reserve == "sparse":
 
         def no_fallocate(*_args: object) -> None:
@@ -447,9 +445,8 @@ def test_real_disk_full_while_writing(
 def test_input_truncated_after_planning_api(tmp_path: Path) -> None:
     rm, sft = make_pair(tmp_path)
     out = tmp_path / "out"
-    plan, checkpoints = lazymerge.plan(
-        {"merge_method": "dogerm", "reward_model": str(rm), "domain_model": str(sft), "weight": 0.5}, out
-    )
+    recipe = {"merge_method": "dogerm", "reward_model": str(rm), "domain_model": str(sft), "weight": 0.5}
+    plan, checkpoints = plan_recipe(recipe, out)
     bad = _sft_file(sft)
     os.truncate(bad, bad.stat().st_size // 2)  # merged tensors read from here (positional reads)
     with pytest.raises(LazyMergeError) as info:
@@ -466,13 +463,13 @@ def test_input_truncated_after_planning_cli(
     # score.weight is the RM's last tensor and a plain byte copy: cutting 2 bytes hits only the copy
     # path; cutting the SFT file hits the positional-read path of merged tensors.
     bad, cut = (rm / RM_FILE, 2) if which.startswith("rm") else (_sft_file(sft), 40)
-    real_execute = lazymerge.execute.execute
+    real_execute = lazymerge.execute.execute_sweep
 
-    def truncate_then_execute(plan, checkpoints, **kw):
+    def truncate_then_execute(plans, checkpoints, **kw):
         os.truncate(bad, bad.stat().st_size - cut)
-        return real_execute(plan, checkpoints, **kw)
+        return real_execute(plans, checkpoints, **kw)
 
-    monkeypatch.setattr(lazymerge.execute, "execute", truncate_then_execute)
+    monkeypatch.setattr(lazymerge.execute, "execute_sweep", truncate_then_execute)
     out = tmp_path / "out"
     assert_user_error(dogerm(capsys, rm, sft, out, "--chunk-elements", 4), str(bad), "truncated?")
     assert_nothing_complete(out)
@@ -609,16 +606,17 @@ def test_failure_in_a_later_shard_leaves_no_index(tmp_path: Path, capsys, monkey
     # and the failing shard must leave neither its final name nor a `.partial`.
     rm, sft = make_pair(tmp_path)
     bad = rm / RM_FILE
-    real_execute = lazymerge.execute.execute
+    real_execute = lazymerge.execute.execute_sweep
     seen: list[str] = []
 
-    def truncate_then_execute(plan, checkpoints, **kw):
+    def truncate_then_execute(plans, checkpoints, **kw):
+        [plan] = plans
         assert len(plan.shards) >= 2 and plan.shards[-1].tensors[-1].name == "score.weight"
         seen.append(plan.shards[-1].name)
         os.truncate(bad, bad.stat().st_size - 2)  # only score.weight, in the last shard, is cut
-        return real_execute(plan, checkpoints, **kw)
+        return real_execute(plans, checkpoints, **kw)
 
-    monkeypatch.setattr(lazymerge.execute, "execute", truncate_then_execute)
+    monkeypatch.setattr(lazymerge.execute, "execute_sweep", truncate_then_execute)
     out = tmp_path / "out"
     assert_user_error(dogerm(capsys, rm, sft, out, "--max-shard-size", 60), str(bad), "truncated?")
     names = sorted(p.name for p in out.iterdir())

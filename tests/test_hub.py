@@ -157,6 +157,7 @@ def test_dogerm_from_repo_ids_plans_from_headers_then_pushes(
         rm, sft, 0.3, tmp_path / "out", max_shard_size=SHARD, push_to_hub="alice/merged", device="cpu"
     )
     assert stats.tensors == len(plan.tensors)
+    assert stats.push is not None and (stats.push.repo_id, stats.push.revision) == ("alice/merged", "main")
     assert rm.downloads == len(sizes["alice/rm"]) and sft.downloads == len(sizes["alice/sft"])
     full_gets = [r for r in hub.requests if r.method == "GET" and r.range is None and r.filename]
     assert sorted(r.filename for r in full_gets if r.filename.endswith((".safetensors", ".bin"))) == sorted(

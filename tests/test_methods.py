@@ -334,7 +334,7 @@ def test_unsupported_keys_are_named(tmp_path: Path, three: list[Path], edit, nee
     }
     edit(config)
     with pytest.raises(RecipeError, match=needle):
-        lazymerge.plan(config, tmp_path / "out")
+        lazymerge.plan_merge(config, tmp_path / "out")
 
 
 def test_plan_records_method_and_params(tmp_path: Path, three: list[Path]) -> None:
@@ -345,7 +345,7 @@ def test_plan_records_method_and_params(tmp_path: Path, three: list[Path]) -> No
         "models": [{"model": str(a)}],
         "parameters": {"t": [0, 1]},
     }
-    plan, _ = lazymerge.plan(config, tmp_path / "out")
+    plan = lazymerge.plan_merge(config, tmp_path / "out")
     by_name = {t.name: t for t in plan.tensors}
     assert by_name["model.layers.2.mlp.up_proj.weight"].params["t"] == 1.0
     assert by_name["model.layers.1.mlp.up_proj.weight"].params["t"] == 0.5

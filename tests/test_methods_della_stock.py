@@ -290,10 +290,10 @@ def test_unsupported_keys_are_named(tmp_path: Path, four: list[Path], edit, need
         for m in config["models"]:
             m.pop("parameters")
     with pytest.raises(RecipeError, match=needle):
-        lazymerge.plan(config, tmp_path / "out")
+        lazymerge.plan_merge(config, tmp_path / "out")
 
 
 def test_model_stock_needs_two_models(tmp_path: Path, four: list[Path]) -> None:
     config = {"merge_method": "model_stock", "base_model": str(four[0]), "models": [{"model": str(four[1])}]}
     with pytest.raises(RecipeError, match="at least two"):
-        lazymerge.plan(config, tmp_path / "out")
+        lazymerge.plan_merge(config, tmp_path / "out")

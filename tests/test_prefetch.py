@@ -104,13 +104,20 @@ def test_budget_is_a_quarter_of_the_free_memory_and_the_cgroup_headroom(monkeypa
     assert prefetch_budget() == 0
 
 
-def test_cli_prefetches_before_torch_and_writes_the_same_bytes(llama_pair, tmp_path: Path) -> None:
+@pytest.mark.parametrize("entry", ["cli", "api"])
+def test_prefetches_before_torch_and_writes_the_same_bytes(llama_pair, tmp_path: Path, entry: str) -> None:
+    # The CLI and a Python user's `lazymerge.dogerm` run the same path, prefetch included.
     rm, sft = llama_pair
     args = ["dogerm", "--reward-model", str(rm), "--domain-model", str(sft), "--weight", "0.3", "-q"]
     args += ["--device", "cpu", "--max-shard-size", "60kB"]
+    call = {
+        "cli": f"main({json.dumps(args)} + ['-o', sys.argv[1]])",
+        "api": f"int(lazymerge.dogerm({str(rm)!r}, {str(sft)!r}, 0.3, sys.argv[1], device='cpu', max_shard_size='60kB').push is not None)",
+    }[entry]
     # A fresh interpreter, where torch is not imported yet: record what the warm-up read.
     script = f"""
 import json, sys
+import lazymerge
 from lazymerge.io import prefetch
 from lazymerge.cli import main
 assert "torch" not in sys.modules
@@ -120,7 +127,7 @@ def record(self, *exc):
     exit_(self, *exc)
     seen.append((self._thread is not None, self.bytes_read))
 prefetch.StartupPrefetch.__exit__ = record
-code = main({json.dumps(args)} + ["-o", sys.argv[1]])
+code = {call}
 print(json.dumps([code, seen]))
 """
     with_prefetch = tmp_path / "with"

@@ -38,9 +38,8 @@ def test_merge_sweep_with_stats_method(tmp_path: Path) -> None:
         "parameters": {"lambda": 1.0},
     }
     values = [0.5, 1.5]
-    stats = lazymerge.sweep(
-        config, tmp_path / "out-{lambda}", "parameters.lambda", values, chunk_elements=77, device="cpu"
-    )
+    sweep = lazymerge.Sweep("parameters.lambda", values)
+    stats = lazymerge.merge(config, tmp_path / "out-{lambda}", sweep=sweep, chunk_elements=77, device="cpu")
     for v in values:
         config["parameters"]["lambda"] = v
         lazymerge.merge(config, tmp_path / f"single-{v:g}", device="cpu")
@@ -62,7 +61,9 @@ def test_sweep_of_a_layout_key_is_refused(tmp_path: Path) -> None:
         "models": [{"model": str(models[1]), "parameters": {"weight": 1.0}}],
     }
     with pytest.raises(LazyMergeError, match="same"):
-        lazymerge.sweep(config, tmp_path / "o-{i}", "dtype", ["float32", "bfloat16"], device="cpu")
+        lazymerge.merge(
+            config, tmp_path / "o-{i}", sweep=lazymerge.Sweep("dtype", ["float32", "bfloat16"]), device="cpu"
+        )
 
 
 def test_cli_dogerm_weight_list(tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
@@ -139,5 +140,10 @@ def test_sweep_delete_after_upload_needs_push(
         capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.1,0.3",
         "-o", tmp_path / "x-{weight}", "--delete-after-upload",
     )  # fmt: skip
-    assert code == 2 and out == "" and err.startswith("error: --delete-after-upload needs --push-to-hub")
+    assert (
+        code == 2
+        and out == ""
+        and err.startswith("error: --delete-after-upload needs --push-to-hub")
+        and err.count("\n") == 2
+    )
     assert not list(tmp_path.glob("x-*"))

@@ -29,6 +29,7 @@ from lazymerge.io.digest import BLOCK_BYTES, block_digest, combine
 from lazymerge.io.writer import ShardWriter, _input_ended, create_new
 from lazymerge.output_folder import DIRECT_PROBE_NAME
 from lazymerge.plan import MergePlan, OutputShard
+from lazymerge.settings import direct_write
 
 if TYPE_CHECKING:
     from lazymerge.kernels.base import Backend
@@ -64,8 +65,8 @@ def use_direct_writes(backend: Backend, plans: list[MergePlan]) -> bool:
     kernel's buffered-write work competes with the merge for the cores, for a single output (a
     sweep's outputs copy shared ranges from the first output's cached file), where the file
     system allows it. LAZYMERGE_DIRECT_WRITE=0 turns it off, =1 on for the GPU path too."""
-    env = os.environ.get("LAZYMERGE_DIRECT_WRITE")
-    if env == "0" or len(plans) != 1 or (backend.name != "cpu" and env != "1"):
+    env = direct_write()
+    if env is False or len(plans) != 1 or (backend.name != "cpu" and env is not True):
         return False
     return direct_io_supported(plans[0].output_dir)
 

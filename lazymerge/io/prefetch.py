@@ -23,6 +23,7 @@ from pathlib import Path
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
+from lazymerge.settings import prefetch_enabled
 
 __all__ = ["StartupPrefetch", "prefetch_budget"]
 
@@ -45,10 +46,7 @@ class StartupPrefetch:
         self._thread: threading.Thread | None = None
         self.bytes_read = 0
         self._enabled = (
-            "torch" not in sys.modules
-            and not resume
-            and os.environ.get("LAZYMERGE_PREFETCH", "1") != "0"
-            and all(not c.remote for c in checkpoints)
+            "torch" not in sys.modules and not resume and prefetch_enabled() and all(not c.remote for c in checkpoints)
         )
 
     def __enter__(self) -> StartupPrefetch:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from lazymerge.errors import HeaderError
 from lazymerge.plan import ChunkTask
+from lazymerge.settings import read_threads
 
 if TYPE_CHECKING:
     import torch
@@ -34,9 +35,9 @@ def _read_pool() -> tuple[ThreadPoolExecutor | None, int]:
     Default: half the cores, at most 8, where there are 4 or more; none on fewer, where the
     copies would only take CPU from the merge workers. LAZYMERGE_READ_THREADS overrides (0 or
     1: the reader thread alone)."""
-    env = os.environ.get("LAZYMERGE_READ_THREADS")
+    env = read_threads()
     cores = os.cpu_count() or 1
-    n = int(env) if env and env.isdigit() else (min(8, cores // 2) if cores >= 4 else 0)
+    n = env if env is not None else (min(8, cores // 2) if cores >= 4 else 0)
     if n <= 1:
         return None, 1
     return ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="lazymerge-read"), n

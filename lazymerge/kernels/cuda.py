@@ -15,7 +15,6 @@ no-op streams and events and unpinned buffers, so its bookkeeping is testable in
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,12 +25,13 @@ from lazymerge import methods
 from lazymerge.constants import DTYPE_SIZES
 from lazymerge.kernels.base import Backend, DeviceError, Handle, typed_inputs, typed_view
 from lazymerge.plan import ChunkTask
+from lazymerge.settings import CUDA_SYNC_ENV, cuda_sync
 
 __all__ = ["SYNC_ENV", "CudaBackend"]
 
 # Diagnostics knob: "1" makes CudaBackend wait for each chunk inside `submit` (no overlap of
 # uploads, kernel and downloads with the host stages). gpu_check.py uses it for "pipeline off".
-SYNC_ENV = "LAZYMERGE_CUDA_SYNC"
+SYNC_ENV = CUDA_SYNC_ENV  # the name tests and benchmarks set
 
 # Ring depth: chunks whose device work may be in flight at once. Two is double buffering
 # (upload k+1 while k computes / downloads); three also covers a download lagging behind.
@@ -108,7 +108,7 @@ class CudaBackend(Backend):
             self.device = torch.device("cuda", torch.cuda.current_device())
         if depth < 2:
             raise ValueError("depth must be at least 2 (double buffering)")
-        self.pipelined = os.environ.get(SYNC_ENV) != "1" if pipelined is None else pipelined
+        self.pipelined = not cuda_sync() if pipelined is None else pipelined
         self._real = self.device.type == "cuda"
         if self._real:
             with torch.cuda.device(self.device):

@@ -54,7 +54,7 @@ def model_card(recipe: dict, inputs: list[str], base_models: list[str] | None = 
     `inputs` are listed in the body as they were named; `base_models` (Hub repo ids only; default:
     the inputs that are written `owner/name[@revision]`) go to the front matter, which has no
     `base_model` key when there are none."""
-    from lazymerge import __version__
+    from lazymerge._version import __version__
 
     if base_models is None:
         base_models = [m.split("@", 1)[0] for m in inputs if _HUB_ID.fullmatch(m.split("@", 1)[0])]

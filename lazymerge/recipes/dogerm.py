@@ -49,8 +49,6 @@ def plan_dogerm(
     dtype: str | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
-    check_disk: bool = True,
-    resume: bool = False,
 ) -> MergePlan:
     """Plan a DogeRM merge from headers and tokenizer files alone.
 
@@ -101,7 +99,6 @@ def plan_dogerm(
     return build_plan(
         recipe=recipe,
         inputs=[rm.label, sft.label],
-        input_dirs=[rm.root, sft.root],
         output_dir=Path(output),
         tensors=tensors,
         max_shard_size=max_shard_size,
@@ -109,8 +106,6 @@ def plan_dogerm(
         dropped=dropped,
         warnings=warnings,
         overwrite=overwrite,
-        resume=resume,
-        check_disk=check_disk,
     )
 
 

@@ -1,4 +1,6 @@
-"""Push a merge to the Hugging Face Hub while it runs: each shard uploads the moment it closes.
+"""Upload a merge to the Hugging Face Hub while it runs: each shard uploads the moment it closes.
+
+The upload side of the Hub (the download side is `lazymerge.io.hub`).
 
 The executor reports a "shard" event (from its writer thread) when an output shard is renamed to
 its final name; `HubPusher.wrap` turns that into an LFS pre-upload on one background thread
@@ -11,7 +13,8 @@ server already holds, so a killed push that is run again does not upload finishe
 `delete_after_upload` deletes each local shard once uploaded, and the merge waits for a shard's
 upload before it starts writing the next one: at most one output shard is on local disk.
 
-The executor knows nothing of this: the pusher only wraps its progress callback.
+The executor knows nothing of this: the pusher only wraps its progress callback. `Pushes`
+holds the pushers of one run (K for a sweep, one per output folder and repo).
 """
 
 from __future__ import annotations
@@ -27,14 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import HubError, LazyMergeError
 from lazymerge.io.hub_errors import hub_errors, scrub
-from lazymerge.io.prefetch import StartupPrefetch
 
 if TYPE_CHECKING:
-    from lazymerge.execute import MergeStats, ProgressEvent
-    from lazymerge.io.checkpoint import Checkpoint
+    from lazymerge.events import ProgressEvent
+    from lazymerge.options import HubOptions
     from lazymerge.plan import MergePlan
 
-__all__ = ["HubPusher", "PushResult", "execute_and_push", "execute_sweep_and_push", "sweep_pushers"]
+__all__ = ["HubPusher", "PushResult", "Pushes"]
 
 UploadCallback = Callable[[int, int], None]  # (bytes uploaded so far, bytes to upload)
 
@@ -251,79 +253,73 @@ class HubPusher:
 
 
 def _default_message(plan: MergePlan) -> str:
-    from lazymerge import __version__
+    from lazymerge._version import __version__
 
     method = plan.recipe.get("merge_method", "merge")
     return f"Upload {method} merge of {', '.join(plan.inputs)} (lazymerge {__version__})"[:500]
 
 
-def execute_and_push(
-    plan: MergePlan,
-    checkpoints: Sequence[Checkpoint],
-    pusher: HubPusher | None,
-    *,
-    progress: Callable[[ProgressEvent], None] | None = None,
-    **execute_kwargs: Any,
-) -> tuple[MergeStats, PushResult | None]:
-    """`execute(plan, ...)`, uploading each shard as it closes and committing once at the end."""
-    with StartupPrefetch(plan, checkpoints, resume=bool(execute_kwargs.get("resume"))):
-        from lazymerge.execute import execute  # imports torch: seconds the disk need not sit idle
+class Pushes:
+    """The pushers of a run, one per output (a single merge has one): the executor's progress
+    callback routes each finished shard to the pusher of the folder it was written to; one
+    upload total for the progress bar; one commit per repo at the end.
 
-    if pusher is None:
-        return execute(plan, checkpoints, progress=progress, **execute_kwargs), None
-    if pusher.delete_after_upload:
-        execute_kwargs["write_lanes"] = 1  # one local shard at a time: what the option is for
-    try:
-        stats = execute(plan, checkpoints, progress=pusher.wrap(progress, plan), **execute_kwargs)
-        result = pusher.commit(plan)
-    finally:
-        pusher.close()
-    return stats, result
+    Creating them creates the repos (a bad token fails here, before any byte is merged); none is
+    left running if one fails.
+    """
 
+    def __init__(self, plans: Sequence[MergePlan], repo_ids: Sequence[str], hub: HubOptions) -> None:
+        self.plans = list(plans)
+        self.pushers: list[HubPusher] = []
+        try:
+            for repo_id in repo_ids:
+                self.pushers.append(
+                    HubPusher(
+                        repo_id, private=hub.private, revision=hub.revision, commit_message=hub.commit_message,
+                        delete_after_upload=hub.delete_after_upload, token=hub.token,
+                    )
+                )  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+        self._by_folder = {
+            p.output_dir.resolve(): pusher.wrap(None, p) for p, pusher in zip(self.plans, self.pushers, strict=True)
+        }
 
-def sweep_pushers(repo_ids: Sequence[str], **options: Any) -> list[HubPusher]:
-    """One HubPusher per output of a sweep (`options` as HubPusher's); none is left running if
-    creating one fails."""
-    pushers: list[HubPusher] = []
-    try:
-        for repo_id in repo_ids:
-            pushers.append(HubPusher(repo_id, **options))
-    except BaseException:
-        for pusher in pushers:
+    @property
+    def delete_after_upload(self) -> bool:
+        return any(pusher.delete_after_upload for pusher in self.pushers)
+
+    def wrap(self, progress: Callable[[ProgressEvent], None] | None) -> Callable[[ProgressEvent], None]:
+        """The executor's callback: `progress` first, then hand each finished shard to its pusher."""
+
+        def route(event: ProgressEvent) -> None:
+            if progress is not None:
+                progress(event)
+            if event.path is not None:
+                self._by_folder[Path(event.path).parent.resolve()](event)
+
+        return route
+
+    def report_uploads(self, report: UploadCallback) -> None:
+        """Call `report(done, total)` with the bytes uploaded by all pushers together (each
+        pusher calls from its own thread)."""
+        total = sum(s.size for p in self.plans for s in p.shards)
+        done, lock = [0] * len(self.pushers), threading.Lock()
+
+        def on_upload(v: int, n: int) -> None:
+            with lock:
+                done[v] = n
+                now = sum(done)
+            report(now, total)
+
+        for v, pusher in enumerate(self.pushers):
+            pusher.on_upload = lambda n, _total, v=v: on_upload(v, n)
+
+    def commit(self) -> list[PushResult]:
+        """Wait for every upload, then one commit per repo."""
+        return [pusher.commit(p) for p, pusher in zip(self.plans, self.pushers, strict=True)]
+
+    def close(self) -> None:
+        for pusher in self.pushers:
             pusher.close()
-        raise
-    return pushers
-
-
-def execute_sweep_and_push(
-    plans: Sequence[MergePlan],
-    checkpoints: Sequence[Checkpoint],
-    pushers: Sequence[HubPusher] | None,
-    *,
-    progress: Callable[[ProgressEvent], None] | None = None,
-    **execute_kwargs: Any,
-) -> tuple[list[MergeStats], list[PushResult] | None]:
-    """`execute_sweep(plans, ...)`, each output pushed by its own pusher (shards as they close,
-    one commit per repo at the end). Shard events are routed by the folder they were written to."""
-    with StartupPrefetch(plans[0], checkpoints, resume=bool(execute_kwargs.get("resume"))):
-        from lazymerge.execute import execute_sweep
-
-    if not pushers:
-        return execute_sweep(plans, checkpoints, progress=progress, **execute_kwargs), None
-    by_folder = {p.output_dir.resolve(): pusher.wrap(None, p) for p, pusher in zip(plans, pushers, strict=True)}
-    if any(pusher.delete_after_upload for pusher in pushers):
-        execute_kwargs["write_lanes"] = 1  # one local shard per output at a time
-
-    def route(event: ProgressEvent) -> None:
-        if progress is not None:
-            progress(event)
-        if event.path is not None:
-            by_folder[Path(event.path).parent.resolve()](event)
-
-    try:
-        stats = execute_sweep(plans, checkpoints, progress=route, **execute_kwargs)
-        results = [pusher.commit(p) for p, pusher in zip(plans, pushers, strict=True)]
-    finally:
-        for pusher in pushers:
-            pusher.close()
-    return stats, results

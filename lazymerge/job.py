@@ -1,0 +1,163 @@
+"""One merge job and the one path that runs it, for every entry point (API and CLI alike).
+
+A job is K plans (K = 1 for a single merge: a single merge is a sweep of one), the opened inputs
+they share, and where each output goes on the Hub, if anywhere. Running it is always the same
+three steps: warm the page cache while torch is imported (`StartupPrefetch`), `execute_sweep`
+(every input chunk read once, merged K times), then one Hub commit per pushed output. Planning is
+torch-free; so is this module until the run imports the executor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lazymerge.errors import PlanWarning, RecipeError
+from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.hub import open_any
+from lazymerge.options import HubOptions, ProgressCallback, RunOptions
+from lazymerge.output_folder import check_plan_output
+from lazymerge.plan import MergePlan
+from lazymerge.sweep import Sweep
+
+if TYPE_CHECKING:
+    from lazymerge.execute import MergeStats
+    from lazymerge.io.hub_upload import Pushes
+
+__all__ = ["MergeJob", "open_input", "plan_dogerm_job", "plan_recipe_job", "run_job"]
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class MergeJob:
+    """K plans over the same inputs, with the options they run under.
+
+    `repos[k]` is the Hub repo of output k (None: no push)."""
+
+    plans: list[MergePlan]
+    checkpoints: list[Checkpoint]
+    repos: list[str] | None
+    options: RunOptions
+    hub: HubOptions
+
+
+def open_input(model: PathLike | Checkpoint, hub: HubOptions) -> Checkpoint:
+    """A local folder or file, a Hub repo id (`owner/name[@revision]`) or an opened Checkpoint."""
+    if isinstance(model, Checkpoint):
+        return model
+    return open_any(model, label=str(model), low_disk=hub.low_disk, token=hub.token)
+
+
+def _outputs(output: PathLike, sweep: Sweep | None, hub: HubOptions) -> tuple[list[Path], list[str] | None]:
+    """Each output's folder and repo: the names as given for one merge, filled templates for a sweep
+    (checked before planning, so that a bad template costs no header read)."""
+    return [Path(output)] if sweep is None else sweep.outputs(output), hub.repo_ids(sweep)
+
+
+def _finish(
+    plans: list[MergePlan], checkpoints: list[Checkpoint], repos: list[str] | None, options: RunOptions, hub: HubOptions
+) -> MergeJob:
+    for plan in plans:
+        check_plan_output(plan, checkpoints, resume=options.resume)  # build_plan touched no file
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        warnings.warn(warning, PlanWarning, stacklevel=4)  # at the caller of lazymerge.merge/plan_merge/dogerm
+    return MergeJob(plans, checkpoints, repos, options, hub)
+
+
+def plan_recipe_job(
+    recipe: PathLike | dict, output: PathLike, sweep: Sweep | None, options: RunOptions, hub: HubOptions
+) -> MergeJob:
+    """Plan a mergekit-style recipe (one output, or one per value of `sweep`) from headers alone."""
+    from lazymerge.config import load_recipe, plan_recipe
+
+    spec = load_recipe(recipe)
+    outs, repos = _outputs(output, sweep, hub)
+    variants = [spec] if sweep is None else list(sweep.variants(spec))
+    plans: list[MergePlan] = []
+    checkpoints: list[Checkpoint] = []
+    for variant, out in zip(variants, outs, strict=True):
+        plan, opened = plan_recipe(
+            variant, out, max_shard_size=options.max_shard_size, overwrite=options.overwrite, low_disk=hub.low_disk,
+            token=hub.token,
+        )  # fmt: skip
+        plans.append(plan)
+        checkpoints = checkpoints or opened
+    return _finish(plans, checkpoints, repos, options, hub)
+
+
+def plan_dogerm_job(
+    reward_model: PathLike | Checkpoint,
+    domain_model: PathLike | Checkpoint,
+    weights: Sequence[float],
+    output: PathLike,
+    *,
+    sweep: bool,
+    dtype: str | None,
+    options: RunOptions,
+    hub: HubOptions,
+) -> MergeJob:
+    """Plan DogeRM for each weight (`sweep`: `output` and `push_to_hub` are `{weight}` templates)."""
+    from lazymerge.recipes.dogerm import plan_dogerm
+
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise RecipeError(f"weight must be a number, got {w!r}")
+    outs, repos = _outputs(output, Sweep("weight", weights) if sweep else None, hub)
+    rm, sft = open_input(reward_model, hub), open_input(domain_model, hub)
+    plans = [
+        plan_dogerm(rm, sft, w, out, dtype=dtype, max_shard_size=options.max_shard_size, overwrite=options.overwrite)
+        for w, out in zip(weights, outs, strict=True)
+    ]
+    return _finish(plans, [rm, sft], repos, options, hub)
+
+
+def run_job(job: MergeJob) -> list[MergeStats]:
+    """Run a planned job: one MergeStats per output, each with its Hub push (if any) in `.push`."""
+    from lazymerge.io.hub_upload import Pushes
+    from lazymerge.io.prefetch import StartupPrefetch
+
+    options = job.options
+    pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
+    try:
+        with _progress(job.plans, options.progress, pushes) as progress:
+            with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume):
+                from lazymerge.execute import execute_sweep  # imports torch: seconds the disk need not sit idle
+            lanes = 1 if pushes is not None and pushes.delete_after_upload else options.write_lanes
+            stats = execute_sweep(
+                job.plans, job.checkpoints, chunk_elements=options.chunk_elements,
+                progress=pushes.wrap(progress) if pushes is not None else progress, resume=options.resume,
+                device=options.device, workers=options.workers, write_lanes=lanes,
+            )  # fmt: skip
+            if pushes is None:
+                return stats
+            return [replace(s, push=r) for s, r in zip(stats, pushes.commit(), strict=True)]
+    finally:
+        if pushes is not None:
+            pushes.close()
+
+
+@contextlib.contextmanager
+def _progress(
+    plans: list[MergePlan], progress: bool | ProgressCallback, pushes: Pushes | None
+) -> Iterator[ProgressCallback | None]:
+    """The executor's callback: the user's, a rich progress bar (True), or none (False)."""
+    if progress is False:
+        yield None
+        return
+    if progress is not True:
+        yield progress
+        return
+    from rich.console import Console
+
+    from lazymerge.report import progress_bar
+
+    with progress_bar(Console(stderr=True, highlight=False), plans, upload=pushes is not None) as callback:
+        if pushes is not None:
+            pushes.report_uploads(callback.upload)
+        yield callback
