@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "build_llama",
     "build_llama_pair",
     "llama_config",
     "llama_layer_tensors",
@@ -187,6 +188,38 @@ def save_model(
     if vocab is not None:
         (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json(vocab)))
     return folder
+
+
+def build_llama(
+    folder: Path, seed: int, *, layers: int = 3, hidden: int = 16, inter: int = 24, vocab: int = 32
+) -> Path:
+    """Write a tiny fp32 LlamaForCausalLM that mergekit and transformers recognise, in 2 shards.
+
+    Standard-normal weights drawn from `seed`; `config.json` and a WordLevel `tokenizer.json`
+    included. Returns `folder`.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [("model.embed_tokens.weight", (vocab, hidden)), ("model.norm.weight", (hidden,))]
+    shapes.append(("lm_head.weight", (vocab, hidden)))
+    for i in range(layers):
+        shapes += llama_layer_tensors(i, hidden, inter, hidden)
+    tensors = {name: torch.randn(*shape, generator=gen) for name, shape in shapes}
+    config = llama_config(
+        hidden=hidden,
+        intermediate=inter,
+        layers=layers,
+        heads=2,
+        kv_heads=2,
+        vocab=vocab,
+        torch_dtype="float32",
+        classifier=False,
+        max_positions=64,
+        rms_norm_eps=1e-6,
+    )
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3)]
+    return save_model(folder, tensors, shards=2, config=config, vocab=words)
 
 
 def _base_state(hidden: int, layers: int, vocab: int, inter: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
