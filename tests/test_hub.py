@@ -125,6 +125,7 @@ def test_scrub_masks_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- merge from repo ids, push, download back ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dogerm_from_repo_ids_plans_from_headers_then_pushes(
     hub: HubServer, remote_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -233,6 +234,7 @@ def test_cli_merge_from_repo_ids_and_push_to_branch(
 # ---- interrupted push ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_push_killed_midway_then_resumed_does_not_reupload(
     hub: HubServer, pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -386,6 +388,7 @@ class DiskWatch:
         self.sample()
 
 
+@pytest.mark.slow
 def test_low_disk_and_delete_after_upload_high_water_marks(
     hub: HubServer, remote_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -139,8 +139,12 @@ def assert_same_bits_as_mergekit(tmp_path: Path, config: dict) -> None:
     _assert_bits_equal(load_folder(tmp_path / "ours"), want)
 
 
-@pytest.mark.skipif(_peft_python() is None, reason="peft not installed (it comes with mergekit / in /opt/mkvenv)")
+@pytest.mark.slow
 def test_per_tensor_ties_matches_peft(tmp_path: Path, three: list[Path]) -> None:
+    # Looked for here, not in a skipif: it imports peft in a child, seconds at every collection.
+    peft_python = _peft_python()
+    if peft_python is None:
+        pytest.skip("peft not installed (it comes with mergekit / in /opt/mkvenv)")
     base, a, b = three
     config = {
         "merge_method": "ties",
@@ -166,7 +170,7 @@ base, a, b = load({str(base)!r}), load({str(a)!r}), load({str(b)!r})
 out = {{k: base[k] + ties([a[k] - base[k], b[k] - base[k]], torch.tensor([1.0, 1.0]), 0.4) for k in base}}
 save_file(out, {str(tmp_path / "peft.safetensors")!r})
 """
-    subprocess.run([_peft_python(), "-c", script], check=True, timeout=300)
+    subprocess.run([peft_python, "-c", script], check=True, timeout=300)
     from safetensors.torch import load_file
 
     want = load_file(tmp_path / "peft.safetensors")

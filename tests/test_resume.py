@@ -133,6 +133,7 @@ def test_kill_at_random_moments_then_resume(capsys, pair, reference, tmp_path: P
     assert any(s[1] is None for s in stages), f"no run was actually killed: {stages}"
 
 
+@pytest.mark.slow  # builds a 16 MB pair; test_lock.py kills a run and resumes it in the quick tier
 def test_kill_after_two_shards_keeps_them_then_damage(capsys, pair, reference, tmp_path: Path) -> None:
     # Deterministic counterpart of the random kills: SIGKILL as soon as the manifest records two
     # finished shards. A --resume with another weight is refused without touching the folder; the

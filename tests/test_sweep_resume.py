@@ -97,6 +97,7 @@ def resume_and_check(capsys, pair, template: Path, refs: list[Path], context: st
     return counts
 
 
+@pytest.mark.slow  # test_resume.py kills a single merge the same way in the fast tier
 def test_sweep_killed_after_two_shards_then_resumed(capsys, pair, reference, tmp_path: Path) -> None:
     refs, _ = reference
     template = tmp_path / "out-{weight}"
