@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny checkpoints written into tmp_path (never the network)."""
+"""Shared fixtures: tiny checkpoints written into tmp_path (never the network).
+
+Plain functions live in helpers.py; `write_model` and `load_folder` are importable from here too,
+where test files have always imported them.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_folder, write_model
 
 from lazymerge.tiny_models import build_llama_pair
-from lazymerge.tiny_models import save_model as write_model
+
+__all__ = ["load_folder", "write_model"]  # re-exported: test files import them from here
 
 
 @pytest.fixture
@@ -26,15 +32,3 @@ def model_factory(tmp_path: Path) -> Callable[..., Path]:
 def llama_pair(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny LLaMA RM (fp16 safetensors, 2 shards) + SFT (fp32 .bin, 2 shards, extra [PAD])."""
     return build_llama_pair(tmp_path / "pair")
-
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors model folder, read with safetensors' own reader."""
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            for k in h.keys():
-                out[k] = h.get_tensor(k)
-    return out

@@ -1,8 +1,9 @@
 """Helpers shared by the test files: the CLI run in this process or in a child, and the
 kill-and-resume harness (a real `python -m lazymerge` child stopped or SIGKILLed mid-merge).
 
-A plain module, imported as `from helpers import ...` (pytest puts `tests/` on sys.path, as for
-`conftest`); fixtures stay in conftest.py. The tiny checkpoints come from `lazymerge.tiny_models`.
+A plain module, imported as `from helpers import ...` (pytest's default import mode puts `tests/`,
+which has no `__init__.py`, on sys.path); fixtures stay in conftest.py. The tiny checkpoints come
+from `lazymerge.tiny_models`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,42 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from lazymerge.manifest import MANIFEST_NAME
+from lazymerge.tiny_models import save_model as write_model
+
+__all__ = [
+    "ANSI",
+    "REPO",
+    "child_env",
+    "cli",
+    "kill",
+    "load_folder",
+    "manifest_shards",
+    "run_cli",
+    "snapshot",
+    "start_cli",
+    "stat_ids",
+    "wait_for",
+    "wait_stopped",
+    "write_model",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model folder, read with safetensors' own reader."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
 
 
 # -- the CLI ---------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_folder
-from helpers import child_env
+from helpers import child_env, load_folder
 
 from lazymerge.tiny_models import build_llama, build_llama_pair, llama_tensors
 
