@@ -44,14 +44,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-try:
-    from lazymerge import tiny_models
-except ImportError:  # run from a checkout where lazymerge is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from lazymerge import tiny_models
-
 if TYPE_CHECKING:
     import torch
+
+# This checkout's lazymerge, installed or not, as the other benchmark scripts run it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lazymerge import tiny_models  # torch-free, see below
 
 # numpy and torch are imported only where values are made: the benchmark harness imports this
 # module for paths and sizes, and a child's ru_maxrss starts at its parent's RSS (fork + exec
