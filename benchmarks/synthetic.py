@@ -22,7 +22,9 @@ tensor as a window of one of those copies: the window start and the scale level 
 (model, tensor name), so tensors differ from each other, the two models differ, values are
 finite, and the bytes go from the block to the file without arithmetic. RMSNorm weights (tiny)
 are computed, around 1. Shards are streamed to disk: header first, then tensor bytes chunk by
-chunk; nothing larger than the block is held in memory (~300 MB RSS with torch).
+chunk; nothing larger than the block is held in memory (~300 MB RSS with torch). The tensor
+list, `config.json` and `tokenizer.json` come from `lazymerge.tiny_models`, the builder of the
+demo's and the tests' small models.
 
 Usage:
     python benchmarks/synthetic.py --size 7b --dtype fp16 [--kind dogerm|causal] [--cache DIR]
@@ -44,6 +46,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+# This checkout's lazymerge, installed or not, as the other benchmark scripts run it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lazymerge import tiny_models  # torch-free, see below
 
 # numpy and torch are imported only where values are made: the benchmark harness imports this
 # module for paths and sizes, and a child's ru_maxrss starts at its parent's RSS (fork + exec
@@ -114,25 +120,8 @@ def pair_paths(size: str, dtype: str, kind: str, cache: Path | None = None) -> t
 
 def llama_tensors(shape: LlamaShape, vocab: int, head: str) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) in LlamaFor* state-dict order; `head` is "lm_head" or "score"."""
-    h, i = shape.hidden, shape.intermediate
-    kv = shape.kv_heads * (h // shape.heads)
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
-    for layer in range(shape.layers):
-        p = f"model.layers.{layer}."
-        out += [
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (i, h)),
-            (p + "mlp.up_proj.weight", (i, h)),
-            (p + "mlp.down_proj.weight", (h, i)),
-            (p + "input_layernorm.weight", (h,)),
-            (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    out.append(("model.norm.weight", (h,)))
-    out.append(("lm_head.weight", (vocab, h)) if head == "lm_head" else ("score.weight", (1, h)))
-    return out
+    kv = shape.kv_heads * (shape.hidden // shape.heads)
+    return tiny_models.llama_tensors(shape.hidden, shape.intermediate, shape.layers, vocab, kv_hidden=kv, head=head)
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -263,35 +252,18 @@ def write_model(
 
 def llama_config(shape: LlamaShape, dtype: str, vocab: int, classifier: bool) -> dict[str, object]:
     """config.json as transformers writes it for LlamaForCausalLM / LlamaForSequenceClassification."""
-    cfg: dict[str, object] = {
-        "architectures": ["LlamaForSequenceClassification" if classifier else "LlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "hidden_act": "silu",
-        "hidden_size": shape.hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": shape.intermediate,
-        "max_position_embeddings": shape.max_positions,
-        "model_type": "llama",
-        "num_attention_heads": shape.heads,
-        "num_hidden_layers": shape.layers,
-        "num_key_value_heads": shape.kv_heads,
-        "pretraining_tp": 1,
-        "rms_norm_eps": shape.rms_norm_eps,
-        "rope_scaling": None,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": DTYPE_NAMES[dtype][1],
-        "use_cache": True,
-        "vocab_size": vocab,
-    }
-    if classifier:  # a reward model: one label, and a pad token so batches can be scored
-        cfg["id2label"] = {"0": "LABEL_0"}
-        cfg["label2id"] = {"LABEL_0": 0}
-        cfg["pad_token_id"] = 0
-    return cfg
+    return tiny_models.llama_config(
+        hidden=shape.hidden,
+        intermediate=shape.intermediate,
+        layers=shape.layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        vocab=vocab,
+        torch_dtype=DTYPE_NAMES[dtype][1],
+        classifier=classifier,
+        max_positions=shape.max_positions,
+        rms_norm_eps=shape.rms_norm_eps,
+    )
 
 
 def tokenizer_json(vocab: int) -> dict[str, object]:
@@ -300,31 +272,9 @@ def tokenizer_json(vocab: int) -> dict[str, object]:
     words += [f"tok{i}" for i in range(len(words), min(vocab, BASE_VOCAB))]
     if vocab > BASE_VOCAB:
         words += ["[PAD]"] + [f"[EXTRA{i}]" for i in range(vocab - BASE_VOCAB - 1)]
+    # The byte tokens start with "<" but are ordinary tokens, as in LLaMA's tokenizer.
     special = {"<unk>", "<s>", "</s>"} | {w for w in words if w.startswith("[")}
-    added = [
-        {
-            "id": i,
-            "content": w,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for i, w in enumerate(words)
-        if w in special
-    ]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": None,
-        "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": "<unk>"},
-    }
+    return tiny_models.tokenizer_json(words, special)
 
 
 def build_one(

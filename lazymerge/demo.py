@@ -8,143 +8,17 @@ in fp16 safetensors shards (vocab 512), the domain model a LlamaForCausalLM in f
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-__all__ = ["DEMO_MARKER", "build_llama_pair", "prepare_demo_folder", "run_demo"]
+from lazymerge.tiny_models import build_llama_pair
+
+__all__ = ["DEMO_MARKER", "prepare_demo_folder", "run_demo"]
 
 DEMO_MARKER = ".lazymerge-demo"
 DEMO_FOLDERS = ("reward-model", "domain-model", "merged")
-
-
-def _tokenizer_json(vocab: list[str]) -> dict:
-    added = [
-        {
-            "id": i,
-            "content": t,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for i, t in enumerate(vocab)
-        if t.startswith(("<", "["))
-    ]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": None,
-        "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(vocab)}, "unk_token": "<unk>"},
-    }
-
-
-def _llama_state(hidden: int, layers: int, vocab: int, inter: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    def w(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
-
-    state = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": 1 + 0.1 * w(hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            state[p + f"self_attn.{name}.weight"] = w(hidden, hidden)
-        state[p + "mlp.gate_proj.weight"] = w(inter, hidden)
-        state[p + "mlp.up_proj.weight"] = w(inter, hidden)
-        state[p + "mlp.down_proj.weight"] = w(hidden, inter)
-        state[p + "input_layernorm.weight"] = 1 + 0.1 * w(hidden)
-        state[p + "post_attention_layernorm.weight"] = 1 + 0.1 * w(hidden)
-    return state
-
-
-def _save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int, fmt: str) -> None:
-    from safetensors.torch import save_file
-
-    names = list(state)
-    per = math.ceil(len(names) / shards)
-    groups = [names[i : i + per] for i in range(0, len(names), per)]
-    weight_map = {}
-    for k, group in enumerate(groups):
-        stem = "model" if fmt == "safetensors" else "pytorch_model"
-        ext = "safetensors" if fmt == "safetensors" else "bin"
-        file = f"{stem}-{k + 1:05d}-of-{len(groups):05d}.{ext}"
-        part = {n: state[n].contiguous() for n in group}
-        if fmt == "safetensors":
-            save_file(part, folder / file, metadata={"format": "pt"})
-        else:
-            torch.save(part, folder / file)
-        weight_map.update({n: file for n in group})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
-    (folder / index).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
-def build_llama_pair(
-    root: Path,
-    *,
-    hidden: int = 64,
-    layers: int = 2,
-    vocab: int = 512,
-    inter: int = 172,
-    rm_dtype: torch.dtype = torch.float16,
-    sft_dtype: torch.dtype = torch.float32,
-    sft_format: str = "bin",
-    seed: int = 0,
-) -> tuple[Path, Path]:
-    """Write a reward model and a domain SFT model (one extra `[PAD]` token) under `root`."""
-    gen = torch.Generator().manual_seed(seed)
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3)]
-    base = _llama_state(hidden, layers, vocab, inter, gen)
-    config = {
-        "architectures": ["LlamaForSequenceClassification"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "vocab_size": vocab,
-        "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "num_labels": 1,
-        "tie_word_embeddings": False,
-    }
-    rm_dir, sft_dir = root / "reward-model", root / "domain-model"
-    for folder in (rm_dir, sft_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    # Both models are fine-tunes of `base`: small different deltas.
-    rm = {k: (v + 0.05 * torch.randn(v.shape, generator=gen)).to(rm_dtype) for k, v in base.items()}
-    rm["score.weight"] = (torch.randn(1, hidden, generator=gen) / math.sqrt(hidden)).to(rm_dtype)
-    sft = {k: (v + 0.05 * torch.randn(v.shape, generator=gen)).to(sft_dtype) for k, v in base.items()}
-    pad_row = torch.randn(1, hidden, generator=gen).to(sft_dtype)
-    sft["model.embed_tokens.weight"] = torch.cat([sft["model.embed_tokens.weight"], pad_row])
-    sft["lm_head.weight"] = (torch.randn(vocab + 1, hidden, generator=gen) / math.sqrt(hidden)).to(sft_dtype)
-    _save_sharded(rm, rm_dir, 2, "safetensors")
-    _save_sharded(sft, sft_dir, 2, sft_format)
-    rm_dtype_name = str(rm_dtype).removeprefix("torch.")
-    sft_dtype_name = str(sft_dtype).removeprefix("torch.")
-    (rm_dir / "config.json").write_text(json.dumps({**config, "torch_dtype": rm_dtype_name}, indent=2))
-    sft_config = {
-        **config,
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": vocab + 1,
-        "torch_dtype": sft_dtype_name,
-    }
-    del sft_config["num_labels"]
-    (sft_dir / "config.json").write_text(json.dumps(sft_config, indent=2))
-    (rm_dir / "tokenizer.json").write_text(json.dumps(_tokenizer_json(words)))
-    (sft_dir / "tokenizer.json").write_text(json.dumps(_tokenizer_json([*words, "[PAD]"])))
-    return rm_dir, sft_dir
 
 
 def run_demo(work: Path, out: Console, err: Console) -> None:

@@ -14,7 +14,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_model
+from helpers import run_cli
 
 import lazymerge
 import lazymerge.execute
@@ -558,20 +558,7 @@ def test_dry_run_prints_the_plan_and_reads_no_tensor(tmp_path: Path, capsys, mon
 
 
 def _run(*argv: object, debug: bool = False) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "LAZYMERGE_DEBUG"}
-    env["COLUMNS"] = "40"  # a narrow terminal must not wrap the error line
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if debug:
-        env["LAZYMERGE_DEBUG"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "lazymerge", *map(str, argv)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(*argv, debug=debug, COLUMNS="40")  # a narrow terminal must not wrap the error line
 
 
 def test_subprocess_truncated_shard_one_line_no_traceback(tmp_path: Path) -> None:

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,10 +32,12 @@ from lazymerge.io.hub_errors import scrub
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import load_folder, write_model
+    from helpers import start_cli
     from hub_server import HubError as ServerError
     from hub_server import HubServer, serving_hub
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import load_folder, write_model
+    from tests.helpers import start_cli
     from tests.hub_server import HubError as ServerError
     from tests.hub_server import HubServer, serving_hub
 
@@ -125,6 +125,7 @@ def test_scrub_masks_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- merge from repo ids, push, download back ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dogerm_from_repo_ids_plans_from_headers_then_pushes(
     hub: HubServer, remote_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -234,6 +235,7 @@ def test_cli_merge_from_repo_ids_and_push_to_branch(
 # ---- interrupted push ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_push_killed_midway_then_resumed_does_not_reupload(
     hub: HubServer, pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -254,8 +256,7 @@ def test_push_killed_midway_then_resumed_does_not_reupload(
         original(h, ticket)
 
     hub._h_lfs_put = gated_put  # type: ignore[method-assign]
-    env = {**os.environ, "HF_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "lazymerge", *args], env=env, stderr=subprocess.PIPE)
+    child = start_cli(*args, stdout=None, HF_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
     try:
         assert held.wait(120), child.stderr.read().decode() if child.poll() is not None else "no second upload"
         child.send_signal(signal.SIGKILL)
@@ -388,6 +389,7 @@ class DiskWatch:
         self.sample()
 
 
+@pytest.mark.slow
 def test_low_disk_and_delete_after_upload_high_water_marks(
     hub: HubServer, remote_pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,7 +145,9 @@ OPEN_ERRORS = {  # what goes wrong, and what the error line says
 
 
 @pytest.mark.parametrize("low_disk", [True, False], ids=["low-disk", "hf-cache"])
-@pytest.mark.parametrize("case", list(OPEN_ERRORS))
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c == "network" else c for c in OPEN_ERRORS]
+)
 def test_cli_open_error_is_one_line_and_leaves_no_private_folder(
     hub: HubServer, tmp_path: Path, private_tmp: Path, capsys: pytest.CaptureFixture[str], case: str, low_disk: bool
 ) -> None:
@@ -236,7 +238,7 @@ def _two_models(hub: HubServer, tmp_path: Path) -> Path:
     return recipe
 
 
-@pytest.mark.parametrize("how", ["missing", "dropped"])
+@pytest.mark.parametrize("how", ["missing", pytest.param("dropped", marks=pytest.mark.slow)])  # slow: retries
 @pytest.mark.parametrize("low_disk", [True, False], ids=["low-disk", "hf-cache"])
 def test_failed_download_mid_merge(
     hub: HubServer,
@@ -257,6 +259,7 @@ def test_failed_download_mid_merge(
     assert _left(private_tmp) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["missing", "dropped", "interrupted"])
 def test_cli_process_leaves_no_private_folder(hub: HubServer, tmp_path: Path, how: str) -> None:
     """The real command, in a process of its own: a shard that cannot be downloaded (missing, or

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -14,14 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cli, start_cli, wait_stopped
 
-from lazymerge.cli import main
 from lazymerge.lock import LOCK_NAME, OutputLock, lock_holder
 from lazymerge.manifest import MANIFEST_NAME
 from lazymerge.verify import verify
-
-REPO = Path(__file__).resolve().parents[1]
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +29,6 @@ def dogerm_args(pair: tuple[Path, Path], out: Path, *extra: object) -> list[str]
     rm, sft = pair
     args = ["dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.3", "-o", out, "-q"]
     return [str(a) for a in [*args, "--device", "cpu", "--max-shard-size", "60kB", *extra]]
-
-
-def cli(capsys, args: list[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
 
 
 def assert_busy(result: tuple[int, str, str], out: Path, pid: int) -> None:
@@ -59,12 +49,12 @@ def folder_state(out: Path) -> dict[str, tuple[int, int, bytes]]:
 @pytest.mark.parametrize("extra", [(), ("--overwrite",), ("--resume",)])
 def test_second_merge_fails_while_the_lock_is_held(capsys, llama_pair, tmp_path: Path, extra: tuple) -> None:
     out = tmp_path / "out"
-    assert cli(capsys, dogerm_args(llama_pair, out))[0] == 0  # a finished model is there
+    assert cli(capsys, *dogerm_args(llama_pair, out))[0] == 0  # a finished model is there
     before = folder_state(out)
     with OutputLock(out):
         assert lock_holder(out) == str(os.getpid())
         start = time.monotonic()
-        assert_busy(cli(capsys, dogerm_args(llama_pair, out, *extra)), out, os.getpid())
+        assert_busy(cli(capsys, *dogerm_args(llama_pair, out, *extra)), out, os.getpid())
         assert time.monotonic() - start < 10, "the second run did not fail at once"
         assert (out / LOCK_NAME).read_text().strip() == str(os.getpid()), "the lock file was taken over"
         during = folder_state(out)
@@ -73,22 +63,13 @@ def test_second_merge_fails_while_the_lock_is_held(capsys, llama_pair, tmp_path:
 
 
 def _child(args: list[str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "LAZYMERGE_DEBUG"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, "-m", "lazymerge", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
+    return start_cli(*args, stdout=subprocess.PIPE, text=True)
 
 
 def test_second_merge_fails_while_another_process_is_mid_run(capsys, llama_pair, tmp_path: Path) -> None:
     out = tmp_path / "out"
     reference = tmp_path / "reference"
-    assert cli(capsys, dogerm_args(llama_pair, reference, "--chunk-elements", "64"))[0] == 0
+    assert cli(capsys, *dogerm_args(llama_pair, reference, "--chunk-elements", "64"))[0] == 0
     # Small chunks make the child's merge last a second or two; stop it once a shard has closed,
     # so the folder already holds model-0000k files (the second run must still blame the lock).
     proc = _child(dogerm_args(llama_pair, out, "--chunk-elements", "64"))
@@ -104,7 +85,7 @@ def test_second_merge_fails_while_another_process_is_mid_run(capsys, llama_pair,
         assert lock_holder(out) == str(proc.pid)
         snapshot = folder_state(out)
         for extra in [(), ("--overwrite",), ("--resume",)]:
-            assert_busy(cli(capsys, dogerm_args(llama_pair, out, "--chunk-elements", "64", *extra)), out, proc.pid)
+            assert_busy(cli(capsys, *dogerm_args(llama_pair, out, "--chunk-elements", "64", *extra)), out, proc.pid)
         assert folder_state(out) == snapshot, "the refused run touched the folder of the running one"
     finally:
         proc.send_signal(signal.SIGCONT)
@@ -145,22 +126,6 @@ def test_sigterm_cleans_up_as_ctrl_c_does(llama_pair, tmp_path: Path) -> None:
     assert "model.safetensors.index.json" not in left
 
 
-def wait_stopped(pid: int) -> None:
-    """SIGSTOP is asynchronous: wait until every thread of `pid` is in state T (stopped)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        states = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-            except (OSError, IndexError):
-                continue  # a thread that just ended
-        if states and all(s in "Tt" for s in states):
-            return
-        time.sleep(0.001)
-    raise AssertionError("the child did not stop")
-
-
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -173,7 +138,7 @@ def test_stale_lock_of_a_dead_process_does_not_block(capsys, llama_pair, tmp_pat
     dead = _dead_pid()
     (out / LOCK_NAME).write_text(f"{dead}\n")  # present, but no process holds its flock
     assert lock_holder(out) is None
-    code, _, err = cli(capsys, dogerm_args(llama_pair, out))
+    code, _, err = cli(capsys, *dogerm_args(llama_pair, out))
     assert code == 0, err
     assert not (out / LOCK_NAME).exists()
     assert verify(out).ok
@@ -190,7 +155,7 @@ def test_stale_lock_of_a_killed_run_does_not_block_resume(capsys, llama_pair, tm
     proc.communicate(timeout=30)
     assert (out / LOCK_NAME).exists(), "SIGKILL leaves the lock file behind"
     assert lock_holder(out) is None, "but the kernel released the flock"
-    code, _, err = cli(capsys, dogerm_args(llama_pair, out, "--resume"))
+    code, _, err = cli(capsys, *dogerm_args(llama_pair, out, "--resume"))
     assert code == 0, err
     assert verify(out).ok
     assert not (out / LOCK_NAME).exists()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import start_cli
 
 from lazymerge.io.header import build_header
 
@@ -65,24 +64,8 @@ def test_dogerm_peak_rss_bounded_for_1gb_pair(tmp_path: Path) -> None:
     pair_bytes = sum(p.stat().st_size for d in (rm, sft) for p in d.iterdir())
     assert pair_bytes > 1e9
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lazymerge",
-        "dogerm",
-        "--reward-model",
-        str(rm),
-        "--domain-model",
-        str(sft),
-        "--weight",
-        "0.3",
-        "--output",
-        str(out),
-        "--quiet",
-        "--max-shard-size",
-        "400MB",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = ["dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.3", "--output", out]
+    proc = start_cli(*args, "--quiet", "--max-shard-size", "400MB")
     # ru_maxrss of a child forked from pytest starts at pytest's own RSS (torch, transformers...),
     # so read the child's post-exec high-water mark (VmHWM) while it runs instead.
     peak_kb = 0

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load_folder, write_model
+from conftest import load_folder
 
 import lazymerge
 from lazymerge.errors import RecipeError
 from lazymerge.methods.dare import keep_mask
 from lazymerge.methods.task_arithmetic import generalized_task_arithmetic
 from lazymerge.methods_config import evaluate_setting
+from lazymerge.tiny_models import build_llama as tiny_llama
 
 MKVENV = Path("/opt/mkvenv/bin")
 
@@ -48,39 +49,6 @@ MERGEKIT = _mergekit_yaml()
 needs_mergekit = pytest.mark.skipif(
     MERGEKIT is None, reason="mergekit-yaml not installed (pip install mergekit, or /opt/mkvenv)"
 )
-
-
-def tiny_llama(folder: Path, seed: int, layers: int = 3) -> Path:
-    """A tiny fp32 LlamaForCausalLM that mergekit recognises (config, tokenizer, weights)."""
-    g = torch.Generator().manual_seed(seed)
-    h, inter, vocab = 16, 24, 32
-    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[f"{p}self_attn.{n}.weight"] = (h, h)
-        shapes[f"{p}mlp.gate_proj.weight"] = (inter, h)
-        shapes[f"{p}mlp.up_proj.weight"] = (inter, h)
-        shapes[f"{p}mlp.down_proj.weight"] = (h, inter)
-        shapes[f"{p}input_layernorm.weight"] = (h,)
-        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
-    tensors = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": h,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "vocab_size": vocab,
-        "rms_norm_eps": 1e-6,
-        "max_position_embeddings": 64,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-    }
-    vocab_words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3)]
-    return write_model(folder, tensors, shards=2, config=config, vocab=vocab_words)
 
 
 @pytest.fixture
@@ -171,8 +139,12 @@ def assert_same_bits_as_mergekit(tmp_path: Path, config: dict) -> None:
     _assert_bits_equal(load_folder(tmp_path / "ours"), want)
 
 
-@pytest.mark.skipif(_peft_python() is None, reason="peft not installed (it comes with mergekit / in /opt/mkvenv)")
+@pytest.mark.slow
 def test_per_tensor_ties_matches_peft(tmp_path: Path, three: list[Path]) -> None:
+    # Looked for here, not in a skipif: it imports peft in a child, seconds at every collection.
+    peft_python = _peft_python()
+    if peft_python is None:
+        pytest.skip("peft not installed (it comes with mergekit / in /opt/mkvenv)")
     base, a, b = three
     config = {
         "merge_method": "ties",
@@ -198,7 +170,7 @@ base, a, b = load({str(base)!r}), load({str(a)!r}), load({str(b)!r})
 out = {{k: base[k] + ties([a[k] - base[k], b[k] - base[k]], torch.tensor([1.0, 1.0]), 0.4) for k in base}}
 save_file(out, {str(tmp_path / "peft.safetensors")!r})
 """
-    subprocess.run([_peft_python(), "-c", script], check=True, timeout=300)
+    subprocess.run([peft_python, "-c", script], check=True, timeout=300)
     from safetensors.torch import load_file
 
     want = load_file(tmp_path / "peft.safetensors")

@@ -10,26 +10,20 @@ and late moments are all hit); set LAZYMERGE_KILL_SEED to replay a failing draw.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, kill, manifest_shards, snapshot, start_cli, stat_ids, wait_for
 
 from lazymerge.cli import main
-from lazymerge.demo import build_llama_pair
 from lazymerge.lock import LOCK_NAME
-from lazymerge.manifest import MANIFEST_NAME
+from lazymerge.tiny_models import build_llama_pair
 
-REPO = Path(__file__).resolve().parents[1]
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SHARD_SIZE = "2MB"  # about 16 MB of output: 9 shards
 CHUNK = 2048  # elements per chunk: thousands of chunks, so a kill lands mid-shard
 KILLS = 4
@@ -72,12 +66,6 @@ def argv(pair: tuple[Path, Path], out: Path, *extra: object, weight: str = "0.3"
     ]
 
 
-def run_in_process(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
-
-
 @pytest.fixture(scope="module")
 def reference(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     """The uninterrupted run, and how long its merge took (to place the kills)."""
@@ -87,63 +75,12 @@ def reference(pair: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
     return out, time.perf_counter() - start
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
 def assert_identical(out: Path, ref: Path, context: str) -> None:
     got, want = snapshot(out), snapshot(ref)
     assert not [n for n in got if n.endswith(".partial")], f"{context}: {sorted(got)}"
     assert sorted(got) == sorted(want), context
     for name in want:
         assert got[name] == want[name], f"{context}: {name} differs from the uninterrupted run"
-
-
-def start_child(args: list[str]) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "LAZYMERGE_DEBUG"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, "-m", "lazymerge", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        cwd=REPO,
-    )
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
-    """Poll until `predicate()` or the child exits; True when the predicate held."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return predicate()
-        time.sleep(0.002)
-    raise AssertionError("the child neither progressed nor exited")
-
-
-def kill(proc: subprocess.Popen) -> int | None:
-    """SIGKILL the child (if still running); returns its exit code if it had already finished."""
-    finished = proc.poll()
-    if finished is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    if proc.stderr is not None:
-        proc.stderr.close()
-    return finished
-
-
-def manifest_shards(out: Path) -> dict[str, dict]:
-    try:
-        return json.loads((out / MANIFEST_NAME).read_text())["shards"]
-    except (OSError, ValueError, KeyError):
-        return {}
-
-
-def stat_ids(out: Path, names: list[str]) -> dict[str, tuple[int, int]]:
-    stats = {n: (out / n).stat() for n in names}
-    return {n: (s.st_ino, s.st_mtime_ns) for n, s in stats.items()}
 
 
 def kept_count(stdout: str) -> int:
@@ -155,7 +92,7 @@ def resume_and_check(capsys, pair, out: Path, ref: Path, context: str) -> int:
     """Run the same command plus --resume; check the result; return how many shards were kept."""
     recorded = manifest_shards(out)
     before = stat_ids(out, [n for n in recorded if (out / n).is_file()])
-    code, stdout, err = run_in_process(capsys, argv(pair, out, "--resume"))
+    code, stdout, err = cli(capsys, *argv(pair, out, "--resume"))
     assert code == 0, f"{context}: {err}"
     assert_identical(out, ref, context)
     kept = kept_count(stdout)
@@ -180,7 +117,7 @@ def test_kill_at_random_moments_then_resume(capsys, pair, reference, tmp_path: P
     for k, delay in enumerate(delays):
         out = tmp_path / f"out{k}"
         context = f"seed {seed}, kill {k} after {delay:.3f} s of a {merge_seconds:.2f} s merge"
-        proc = start_child(argv(pair, out))
+        proc = start_cli(*argv(pair, out))
         wait_for(lambda out=out: (out / LOCK_NAME).exists(), proc)
         time.sleep(delay)
         finished = kill(proc)
@@ -196,20 +133,21 @@ def test_kill_at_random_moments_then_resume(capsys, pair, reference, tmp_path: P
     assert any(s[1] is None for s in stages), f"no run was actually killed: {stages}"
 
 
+@pytest.mark.slow  # builds a 16 MB pair; test_lock.py kills a run and resumes it in the quick tier
 def test_kill_after_two_shards_keeps_them_then_damage(capsys, pair, reference, tmp_path: Path) -> None:
     # Deterministic counterpart of the random kills: SIGKILL as soon as the manifest records two
     # finished shards. A --resume with another weight is refused without touching the folder; the
     # right --resume keeps (does not rewrite) at least those two shards.
     ref, _ = reference
     out = tmp_path / "out"
-    proc = start_child(argv(pair, out))
+    proc = start_cli(*argv(pair, out))
     reached = wait_for(lambda: len(manifest_shards(out)) >= 2, proc)
     finished = kill(proc)
     assert reached and finished is None, "the child finished before it could be killed"
     assert (out / LOCK_NAME).exists(), "expected the dead run's (stale) lock file"
 
     before = snapshot(out)
-    code, stdout, err = run_in_process(capsys, argv(pair, out, "--resume", weight="0.7"))
+    code, stdout, err = cli(capsys, *argv(pair, out, "--resume", weight="0.7"))
     assert code == 2, (code, err)
     assert stdout == ""
     lines = err.splitlines()
@@ -233,7 +171,7 @@ def test_kill_after_two_shards_keeps_them_then_damage(capsys, pair, reference, t
     raw[len(raw) // 2] ^= 0x40
     victim.write_bytes(bytes(raw))
     (out / "model-00005-of-00009.safetensors").unlink()
-    code, stdout, err = run_in_process(capsys, argv(pair, out, "--resume"))
+    code, stdout, err = cli(capsys, *argv(pair, out, "--resume"))
     assert code == 0, err
     assert kept_count(stdout) == 7, stdout
     assert_identical(out, ref, "after --resume over a damaged and a missing shard")

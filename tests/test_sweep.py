@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_methods import tiny_llama
+from helpers import cli
 
 import lazymerge
 from lazymerge.cli import main
 from lazymerge.errors import LazyMergeError
+from lazymerge.tiny_models import build_llama as tiny_llama
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:
@@ -89,18 +90,12 @@ def test_cli_dogerm_weight_list(tmp_path: Path, llama_pair: tuple[Path, Path], c
     assert "2 models from one read" in capsys.readouterr().out
 
 
-def _cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_sweep_dry_run_lists_each_output_and_writes_nothing(
     tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
     rm, sft = llama_pair
     template = tmp_path / "dry-{weight}"
-    code, out, err = _cli(
+    code, out, err = cli(
         capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.1,0.3", "-o", template,
         "--max-shard-size", "100kB", "--dry-run", "--push-to-hub", "me/dry-{weight}",
     )  # fmt: skip
@@ -121,13 +116,13 @@ def test_merge_sweep_dry_run_and_progress_bar(tmp_path: Path, capsys: pytest.Cap
         f"models:\n  - model: {models[1]}\n    parameters: {{weight: 1.0}}\n"
     )
     base = ["merge", config, "--sweep", "models.0.parameters.weight=0.5,1", "-o", tmp_path / "w-{weight}"]
-    code, out, err = _cli(capsys, *base, "--dry-run")
+    code, out, err = cli(capsys, *base, "--dry-run")
     assert code == 0, err
     assert "models.0.parameters.weight=0.5" in out and "w-1" in out and not list(tmp_path.glob("w-*"))
-    code, out, err = _cli(capsys, *base, "--device", "cpu")  # no --quiet: the bar, on stderr
+    code, out, err = cli(capsys, *base, "--device", "cpu")  # no --quiet: the bar, on stderr
     assert code == 0, err
     assert "done" in err and "━" in err and "2 models from one read" in out
-    code, out, err = _cli(capsys, *base, "--device", "cpu", "--resume", "-q")
+    code, out, err = cli(capsys, *base, "--device", "cpu", "--resume", "-q")
     assert code == 0 and err == "", err
     assert out.count("shard(s) kept from the earlier run") == 2
 
@@ -136,7 +131,7 @@ def test_sweep_delete_after_upload_needs_push(
     tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
     rm, sft = llama_pair
-    code, out, err = _cli(
+    code, out, err = cli(
         capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.1,0.3",
         "-o", tmp_path / "x-{weight}", "--delete-after-upload",
     )  # fmt: skip

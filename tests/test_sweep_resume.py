@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import ANSI, kill, manifest_shards, snapshot, start_child, stat_ids, wait_for
+from helpers import ANSI, kill, manifest_shards, snapshot, start_cli, stat_ids, wait_for
 
 import lazymerge
 from lazymerge.cli import main
 from lazymerge.constants import DTYPE_SIZES
-from lazymerge.demo import build_llama_pair
 from lazymerge.lock import LOCK_NAME
 from lazymerge.plan import MergePlan
+from lazymerge.tiny_models import build_llama_pair
 
 SHARD_SIZE = "1MB"  # about 7.5 MB per output: 8 shards
 CHUNK = 2048
@@ -97,11 +97,12 @@ def resume_and_check(capsys, pair, template: Path, refs: list[Path], context: st
     return counts
 
 
+@pytest.mark.slow  # test_resume.py kills a single merge the same way in the fast tier
 def test_sweep_killed_after_two_shards_then_resumed(capsys, pair, reference, tmp_path: Path) -> None:
     refs, _ = reference
     template = tmp_path / "out-{weight}"
     first = outputs(template)[0]
-    proc = start_child(argv(pair, template))
+    proc = start_cli(*argv(pair, template))
     reached = wait_for(lambda: len(manifest_shards(first)) >= 2, proc)
     finished = kill(proc)
     assert reached and finished is None, "the child finished before it could be killed"
@@ -119,7 +120,7 @@ def test_sweep_killed_at_random_moments_then_resumed(capsys, pair, reference, tm
     for k in range(2):
         delay = (k + rng.random()) / 2 * seconds
         template = tmp_path / f"kill{k}" / "out-{weight}"
-        proc = start_child(argv(pair, template))
+        proc = start_cli(*argv(pair, template))
         wait_for(lambda t=template: (outputs(t)[-1] / LOCK_NAME).exists(), proc)
         time.sleep(delay)
         kill(proc)

@@ -1,0 +1,168 @@
+"""Helpers shared by the test files: the CLI run in this process or in a child, and the
+kill-and-resume harness (a real `python -m lazymerge` child stopped or SIGKILLed mid-merge).
+
+A plain module, imported as `from helpers import ...` (pytest's default import mode puts `tests/`,
+which has no `__init__.py`, on sys.path); fixtures stay in conftest.py. The tiny checkpoints come
+from `lazymerge.tiny_models`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lazymerge.manifest import MANIFEST_NAME
+from lazymerge.tiny_models import save_model as write_model
+
+__all__ = [
+    "ANSI",
+    "REPO",
+    "child_env",
+    "cli",
+    "kill",
+    "load_folder",
+    "manifest_shards",
+    "run_cli",
+    "snapshot",
+    "start_cli",
+    "stat_ids",
+    "wait_for",
+    "wait_stopped",
+    "write_model",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors model folder, read with safetensors' own reader."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """`lazymerge ARGS` in this process: (exit code, stdout, stderr), colour codes removed."""
+    from lazymerge.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
+
+
+def child_env(*, debug: bool = False, **extra: str) -> dict[str, str]:
+    """This process's environment for a child: this checkout first on PYTHONPATH, no LAZYMERGE_DEBUG
+    unless `debug` (a developer's shell setting must not change what the tests see)."""
+    env = {k: v for k, v in os.environ.items() if k != "LAZYMERGE_DEBUG"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if debug:
+        env["LAZYMERGE_DEBUG"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: object, debug: bool = False, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m lazymerge ARGS` in a child, to the end; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "lazymerge", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=child_env(debug=debug, **env),
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_cli(
+    *args: object, stdout: int | None = subprocess.DEVNULL, text: bool = False, **env: str
+) -> subprocess.Popen:
+    """`python -m lazymerge ARGS` started in a child (stderr piped); the caller waits or kills it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lazymerge", *map(str, args)],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=text,
+        env=child_env(**env),
+        cwd=REPO,
+    )
+
+
+# -- kill and resume -------------------------------------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+    """Poll until `predicate()` or the child exits; True when the predicate held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return predicate()
+        time.sleep(0.002)
+    raise AssertionError("the child neither progressed nor exited")
+
+
+def kill(proc: subprocess.Popen) -> int | None:
+    """SIGKILL the child (if still running); returns its exit code if it had already finished."""
+    finished = proc.poll()
+    if finished is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    if proc.stderr is not None:
+        proc.stderr.close()
+    return finished
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP is asynchronous: wait until every thread of `pid` is in state T (stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that just ended
+        if states and all(s in "Tt" for s in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError("the child did not stop")
+
+
+def manifest_shards(out: Path) -> dict[str, dict]:
+    """The shards the output folder's manifest records as finished ({} while there is none)."""
+    try:
+        return json.loads((out / MANIFEST_NAME).read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of `folder` by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def stat_ids(out: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """(inode, mtime) of each file: unchanged means the file was not rewritten."""
+    stats = {n: (out / n).stat() for n in names}
+    return {n: (s.st_ino, s.st_mtime_ns) for n, s in stats.items()}
