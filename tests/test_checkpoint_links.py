@@ -122,6 +122,7 @@ def test_shard_missing_from_the_index_is_an_error(tmp_path: Path) -> None:
     assert sorted(open_checkpoint(model).tensors) == ["a", "b"]
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 def test_real_huggingface_cache_opens_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The layout huggingface_hub itself writes (snapshots/REV/FILE -> ../../blobs/SHA), read back
     # the way lazymerge reads a cached repo with HF_HUB_OFFLINE=1.

@@ -13,7 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile_inputs import PICKLE_BOMBS, state_dict_pickle, tensor_entry, write_bin
+from hostile_inputs import (
+    EMPTY_DICT,
+    MARK,
+    PICKLE_BOMBS,
+    PROTO2,
+    SETITEM,
+    STOP,
+    integer,
+    state_dict_pickle,
+    tensor_entry,
+    text,
+    write_bin,
+)
 
 from lazymerge.errors import HeaderError
 from lazymerge.io.torchbin import read_bin_tensors
@@ -114,8 +126,28 @@ def test_hand_assembled_state_dict_is_read(tmp_path: Path) -> None:
 
 
 def test_error_about_a_hostile_name_is_one_short_printable_line(tmp_path: Path) -> None:
-    torch.save({"\x1b[2J" + "x" * 5000: 3}, tmp_path / "n.bin")
+    torch.save({"\x1b[2J" + "x" * 3000: 3}, tmp_path / "n.bin")
     with pytest.raises(HeaderError) as info:
         read_bin_tensors(tmp_path / "n.bin")
     message = str(info.value)
     assert "\x1b" not in message and "\\x1b[2J" in message and len(message) < 1000
+
+
+def test_long_or_non_string_keys_are_refused(tmp_path: Path) -> None:
+    # Two equal long keys are compared in full on every insert, an int key is hashed in full.
+    long_key = state_dict_pickle(tensor_entry("x" * 5000))
+    path = write_bin(tmp_path / "k.bin", long_key, {"0": bytes(8)})
+    with pytest.raises(HeaderError, match=r"dict key of 5,000 characters"):
+        read_bin_tensors(path)
+    int_key = PROTO2 + EMPTY_DICT + integer(2**1000 - 1) + b"N" + SETITEM + STOP
+    with pytest.raises(HeaderError, match="dict key of type int"):
+        read_bin_tensors(write_bin(tmp_path / "i.bin", int_key))
+
+
+def test_more_entries_than_a_state_dict_has_are_refused(tmp_path: Path) -> None:
+    from lazymerge.io.bin_pickle import MAX_TENSORS
+
+    entries = b"".join(text(f"t{i}") + b"N" for i in range(MAX_TENSORS + 1))
+    pickled = PROTO2 + EMPTY_DICT + MARK + entries + b"u" + STOP  # SETITEMS
+    with pytest.raises(HeaderError, match=rf"{MAX_TENSORS + 1:,} entries; at most {MAX_TENSORS:,}"):
+        read_bin_tensors(write_bin(tmp_path / "many.bin", pickled))

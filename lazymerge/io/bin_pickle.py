@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "MAX_DIMS",
+    "MAX_NAME",
     "MAX_OPS",
     "MAX_TENSORS",
     "PickleRefused",
@@ -40,6 +42,8 @@ MAX_TENSORS = 16_384
 MAX_OPS = 64 * MAX_TENSORS
 # A tensor has at most this many dimensions (torch caps at 64 too).
 MAX_DIMS = 64
+# The longest tensor name (a state dict key) accepted; real ones are under 200 characters.
+MAX_NAME = 4096
 
 
 class PickleRefused(Exception):
@@ -176,9 +180,12 @@ _Load = Callable[["_BudgetUnpickler"], None]
 
 
 def _check_key(key: object) -> None:
-    # Hashing or comparing a nested tuple costs its expanded size (2**k for k shared levels).
-    if type(key) not in (str, int):
+    # Hashing a nested tuple costs its expanded size (2**k for k shared levels), a big int its
+    # length each time, and two equal long strings are compared in full: keys are short strings.
+    if type(key) is not str:
         raise PickleRefused(f"the pickle has a dict key of type {type(key).__name__}, which a state dict never has")
+    if len(key) > MAX_NAME:
+        raise PickleRefused(f"the pickle has a dict key of {len(key):,} characters (at most {MAX_NAME:,})")
 
 
 def _load_setitem(self: _BudgetUnpickler) -> None:

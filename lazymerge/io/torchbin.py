@@ -86,8 +86,11 @@ def _read_bin(raw: BinaryIO, path: object) -> list[BinTensor]:
         state = _load_pickle(path, zf, members[pkl_name])
         if not isinstance(state, dict):
             raise HeaderError(path, "the pickle is not a state dict")
+        if len(state) > MAX_TENSORS:
+            raise HeaderError(path, f"the state dict has {len(state):,} entries; at most {MAX_TENSORS:,} are read")
         size = raw.seek(0, os.SEEK_END)
-        return [_locate(path, raw, size, members, root, name, record) for name, record in state.items()]
+        starts: dict[str, int] = {}  # storage key -> data offset: one local-header read per storage
+        return [_locate(path, raw, size, members, root, name, record, starts) for name, record in state.items()]
 
 
 def _load_pickle(path: object, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> object:
@@ -129,7 +132,9 @@ def _check_byteorder(path: object, zf: zipfile.ZipFile, members: dict, root: str
         raise HeaderError(path, "big-endian checkpoint; only little-endian files are supported")
 
 
-def _locate(path: object, raw, size: int, members: dict, root: str, name: object, record: object) -> BinTensor:
+def _locate(
+    path: object, raw, size: int, members: dict, root: str, name: object, record: object, starts: dict[str, int]
+) -> BinTensor:
     if not isinstance(name, str):
         raise HeaderError(path, f"the state dict has a key of type {type(name).__name__}, not a tensor name")
     if not isinstance(record, TensorRecord):
@@ -138,6 +143,7 @@ def _locate(path: object, raw, size: int, members: dict, root: str, name: object
     if (
         not isinstance(storage, StorageRef)
         or not isinstance(storage.key, str)
+        or len(storage.key) > 64  # torch numbers its storages: "0", "1"...
         or not _is_count(storage.numel)
         or record.dtype not in DTYPE_SIZES
     ):
@@ -162,7 +168,9 @@ def _locate(path: object, raw, size: int, members: dict, root: str, name: object
         raise HeaderError(path, f"storage {storage.key} is compressed; cannot read it lazily")
     if info.file_size < capacity:
         raise HeaderError(path, f"storage {storage.key} is shorter than its {storage.numel} elements")
-    start = _member_data_offset(path, raw, size, info)
+    start = starts.get(storage.key)
+    if start is None:
+        start = starts[storage.key] = _member_data_offset(path, raw, size, info)
     offset = start + record.storage_offset * itemsize
     return BinTensor(name, record.dtype, shape, offset, numel * itemsize)
 
