@@ -13,7 +13,9 @@ The pickle comes from a stranger. Two defences:
   never uses (sets, buffers, instance creation, extensions) are refused; and the handful whose
   cost is not one object (BUILD copies its state, OrderedDict(...) copies its argument, a dict
   key is hashed) are replaced by versions that copy nothing. Whatever the input, a refusal comes
-  within `MAX_OPS` opcodes, well under 100 MB and a few seconds.
+  within `MAX_OPS` opcodes: measured, at most ~115 MB peak RSS for the whole process (16 MB of
+  MEMOIZE) and under 2 s; a real state dict reads ~1.5x slower than with the C unpickler
+  (0.16 s for 3,500 tensors).
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 
 A zip checkpoint holds `<root>/data.pkl` (the state dict, pickled with storages as persistent
 ids) and one STORED (uncompressed) member `<root>/data/<key>` per storage. We unpickle data.pkl
-with an allow-list unpickler that only knows the handful of globals a plain state dict uses and
-turns every tensor into a (storage, offset, shape) record, so nothing arbitrary is ever built or
-called. Each contiguous tensor is then a byte range of the .bin file itself, read exactly like a
-safetensors tensor: no torch, no copy, no full load.
+with an allow-list unpickler on a budget (io/bin_pickle.py) that only knows the handful of
+globals a plain state dict uses and turns every tensor into a (storage, offset, shape) record, so
+nothing arbitrary is ever built or called, and a pickle bomb is refused within ~100 MB. data.pkl
+itself is capped (16 MiB, and 50x its size when deflated) before a byte is inflated. Each
+contiguous tensor is then a byte range of the .bin file itself, read exactly like a safetensors
+tensor: no torch, no copy, no full load.
 """
 
 from __future__ import annotations
