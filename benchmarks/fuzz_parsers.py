@@ -1,7 +1,8 @@
 """The long fuzz run (not a test): the properties of tests/test_fuzz.py with many more examples.
 
 Each target (the safetensors header parser on random bytes, mutated valid headers and random
-JSON; the allocation bound; the index loader; the `.bin` tensor-table reader) runs with
+JSON; the allocation bound; the index loader; the `.bin` tensor-table reader; pickle bombs and
+YAML alias bombs against their budgets; tensor names with terminal escapes) runs with
 `--examples` examples (default 10,000) and a fresh random seed; the script prints how many
 examples each target actually ran and any failure (hypothesis shrinks it and prints the input).
 Exit code 1 when a property failed.
@@ -32,6 +33,9 @@ TARGETS = [
     ),
     ("index loader (open_checkpoint)", "test_index_loader_fuzzed", "index loader"),
     (".bin tensor table (read_bin_tensors)", "test_bin_reader_fuzzed", "bin reader"),
+    (".bin pickle bombs (budget, tracemalloc)", "test_bin_reader_pickle_bombs", "pickle bomb"),
+    ("YAML recipe alias bombs (budget)", "test_yaml_recipe_alias_bombs", "yaml recipe"),
+    ("names with terminal escapes (inspect)", "test_printed_names_are_escaped", "escaped names"),
 ]
 
 

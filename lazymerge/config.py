@@ -9,7 +9,6 @@ implement is named in the error instead of being silently ignored.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,21 +29,10 @@ def load_recipe(recipe: str | os.PathLike[str] | dict) -> dict:
     """Read a recipe file (YAML or JSON) or validate a dict; returns a plain dict."""
     if isinstance(recipe, dict):
         return recipe
-    path = Path(recipe)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}", hint="pass the path of a YAML config") from None
-    try:
-        if path.suffix == ".json":
-            obj = json.loads(text)
-        else:
-            import yaml
+    from lazymerge.io.yaml_recipe import read_recipe_file  # imports yaml: only when a file is read
 
-            obj = yaml.safe_load(text)
-    except Exception as exc:  # yaml/json errors: one line with the position
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"{path} is not valid YAML/JSON: {first}") from None
+    path = Path(recipe)
+    obj = read_recipe_file(path)
     if not isinstance(obj, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with merge_method and models")
     return obj

@@ -2,10 +2,13 @@
 
 Every error a user can cause derives from `LazyMergeError`, also inherits the matching built-in
 (so `except ValueError` keeps working), and carries a `hint`: what to do about it. The CLI turns
-any of them into one line on stderr and exit code 2.
+any of them into one line on stderr and exit code 2; the message is made one printable line of at
+most `text.MAX_MESSAGE` characters when the error is built (control characters escaped).
 """
 
 from __future__ import annotations
+
+from lazymerge.text import one_line
 
 __all__ = [
     "CheckpointError",
@@ -29,9 +32,10 @@ class LazyMergeError(Exception):
     hint: str = ""
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
-        super().__init__(message)
+        # Messages quote names and values from strangers: one printable line, capped in length.
+        super().__init__(one_line(message))
         if hint is not None:
-            self.hint = hint
+            self.hint = one_line(hint)
 
     @property
     def message(self) -> str:

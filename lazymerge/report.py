@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as _markup_escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,12 +26,18 @@ from rich.table import Table
 
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.plan import MergePlan
+from lazymerge.text import printable
 
 if TYPE_CHECKING:
     from lazymerge.execute import MergeStats
     from lazymerge.verify import VerifyReport
 
 __all__ = ["human", "print_checkpoint", "print_plan", "print_results", "print_stats", "print_verify", "progress_bar"]
+
+
+def escape(text: str) -> str:
+    """Rich markup escaped, and control characters of names from strangers shown as `\\x1b`..."""
+    return _markup_escape(printable(text))
 
 
 def human(n: float) -> str:

@@ -3,8 +3,10 @@
 The safetensors header parser, the index loader (`open_checkpoint` on a folder with an index) and
 the `.bin` tensor-table reader get random and mutated inputs. Each must either return a validated
 result or raise the library's own `LazyMergeError`: never another exception, and never allocate
-memory sized by a number in the input. `benchmarks/fuzz_parsers.py` runs the same properties for
-much longer.
+memory sized by a number in the input. Pickle bombs (cheap opcodes repeated) and YAML alias bombs
+must stay within memory proportional to their size, and tensor names with terminal escapes must
+reach the printed table escaped. `benchmarks/fuzz_parsers.py` runs the same properties for much
+longer.
 """
 
 from __future__ import annotations
@@ -418,3 +420,148 @@ def test_bin_reader_fuzzed(data: bytes) -> None:
             assert t.nbytes == math.prod(t.shape) * DTYPE_SIZES[t.dtype]
     finally:
         path.unlink(missing_ok=True)
+
+
+# -- pickle bombs: cheap opcodes repeated, in a zip member stored or deflated --------------------
+
+# Opcodes that each build or reference something for one or a few bytes (protocol 2-5).
+BOMB_OPCODES = [
+    b"]",  # EMPTY_LIST
+    b"}",  # EMPTY_DICT
+    b")",  # EMPTY_TUPLE
+    b"(",  # MARK
+    b"2",  # DUP
+    b"\x94",  # MEMOIZE
+    b"\x8f",  # EMPTY_SET (refused)
+    b"N",  # NONE
+    b"\x88",  # NEWTRUE
+    b"t",  # TUPLE
+    b"\x86",  # TUPLE2
+    b"e",  # APPENDS
+    b"u",  # SETITEMS
+    b"b",  # BUILD
+    b"R",  # REDUCE
+    b"0",  # POP
+    b"1",  # POP_MARK
+    b"h\x00",  # BINGET 0
+    b"q\x00",  # BINPUT 0
+    b"r\xff\xff\xff\x0f",  # LONG_BINPUT of a huge index (the C unpickler fails to size its memo)
+    b"r\x00\x00\x40\x00",  # LONG_BINPUT 4M (the C unpickler sizes and zeroes a 64 MB memo)
+    b"ccollections\nOrderedDict\n",
+    b"ctorch._utils\n_rebuild_tensor_v2\n",
+    b"ctorch\nFloatStorage\n",
+]
+
+
+@st.composite
+def pickle_bomb(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """A protocol-2 pickle of a few opcode runs, each repeated up to 20,000 times."""
+    body = b"".join(
+        draw(st.sampled_from(BOMB_OPCODES)) * draw(st.integers(1, 20_000)) for _ in range(draw(st.integers(1, 4)))
+    )
+    return b"\x80\x02}" + body + b".", draw(st.booleans())  # `}`: the first opcodes have a value to work on
+
+
+@FUZZ
+@given(pickle_bomb())
+def test_bin_reader_pickle_bombs(case: tuple[bytes, bool]) -> None:
+    from hostile_inputs import write_bin
+
+    COUNTS["pickle bomb"] += 1
+    pickled, deflate = case
+    folder = _template().parent
+    path = write_bin(Path(tempfile.mkstemp(suffix=".bin", dir=folder)[1]), pickled, deflate=deflate)
+    tracemalloc.start()
+    try:
+        try:
+            read_bin_tensors(path)
+        except LazyMergeError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) <= 1000
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        path.unlink(missing_ok=True)
+    # The budget makes memory proportional to the pickle: at most ~100 bytes an opcode byte.
+    assert peak < 100 * len(pickled) + (2 << 20), f"{peak} bytes for a {len(pickled)}-byte pickle"
+
+
+# -- YAML recipes: nested anchors and aliases ---------------------------------------------------
+
+
+@st.composite
+def alias_document(draw: st.DrawFn) -> str:
+    """Anchored lists and maps of aliases of earlier anchors, some recursive, some merge keys."""
+    lines = [f"a0: &a0 {draw(st.sampled_from(['lol', '[1, 2]', '{k: v}', repr('x' * 500)]))}"]
+    for i in range(1, draw(st.integers(1, 12))):
+        refs = [f"*a{draw(st.integers(0, i if draw(st.integers(0, 20)) == 0 else i - 1))}" for _ in range(9)]
+        if draw(st.booleans()):
+            lines.append(f"a{i}: &a{i} [{', '.join(refs[: draw(st.integers(1, 9))])}]")
+        else:
+            lines.append(f"a{i}: &a{i} {{{', '.join(f'k{j}: {r}' for j, r in enumerate(refs))}}}")
+    lines.append(f"merge_method: {draw(st.sampled_from(['linear', '*a0', f'*a{len(lines) - 1}']))}")
+    return "\n".join(lines) + "\n"
+
+
+@FUZZ
+@given(alias_document())
+def test_yaml_recipe_alias_bombs(document: str) -> None:
+    from lazymerge.io.yaml_recipe import MAX_EXPANDED, read_recipe_file
+
+    COUNTS["yaml recipe"] += 1
+    folder = _template().parent
+    path = Path(tempfile.mkstemp(suffix=".yml", dir=folder)[1])
+    path.write_text(document)
+    tracemalloc.start()
+    try:
+        try:
+            obj = read_recipe_file(path)
+        except LazyMergeError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) <= 1000
+        else:  # accepted: small enough to walk, print and serialise
+            assert len(json.dumps(obj)) < 4 * MAX_EXPANDED
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        path.unlink(missing_ok=True)
+    assert peak < 32 << 20, f"{peak} bytes for a {len(document)}-byte recipe"
+
+
+# -- names with terminal escape sequences ---------------------------------------------------------
+
+HIDDEN_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+NAMES = st.lists(
+    st.one_of(
+        st.sampled_from(["\x1b[2J", "\x9b31m", "\x1b]8;;x\x07", "\u202e", "\u200b", "\n", "\r", "\x00", "\x7f"]),
+        st.characters(codec="utf-8"),
+    ),
+    min_size=1,
+    max_size=12,
+).map("".join)
+
+
+@FUZZ
+@given(st.lists(NAMES, min_size=1, max_size=4, unique=True))
+def test_printed_names_are_escaped(names: list[str]) -> None:
+    import unicodedata
+
+    from rich.console import Console
+
+    from lazymerge.report import print_checkpoint
+    from lazymerge.text import printable
+
+    COUNTS["escaped names"] += 1
+    for name in names:
+        shown = printable(name)
+        assert not any(unicodedata.category(c) in HIDDEN_CATEGORIES for c in shown), repr(shown)
+    header, _ = build_header([(n, "F32", (1,)) for n in names])
+    folder = Path(tempfile.mkdtemp(prefix="names-", dir=_template().parent))
+    try:
+        (folder / "model.safetensors").write_bytes(header + bytes(4 * len(names)))
+        ckpt = open_checkpoint(folder)
+        out = io.StringIO()
+        print_checkpoint(Console(file=out, width=200, color_system=None), ckpt, list_tensors=True)
+        text = out.getvalue()
+        bad = {c for c in text if c != "\n" and unicodedata.category(c) in HIDDEN_CATEGORIES}
+        assert not bad, f"raw {sorted(bad)!r} printed"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

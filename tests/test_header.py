@@ -459,3 +459,19 @@ def _rewrite_zip(
                 if info.filename.endswith(suffix):
                     data = new
             zout.writestr(info.filename, data, compress_type=compress)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"__metadata__":{"format":"pt"},"__metadata__":{"format":"np"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"a":{"dtype":"F32","dtype":"I32","shape":[1],"data_offsets":[0,4]}}',
+        b'{"__metadata__":{"format":"pt","format":"np"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    ],
+)
+def test_parse_header_refuses_a_duplicate_key(text: bytes) -> None:
+    # safetensors (serde) refuses these; json.loads kept the last one, so two readers saw two files.
+    text += b" " * (-len(text) % 8)
+    with pytest.raises(HeaderError, match="twice"):
+        parse_header(len(text).to_bytes(8, "little") + text + bytes(4), file_size=8 + len(text) + 4)

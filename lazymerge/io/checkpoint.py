@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import ClassVar, TypeVar
@@ -24,7 +25,7 @@ from lazymerge.errors import CheckpointError, HeaderError
 from lazymerge.io.header import read_header
 from lazymerge.io.torchbin import read_bin_tensors
 
-__all__ = ["Checkpoint", "TensorRef", "build_checkpoint", "open_checkpoint", "validate_weight_map"]
+__all__ = ["Checkpoint", "TensorRef", "build_checkpoint", "check_inside", "open_checkpoint", "validate_weight_map"]
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,16 @@ class Checkpoint:
         return obj
 
     def side_file(self, name: str) -> Path | None:
-        """A non-weight file next to the weights (config, tokenizer), or None when absent."""
+        """A non-weight file next to the weights (config, tokenizer), or None when absent.
+
+        Raises:
+            CheckpointError: the file is a link to somewhere outside the model folder.
+        """
         path = self.root / name
-        return path if path.is_file() else None
+        if not path.is_file():
+            return None
+        check_inside(self.label, self.root, name)
+        return path
 
     @property
     def total_bytes(self) -> int:
@@ -106,14 +114,16 @@ def open_checkpoint(path: str | os.PathLike[str], label: str | None = None) -> C
     """
     path = Path(path)
     label = label or str(path)
-    if path.is_file():
-        return _from_files(label, path.parent, [path.name])
+    if path.is_file():  # a file the user named: followed wherever it links
+        return _from_files(label, path.parent, [path.name], contained=False)
     if not path.is_dir():
         raise CheckpointError(f"{label}: no such file or folder")
     for index_name in (SAFE_INDEX_NAME, BIN_INDEX_NAME):
         if (path / index_name).is_file():
+            check_inside(label, path, index_name)
             weight_map = _read_index(label, path / index_name)
             files = list(dict.fromkeys(weight_map.values()))
+            _check_no_unlisted_shard(label, path, files)
             return _from_files(label, path, files, weight_map)
     for single in (SAFE_SINGLE_NAME, BIN_SINGLE_NAME):
         if (path / single).is_file():
@@ -127,6 +137,25 @@ def open_checkpoint(path: str | os.PathLike[str], label: str | None = None) -> C
         f"{label}: no model.safetensors, pytorch_model.bin or index file in this folder",
         hint="point at the folder that holds config.json and the weight files",
     )
+
+
+_SHARD_NAME = re.compile(r"(?P<stem>.+)-(?P<k>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)")
+
+
+def _check_no_unlisted_shard(label: str, root: Path, files: list[str]) -> None:
+    """A `STEM-0000k-of-0000N` shard on disk that the index leaves out would have its tensors
+    silently missing from the model: refuse it."""
+    names = {m.group("stem", "n", "ext") for f in files if (m := _SHARD_NAME.fullmatch(f))}
+    if len(names) != 1:
+        return
+    stem, n, ext = names.pop()
+    for k in range(1, int(n) + 1):
+        shard = f"{stem}-{k:05d}-of-{n}.{ext}"
+        if shard not in files and (root / shard).exists():
+            raise CheckpointError(
+                f"{label}: {shard} is in the folder but not in the index",
+                hint="the index and the shards disagree; re-download the model or add its tensors to the index",
+            )
 
 
 def _read_index(label: str, index_path: Path) -> dict[str, str]:
@@ -154,7 +183,40 @@ def validate_weight_map(label: str, index_name: str, weight_map: dict) -> None:
             )
 
 
-def _from_files(label: str, root: Path, files: list[str], weight_map: dict[str, str] | None = None) -> Checkpoint:
+def check_inside(label: str, root: Path, name: str) -> None:
+    """Refuse a file of the model folder `root` whose real location (every link followed) is
+    outside that folder: a downloaded folder must not make lazymerge read, merge and upload
+    another file of the user's. The folder itself may be a link. A Hugging Face cache snapshot
+    (`models--O--N/snapshots/REV/`) links each file to `../../blobs/SHA`, outside the snapshot:
+    a file there may resolve into its own repo's `blobs/`.
+
+    Raises:
+        CheckpointError: the file resolves outside `root` (and outside its cache repo's blobs).
+    """
+    try:
+        base = root.resolve(strict=True)
+        target = (root / name).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise CheckpointError(f"{label}: cannot resolve {name[:120]!r} ({exc})") from None
+    if target.is_relative_to(base) or _in_cache_blobs(base, target):
+        return
+    raise CheckpointError(
+        f"{label}: {name} links to {target}, outside the model folder",
+        hint="a model folder's files must lie inside it; copy the file in if you trust it",
+    )
+
+
+def _in_cache_blobs(base: Path, target: Path) -> bool:
+    for folder in (base, *base.parents):
+        if folder.parent.name == "snapshots":
+            repo = folder.parent.parent
+            return "--" in repo.name and target.parent == repo / "blobs"
+    return False
+
+
+def _from_files(
+    label: str, root: Path, files: list[str], weight_map: dict[str, str] | None = None, *, contained: bool = True
+) -> Checkpoint:
     sizes: dict[str, int] = {}
     tables: list[tuple[list[TensorRef], dict[str, str]]] = []
     for file in files:
@@ -169,6 +231,8 @@ def _from_files(label: str, root: Path, files: list[str], weight_map: dict[str, 
                 f"{label}: shard {file} is listed in the index but missing",
                 hint="the download is incomplete; fetch the missing shard",
             )
+        if contained:
+            check_inside(label, root, file)
         sizes[file] = size
         tables.append(_read_file_tensors(path, file))
     return build_checkpoint(Checkpoint, label, root, files, tables, sizes, weight_map)
@@ -188,15 +252,26 @@ def build_checkpoint(
 ) -> _C:
     """A `cls` checkpoint from each weight file's (tensors, metadata), `tables[i]` being `files[i]`'s.
 
-    With an index (`weight_map`) a tensor is taken only from the file the index names, and every
-    tensor the index names must be found; tensors are ordered by file, then offset. The metadata
-    is the first non-empty one. Shared by local folders and Hub repos (io/hub.py)."""
+    With an index (`weight_map`) a tensor is taken only from the file the index names, every
+    tensor the index names must be found, and every tensor of a shard must be in the index;
+    tensors are ordered by file, then offset. The metadata is the first non-empty one. Shared by
+    local folders and Hub repos (io/hub.py).
+
+    Raises:
+        CheckpointError: the index names a tensor its shard lacks, or a shard holds a tensor the
+            index does not name (it would silently be missing from the output).
+    """
     tensors: dict[str, TensorRef] = {}
     metadata: dict[str, str] = {}
     for file, (refs, file_metadata) in zip(files, tables, strict=True):
         metadata = metadata or file_metadata
         for ref in refs:
-            if weight_map is not None and weight_map.get(ref.name) != file:
+            if weight_map is not None and ref.name not in weight_map:
+                raise CheckpointError(
+                    f"{label}: shard {file} holds {ref.name!r}, which the index does not list",
+                    hint="the index and the shards disagree; re-download the model or add the tensor to the index",
+                )
+            if weight_map is not None and weight_map[ref.name] != file:
                 continue  # the index is authoritative, as in transformers
             tensors[ref.name] = ref
     if weight_map is not None:

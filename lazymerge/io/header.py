@@ -97,7 +97,11 @@ def parse_header(data: bytes, *, file_size: int | None = None, source: object = 
     if len(data) < 8 + n:
         raise HeaderError(source, f"header length {n} runs past the end of the data")
     try:
-        obj = json.loads(data[8 : 8 + n].decode("utf-8"))
+        obj = json.loads(data[8 : 8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise HeaderError(
+            source, f"header has the key {exc.key!r} twice", hint="the file is damaged or forged"
+        ) from None
     except (ValueError, RecursionError) as exc:  # ValueError: also a number of > 4300 digits
         raise HeaderError(source, f"header is not valid UTF-8 JSON ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
@@ -109,6 +113,24 @@ def parse_header(data: bytes, *, file_size: int | None = None, source: object = 
     data_start = 8 + n
     _check_layout(source, tensors, data_start, file_size)
     return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key[:200]
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json keeps the last of two equal keys; the reference parser (serde) refuses the header, and
+    # two readers that disagree on a file's tensors (or its __metadata__) is how forgeries work.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
 
 
 def _parse_metadata(source: object, meta: object) -> dict[str, str]:

@@ -2,64 +2,35 @@
 
 A zip checkpoint holds `<root>/data.pkl` (the state dict, pickled with storages as persistent
 ids) and one STORED (uncompressed) member `<root>/data/<key>` per storage. We unpickle data.pkl
-with an allow-list unpickler that only knows the handful of globals a plain state dict uses and
-turns every tensor into a (storage, offset, shape) record, so nothing arbitrary is ever built or
-called. Each contiguous tensor is then a byte range of the .bin file itself, read exactly like a
-safetensors tensor: no torch, no copy, no full load.
+with an allow-list unpickler on a budget (io/bin_pickle.py) that only knows the handful of
+globals a plain state dict uses and turns every tensor into a (storage, offset, shape) record, so
+nothing arbitrary is ever built or called, and a pickle bomb is refused within ~100 MB. data.pkl
+itself is capped (16 MiB, and 50x its size when deflated) before a byte is inflated. Each
+contiguous tensor is then a byte range of the .bin file itself, read exactly like a safetensors
+tensor: no torch, no copy, no full load.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import pickle
 import struct
 import zipfile
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from lazymerge.constants import DTYPE_SIZES
 from lazymerge.errors import HeaderError
+from lazymerge.io.bin_pickle import MAX_DIMS, MAX_TENSORS, PickleRefused, StorageRef, TensorRecord, load_state_dict
+from lazymerge.text import printable
 
 __all__ = ["BinTensor", "read_bin_tensors"]
 
-_MAX_PICKLE_BYTES = 256 * 1024 * 1024
-
-# torch dtype globals, as `_rebuild_tensor_v3` pickles them for dtypes without a typed storage.
-_TORCH_DTYPES = {
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "float64": "F64",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "uint16": "U16",
-    "uint32": "U32",
-    "uint64": "U64",
-    "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
-}
-
-_STORAGE_DTYPES = {
-    "FloatStorage": "F32",
-    "HalfStorage": "F16",
-    "BFloat16Storage": "BF16",
-    "DoubleStorage": "F64",
-    "LongStorage": "I64",
-    "IntStorage": "I32",
-    "ShortStorage": "I16",
-    "CharStorage": "I8",
-    "ByteStorage": "U8",
-    "BoolStorage": "BOOL",
-    "Float8_e4m3fnStorage": "F8_E4M3",
-    "Float8_e5m2Storage": "F8_E5M2",
-}
+# data.pkl takes ~110-160 bytes a tensor; 1 KiB each is room for long names and `_metadata`.
+_MAX_PICKLE_BYTES = 1024 * MAX_TENSORS
+# torch stores data.pkl uncompressed; a deflated one (a re-zipped file) packs a state dict ~5-15x.
+_MAX_DEFLATE_RATIO = 50
 
 
 @dataclass(frozen=True)
@@ -71,84 +42,6 @@ class BinTensor:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the .bin file
     nbytes: int
-
-
-@dataclass(frozen=True)
-class _StorageRef:
-    key: str
-    dtype: str
-    numel: int
-
-
-@dataclass(frozen=True)
-class _TensorRecord:
-    storage: _StorageRef
-    storage_offset: int  # in elements of `dtype`
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: str
-
-
-@dataclass(frozen=True)
-class _DtypeMarker:
-    dtype: str
-
-
-class _StorageType:
-    def __init__(self, name: str) -> None:
-        self.dtype = _STORAGE_DTYPES[name]
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
-    return _TensorRecord(storage, int(storage_offset), tuple(size), tuple(stride), storage.dtype)
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, _grad, _hooks, dtype, *_ignored):
-    # Used for dtypes without a typed storage (float8, uint16...): the storage is untyped bytes.
-    if not isinstance(dtype, _DtypeMarker):
-        raise ValueError("bad dtype in _rebuild_tensor_v3")
-    return _TensorRecord(storage, int(storage_offset), tuple(size), tuple(stride), dtype.dtype)
-
-
-def _rebuild_parameter(data, *_ignored):
-    return data
-
-
-class _StateDictUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals of a plain tensor state dict."""
-
-    def __init__(self, file, source: object) -> None:
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str):
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _rebuild_tensor_v3
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name)
-        if module == "torch.storage" and name == "UntypedStorage":
-            return _StorageType("ByteStorage")
-        if module == "torch" and name in _TORCH_DTYPES:
-            return _DtypeMarker(_TORCH_DTYPES[name])
-        raise HeaderError(
-            self._source,
-            f"the pickle references {module}.{name}, which a plain state dict never needs",
-            hint="only tensor state dicts are read; re-save the model with save_pretrained",
-        )
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise HeaderError(self._source, f"unexpected persistent id {pid!r:.80}")
-        storage_type, key, _location, numel = pid[1:]
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int):
-            raise HeaderError(self._source, "malformed storage record in the pickle")
-        return _StorageRef(str(key), storage_type.dtype, numel)
 
 
 def read_bin_tensors(source: str | os.PathLike[str] | BinaryIO, *, name: str | None = None) -> list[BinTensor]:
@@ -192,20 +85,39 @@ def _read_bin(raw: BinaryIO, path: object) -> list[BinTensor]:
             raise HeaderError(path, "zip archive has no <root>/data.pkl: not a PyTorch checkpoint")
         root = pkl_name.rsplit("/", 1)[0]
         _check_byteorder(path, zf, members, root)
-        pkl_info = members[pkl_name]
-        if pkl_info.file_size > _MAX_PICKLE_BYTES:
-            raise HeaderError(path, f"data.pkl is {pkl_info.file_size} bytes; refusing to read it")
-        try:
-            with zf.open(pkl_info) as f:
-                state = _StateDictUnpickler(f, path).load()
-        except HeaderError:
-            raise
-        except Exception as exc:  # any malformed pickle: one clear error, never a crash
-            raise HeaderError(path, f"cannot read the pickled state dict ({type(exc).__name__})") from None
+        state = _load_pickle(path, zf, members[pkl_name])
         if not isinstance(state, dict):
             raise HeaderError(path, "the pickle is not a state dict")
+        if len(state) > MAX_TENSORS:
+            raise HeaderError(path, f"the state dict has {len(state):,} entries; at most {MAX_TENSORS:,} are read")
         size = raw.seek(0, os.SEEK_END)
-        return [_locate(path, raw, size, members, root, name, record) for name, record in state.items()]
+        starts: dict[str, int] = {}  # storage key -> data offset: one local-header read per storage
+        return [_locate(path, raw, size, members, root, name, record, starts) for name, record in state.items()]
+
+
+def _load_pickle(path: object, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> object:
+    # Sizes are checked before a byte is inflated: the directory's numbers bound what zipfile reads.
+    if info.file_size > _MAX_PICKLE_BYTES:
+        raise HeaderError(
+            path,
+            f"data.pkl is {info.file_size:,} bytes, more than a state dict of {MAX_TENSORS:,} tensors needs",
+            hint="convert the model to safetensors",
+        )
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _MAX_DEFLATE_RATIO * info.compress_size + 65536:
+        raise HeaderError(
+            path,
+            f"data.pkl inflates {info.compress_size:,} bytes to {info.file_size:,}, far more than a state dict does",
+            hint="the file is not a PyTorch checkpoint (a zip bomb?); do not use it",
+        )
+    try:
+        with zf.open(info) as f:
+            return load_state_dict(f.read())
+    except PickleRefused as exc:
+        raise HeaderError(
+            path, str(exc), hint="only tensor state dicts are read; re-save the model with save_pretrained"
+        ) from None
+    except Exception as exc:  # any malformed pickle or member: one clear error, never a crash
+        raise HeaderError(path, f"cannot read the pickled state dict ({type(exc).__name__})") from None
 
 
 def _check_byteorder(path: object, zf: zipfile.ZipFile, members: dict, root: str) -> None:
@@ -222,23 +134,34 @@ def _check_byteorder(path: object, zf: zipfile.ZipFile, members: dict, root: str
         raise HeaderError(path, "big-endian checkpoint; only little-endian files are supported")
 
 
-def _locate(path: object, raw, size: int, members: dict, root: str, name: object, record: object) -> BinTensor:
-    if not isinstance(name, str) or not isinstance(record, _TensorRecord):
-        raise HeaderError(path, f"state dict entry {name!r:.80} is not a tensor")
-    storage = record.storage
+def _locate(
+    path: object, raw, size: int, members: dict, root: str, name: object, record: object, starts: dict[str, int]
+) -> BinTensor:
+    if not isinstance(name, str):
+        raise HeaderError(path, f"the state dict has a key of type {type(name).__name__}, not a tensor name")
+    if not isinstance(record, TensorRecord):
+        raise HeaderError(path, f"state dict entry {printable(name[:200])!r} is not a tensor")
+    storage, shape = record.storage, _dims(record.shape)
+    if (
+        not isinstance(storage, StorageRef)
+        or not isinstance(storage.key, str)
+        or len(storage.key) > 64  # torch numbers its storages: "0", "1"...
+        or not _is_count(storage.numel)
+        or record.dtype not in DTYPE_SIZES
+    ):
+        raise HeaderError(path, f"tensor {printable(name[:200])!r} has a malformed storage record")
+    if shape is None:
+        raise HeaderError(path, f"tensor {printable(name[:200])!r} has an invalid shape")
     itemsize = DTYPE_SIZES[record.dtype]
     capacity = storage.numel * DTYPE_SIZES[storage.dtype]  # storage size in bytes
-    shape = record.shape
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise HeaderError(path, f"tensor {name!r} has an invalid shape {shape!r}")
     numel = math.prod(shape)
-    if numel > 1 and record.stride != _contiguous_strides(shape):
+    if numel > 1 and _dims(record.stride) != _contiguous_strides(shape):
         raise HeaderError(
             path,
             f"tensor {name!r} is not contiguous in its storage",
             hint="re-save the model with save_pretrained or convert it to safetensors",
         )
-    if record.storage_offset < 0 or (record.storage_offset + numel) * itemsize > capacity:
+    if not _is_count(record.storage_offset) or (record.storage_offset + numel) * itemsize > capacity:
         raise HeaderError(path, f"tensor {name!r} lies outside its storage")
     info = members.get(f"{root}/data/{storage.key}")
     if info is None:
@@ -247,7 +170,9 @@ def _locate(path: object, raw, size: int, members: dict, root: str, name: object
         raise HeaderError(path, f"storage {storage.key} is compressed; cannot read it lazily")
     if info.file_size < capacity:
         raise HeaderError(path, f"storage {storage.key} is shorter than its {storage.numel} elements")
-    start = _member_data_offset(path, raw, size, info)
+    start = starts.get(storage.key)
+    if start is None:
+        start = starts[storage.key] = _member_data_offset(path, raw, size, info)
     offset = start + record.storage_offset * itemsize
     return BinTensor(name, record.dtype, shape, offset, numel * itemsize)
 
@@ -264,6 +189,18 @@ def _member_data_offset(path: object, raw, size: int, info: zipfile.ZipInfo) -> 
     if start + info.file_size > size:
         raise HeaderError(path, f"member {info.filename} runs past the end of the file: truncated?")
     return start
+
+
+def _is_count(value: object) -> bool:
+    # bool is an int subclass: a dimension `True` must not pass as 1 (it would be written as `true`).
+    return type(value) is int and 0 <= value < 2**63
+
+
+def _dims(value: object) -> tuple[int, ...] | None:
+    """`value` as a shape or stride (a tuple or list of at most MAX_DIMS counts), else None."""
+    if type(value) not in (tuple, list) or len(value) > MAX_DIMS or not all(_is_count(d) for d in value):
+        return None
+    return tuple(value)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -25,30 +25,56 @@ def load_vocab(ckpt: Checkpoint) -> dict[str, int] | None:
     elif (sp := ckpt.side_file("tokenizer.model")) is not None:
         vocab = {piece: i for i, piece in enumerate(_sentencepiece_pieces(ckpt, sp.read_bytes()))}
     elif (vj := ckpt.read_json("vocab.json")) is not None:
-        vocab = {str(k): int(v) for k, v in vj.items() if isinstance(v, int)}
+        vocab = {str(k): _token_id(ckpt, "vocab.json", v) for k, v in vj.items()}
     if vocab is None:
         return None
     added = ckpt.read_json("added_tokens.json") or {}
     for token, idx in added.items():
-        if isinstance(idx, int):
-            vocab[token] = idx
+        vocab[token] = _token_id(ckpt, "added_tokens.json", idx)
     return vocab
 
 
 def _vocab_from_tokenizer_json(ckpt: Checkpoint, tok: dict) -> dict[str, int]:
-    model = tok.get("model") or {}
-    raw = model.get("vocab")
+    model = tok.get("model")
+    raw = model.get("vocab") if isinstance(model, dict) else None
     vocab: dict[str, int] = {}
     if isinstance(raw, dict):
-        vocab = {str(k): int(v) for k, v in raw.items()}
+        vocab = {token: _token_id(ckpt, "tokenizer.json", idx) for token, idx in raw.items()}
     elif isinstance(raw, list):  # Unigram: [[piece, score], ...], id = position
-        vocab = {str(entry[0]): i for i, entry in enumerate(raw)}
+        for i, entry in enumerate(raw):
+            if not (isinstance(entry, list) and entry and isinstance(entry[0], str)):
+                raise _malformed(ckpt, "tokenizer.json", f"model.vocab[{i}] is not a [piece, score] pair")
+            vocab[entry[0]] = i
     else:
-        raise CheckpointError(f"{ckpt.label}: tokenizer.json has no readable model.vocab")
-    for entry in tok.get("added_tokens") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("id"), int):
-            vocab[str(entry.get("content"))] = entry["id"]
+        raise _malformed(ckpt, "tokenizer.json", "it has no model.vocab mapping or list")
+    added = tok.get("added_tokens") or []
+    if not isinstance(added, list):
+        raise _malformed(ckpt, "tokenizer.json", "added_tokens is not a list")
+    for entry in added:
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise _malformed(ckpt, "tokenizer.json", "an added_tokens entry has no content string")
+        vocab[entry["content"]] = _token_id(ckpt, "tokenizer.json", entry.get("id"))
     return vocab
+
+
+def _token_id(ckpt: Checkpoint, file: str, value: object) -> int:
+    # bool is an int subclass and int(1.5) is 1: an id must be a JSON integer.
+    if type(value) is not int or value < 0:
+        raise _malformed(ckpt, file, f"a token id is {str(value)[:40]!r}, not a non-negative integer")
+    return value
+
+
+def _mapping(ckpt: Checkpoint, file: str, value: object, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise _malformed(ckpt, file, f"{what} is not a JSON object")
+    return value
+
+
+def _malformed(ckpt: Checkpoint, file: str, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{ckpt.label}: {file} is malformed: {problem}",
+        hint="the tokenizer files are damaged; download the model again",
+    )
 
 
 def _sentencepiece_pieces(ckpt: Checkpoint, data: bytes) -> list[str]:
@@ -180,11 +206,15 @@ def add_tokens(rm: Checkpoint, sft: Checkpoint, tokens: list[tuple[int, str]]) -
     files = {name: p.read_bytes() for name in TOKENIZER_FILES if (p := rm.side_file(name)) is not None}
     if not tokens:
         return files
-    sft_entries = {e.get("content"): e for e in (sft.read_json("tokenizer.json") or {}).get("added_tokens") or []}
-    sft_decoder = (sft.read_json("tokenizer_config.json") or {}).get("added_tokens_decoder") or {}
+    sft_added = (sft.read_json("tokenizer.json") or {}).get("added_tokens") or []
+    sft_entries = {e.get("content"): e for e in sft_added if isinstance(e, dict)}
+    sft_config = sft.read_json("tokenizer_config.json") or {}
+    decoder = sft_config.get("added_tokens_decoder")
+    sft_decoder = {} if decoder is None else _mapping(sft, "tokenizer_config.json", decoder, "added_tokens_decoder")
 
     def entry_for(idx: int, token: str) -> dict:
         base = sft_decoder.get(str(idx)) or sft_entries.get(token) or {}
+        base = _mapping(sft, "tokenizer_config.json", base, f"added_tokens_decoder[{idx}]")
         return {
             "content": token,
             "lstrip": bool(base.get("lstrip", False)),
@@ -195,19 +225,23 @@ def add_tokens(rm: Checkpoint, sft: Checkpoint, tokens: list[tuple[int, str]]) -
         }
 
     if "tokenizer.json" in files:
-        tok = json.loads(files["tokenizer.json"])
+        tok = _mapping(rm, "tokenizer.json", rm.read_json("tokenizer.json"), "the file")
         added = tok.setdefault("added_tokens", [])
+        if not isinstance(added, list):
+            raise _malformed(rm, "tokenizer.json", "added_tokens is not a list")
         for idx, token in tokens:
             added.append({"id": idx, **entry_for(idx, token)})
         files["tokenizer.json"] = _dump(tok)
     if "tokenizer_config.json" in files:
-        cfg = json.loads(files["tokenizer_config.json"])
-        decoder = cfg.setdefault("added_tokens_decoder", {})
+        cfg = _mapping(rm, "tokenizer_config.json", rm.read_json("tokenizer_config.json"), "the file")
+        if cfg.get("added_tokens_decoder") is None:
+            cfg["added_tokens_decoder"] = {}
+        rm_decoder = _mapping(rm, "tokenizer_config.json", cfg["added_tokens_decoder"], "added_tokens_decoder")
         for idx, token in tokens:
-            decoder[str(idx)] = entry_for(idx, token)
+            rm_decoder[str(idx)] = entry_for(idx, token)
         files["tokenizer_config.json"] = _dump(cfg)
     if "added_tokens.json" in files or "tokenizer.model" in files:
-        extra = json.loads(files.get("added_tokens.json", b"{}"))
+        extra = _mapping(rm, "added_tokens.json", rm.read_json("added_tokens.json") or {}, "the file")
         extra.update({token: idx for idx, token in tokens})
         files["added_tokens.json"] = _dump(extra)
     return files
