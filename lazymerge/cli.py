@@ -88,7 +88,8 @@ def _line(markup: str) -> None:
 
 
 def _escape(text: str) -> str:
-    from rich.markup import escape
+    """Rich markup escaped, and control characters (a name or path from a stranger) shown as `\\x1b`."""
+    from lazymerge.report import escape
 
     return escape(text)
 
