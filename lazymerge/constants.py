@@ -71,6 +71,16 @@ def debug_enabled() -> bool:
     return os.environ.get(ENV_DEBUG, "") not in ("", "0", "false", "False")
 
 
+def hub_timeout() -> float:
+    """Seconds a Hub connection or read may stall: LAZYMERGE_HUB_TIMEOUT (a positive number), else 10."""
+    text = os.environ.get("LAZYMERGE_HUB_TIMEOUT", "").strip()
+    try:
+        value = float(text) if text else 10.0
+    except ValueError:
+        value = 0.0
+    return value if 0 < value < float("inf") else 10.0
+
+
 def parse_size(text: str | int) -> int:
     """Parse a size like '5GB', '500MB', '2GiB' or an integer number of bytes."""
     if isinstance(text, int):
