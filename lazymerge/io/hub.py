@@ -261,12 +261,11 @@ def open_hub_checkpoint(
 
             folder = snapshot_download(repo_id, revision=revision, token=token, local_files_only=True)
             return open_checkpoint(folder, label=label)
-        bound_client()
         api = HfApi(token=token)
         info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hub_timeout())
         commit = info.sha or revision or "main"
         sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-        files, weight_map = _weight_files(api, repo_id, commit, label, sizes, token)
+        files, weight_map = _weight_files(repo_id, commit, label, sizes, token)
         headers = _auth_headers(token)
         tables = run_pooled(
             lambda f: remote_tensors(repo_id, commit, f, sizes[f], headers, label), files, THREADS, "lazymerge-headers"
@@ -300,7 +299,7 @@ def _auth_headers(token: str | bool | None) -> dict[str, str]:
 
 
 def _weight_files(
-    api, repo_id: str, commit: str, label: str, sizes: dict[str, int], token: str | bool | None
+    repo_id: str, commit: str, label: str, sizes: dict[str, int], token: str | bool | None
 ) -> tuple[list[str], dict[str, str] | None]:
     import json
 
@@ -308,6 +307,7 @@ def _weight_files(
         if index_name in sizes:
             from huggingface_hub import hf_hub_download
 
+            # Through the HF cache (not a ranged read): a later HF_HUB_OFFLINE run needs it there.
             path = hf_hub_download(repo_id, index_name, revision=commit, token=token, etag_timeout=hub_timeout())
             try:
                 obj = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -27,6 +27,7 @@ __all__ = ["DaemonPool", "DownloadCancelled", "bound_client", "hub_timeout", "ru
 T = TypeVar("T")
 _STOP = object()
 _POLL = 0.1  # seconds between checks of a cancel flag while waiting on a download
+_applied: tuple[Any, Any] | None = None  # (client, timeout) we set: ours to update when the setting changes
 
 
 def bound_client() -> None:
@@ -36,10 +37,12 @@ def bound_client() -> None:
     before each batch of Hub requests; a timeout the user configured is left alone."""
     from huggingface_hub.utils import get_session
 
+    global _applied
     client = get_session()
     limits = client.timeout
-    if limits.connect is None and limits.read is None:
+    if (limits.connect is None and limits.read is None) or (client, limits) == _applied:
         client.timeout = hub_timeout()
+        _applied = (client, client.timeout)
 
 
 class DaemonPool:
