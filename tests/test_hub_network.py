@@ -27,7 +27,6 @@ from lazymerge.config import plan_recipe
 from lazymerge.errors import HubError
 from lazymerge.execute import execute
 from lazymerge.io.hub import open_hub_checkpoint
-from lazymerge.io.hub_folders import PREFIX
 from lazymerge.io.reader import InputReader
 from lazymerge.pipeline import MergeRun
 
@@ -42,6 +41,7 @@ except ImportError:  # pragma: no cover - tests/ became a package
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 WEIGHTS = (".safetensors", ".bin")
+PREFIX = "lazymerge-download-"  # the private folders (--low-disk)
 
 
 @pytest.fixture

@@ -15,14 +15,22 @@ on disk at a time. With HF_HUB_OFFLINE set, the model is opened from the local c
 
 The private folder is removed by `HubCheckpoint.close`, when the checkpoint is collected, or at
 interpreter exit, and with the error when opening fails: an index that names a shard lacking a
-tensor is caught from the headers, before any download or folder. Every huggingface_hub error
-becomes a one-line `HubError` with a hint (io/hub_errors.py); headers are read by io/hub_ranged.py.
+tensor is caught from the headers, before any download or folder. A run killed before any of
+these leaves it behind; the next run that makes one removes it (io/hub_folders.py). Every
+huggingface_hub error becomes a one-line `HubError` with a hint (io/hub_errors.py); headers are
+read by io/hub_ranged.py.
+
+Every request has a connect/read timeout (io/hub_http.py). Downloads run on daemon threads and
+a run's interruption (`cancel`) or `close` stops every wait for them at once, so Ctrl-C never
+waits on a stalled download. A downloaded weight file is checked against the plan (its size and
+its tensor table): a file that changed on the Hub since planning is refused, never merged.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 import weakref
 from concurrent.futures import Future
@@ -176,16 +184,21 @@ class HubCheckpoint(Checkpoint):
             self.downloads += 1
         local_dir = str(self._download_dir) if self._download_dir is not None else None
         bound_client()
-        path = Path(
-            hf_hub_download(
-                self.repo_id,
-                name,
-                revision=self.commit,
-                token=self.token,
-                local_dir=local_dir,
-                etag_timeout=hub_timeout(),
+        try:
+            path = Path(
+                hf_hub_download(
+                    self.repo_id,
+                    name,
+                    revision=self.commit,
+                    token=self.token,
+                    local_dir=local_dir,
+                    etag_timeout=hub_timeout(),
+                )
             )
-        )
+        finally:
+            if local_dir is not None and not self._finalizer.alive:
+                # Closed while this download ran: what it made again of the folder goes too.
+                shutil.rmtree(local_dir, ignore_errors=True)
         self._check_unchanged(name, path)
         return path
 
