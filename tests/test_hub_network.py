@@ -8,6 +8,7 @@ that makes one removes it. A weight file whose header is not the one planned is 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -111,6 +112,32 @@ def test_stalled_server_is_a_one_line_error_in_seconds(
     assert hub.stalled.is_set()
     assert "did not answer within 1 s" in err and "LAZYMERGE_HUB_TIMEOUT" in err, err
     assert elapsed < 15, elapsed
+
+
+@pytest.mark.parametrize("low_disk", [True, False], ids=["low-disk", "hf-cache"])
+def test_stalled_download_is_a_one_line_error(
+    hub: HubServer,
+    tmp_path: Path,
+    private_tmp: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    low_disk: bool,
+) -> None:
+    """huggingface_hub resumes a stalled download 5 times: with a 1 s timeout, an error in seconds."""
+    recipe = _two_models(hub, tmp_path)
+    monkeypatch.setenv("LAZYMERGE_HUB_TIMEOUT", "1")
+    monkeypatch.delenv("HF_HUB_DOWNLOAD_TIMEOUT", raising=False)
+    hub.stall(_whole_weight_get, seconds=60)
+    argv = ["merge", str(recipe), "-o", str(tmp_path / "out"), "--device", "cpu", "-q"]
+    began = time.monotonic()
+    assert main([*argv, "--low-disk"] if low_disk else argv) == 2
+    elapsed = time.monotonic() - began
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "did not answer within 1 s" in err, err
+    assert elapsed < 40, elapsed
+    gc.collect()  # the executor's error holds the checkpoints in a cycle until collected
+    assert _private(private_tmp) == []
 
 
 def test_hub_timeout_setting(monkeypatch: pytest.MonkeyPatch) -> None:

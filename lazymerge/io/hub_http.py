@@ -4,7 +4,8 @@ Every request lazymerge makes to the Hub has a connect and read timeout, `hub_ti
 (LAZYMERGE_HUB_TIMEOUT, default 10): a server that accepts the connection and then never
 answers gives a one-line `HubError` instead of a hang. huggingface_hub's shared client has no
 timeout of its own, so `bound_client` gives it ours for the calls that take none (commits,
-uploads, file lists); calls that take a timeout are given it explicitly.
+uploads, file lists, downloads); calls that take a timeout are given it explicitly. A stalled
+download is still resumed 5 times by huggingface_hub before it fails: about 6 timeouts in all.
 
 Downloads and parallel header reads run on `DaemonPool` threads instead of a
 `ThreadPoolExecutor`: the interpreter joins an executor's threads at exit and when its `with`
@@ -14,6 +15,7 @@ block ends, so one stalled request held Ctrl-C for as long as huggingface_hub ke
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -34,15 +36,20 @@ def bound_client() -> None:
     """Give huggingface_hub's shared HTTP client our connect/read timeout where it has none.
 
     The client is created on first use and again after `close_session()`, so this is called
-    before each batch of Hub requests; a timeout the user configured is left alone."""
+    before each batch of Hub requests; a timeout the user configured is left alone. Weight
+    downloads read with huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT: it becomes ours unless set."""
     from huggingface_hub.utils import get_session
 
     global _applied
+    from huggingface_hub import constants
+
     client = get_session()
     limits = client.timeout
     if (limits.connect is None and limits.read is None) or (client, limits) == _applied:
         client.timeout = hub_timeout()
         _applied = (client, client.timeout)
+    if "HF_HUB_DOWNLOAD_TIMEOUT" not in os.environ:  # hf_hub_download's reads: ours too, unless set
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = hub_timeout()  # type: ignore[assignment]
 
 
 class DaemonPool:
