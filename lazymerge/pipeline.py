@@ -117,7 +117,8 @@ class MergeRun:
         self.total_bytes = sum(s.size for p in plans for s in p.shards)
         self.written = [sum(s.size for k, s in enumerate(p.shards) if k not in shards) for p in plans]
         if backend.name == "cpu":
-            self.workers = [CpuBackend() for _ in range(workers or os.cpu_count() or 1)]
+            # At least one worker: with none, the reader fills every slot and waits forever.
+            self.workers = [CpuBackend() for _ in range(max(1, workers or os.cpu_count() or 1))]
         else:
             self.workers = [backend]  # one thread enqueues; the GPU overlaps the chunks itself
         # Enough slots for every worker to hold one chunk, plus one being read and one written.
@@ -181,6 +182,8 @@ class MergeRun:
                 t.join()
         except BaseException as exc:  # KeyboardInterrupt in the calling thread
             self._fail(exc)
+            for checkpoint in self.checkpoints:  # a thread waiting on a stalled download gives up now
+                checkpoint.cancel()
             for t in [*threads, *writers]:
                 if t.is_alive() or t.ident is not None:
                     t.join()
@@ -193,8 +196,8 @@ class MergeRun:
         if profile_enabled():
             busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
             print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", flush=True)
-        if self.errors:
-            raise self.errors[0]
+        if self.errors:  # an interruption wins over what it made other threads fail with
+            raise next((e for e in self.errors if isinstance(e, KeyboardInterrupt)), self.errors[0])
 
     def _guard(self, stage: Callable[..., None], *args: object) -> None:
         try:

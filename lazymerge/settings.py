@@ -14,6 +14,7 @@ __all__ = [
     "CUDA_SYNC_ENV",
     "DEBUG_ENV",
     "DIRECT_WRITE_ENV",
+    "HUB_TIMEOUT_ENV",
     "PREFETCH_ENV",
     "PROFILE_ENV",
     "READ_THREADS_ENV",
@@ -21,6 +22,9 @@ __all__ = [
     "cuda_sync",
     "debug_enabled",
     "direct_write",
+    "hub_download_timeout_set",
+    "hub_timeout",
+    "hub_token_values",
     "prefetch_enabled",
     "profile_enabled",
     "quiet_hub_logging",
@@ -34,6 +38,7 @@ READ_THREADS_ENV = "LAZYMERGE_READ_THREADS"  # threads that read a chunk's input
 DIRECT_WRITE_ENV = "LAZYMERGE_DIRECT_WRITE"  # 0: never O_DIRECT; 1: on the GPU path too
 WRITE_LANES_ENV = "LAZYMERGE_WRITE_LANES"  # output shards written at once, when no count is asked
 PROFILE_ENV = "LAZYMERGE_PROFILE"  # 1: print where a run's time went
+HUB_TIMEOUT_ENV = "LAZYMERGE_HUB_TIMEOUT"  # seconds a Hub connection or read may stall
 CUDA_SYNC_ENV = "LAZYMERGE_CUDA_SYNC"  # 1: no pipelining on the GPU path (one chunk at a time)
 
 
@@ -86,3 +91,23 @@ def quiet_hub_logging() -> None:
 def _count(name: str) -> int | None:
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else None
+
+
+def hub_timeout() -> float:
+    """Seconds a Hub connection or read may stall: LAZYMERGE_HUB_TIMEOUT (a positive number), else 10."""
+    text = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else 10.0
+    except ValueError:
+        value = 0.0
+    return value if 0 < value < float("inf") else 10.0
+
+
+def hub_download_timeout_set() -> bool:
+    """True when the user chose huggingface_hub's HF_HUB_DOWNLOAD_TIMEOUT (then it is not replaced by ours)."""
+    return "HF_HUB_DOWNLOAD_TIMEOUT" in os.environ
+
+
+def hub_token_values() -> list[str]:
+    """The Hub tokens set in the environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN): only to mask them in messages."""
+    return [v for v in (os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if v]

@@ -18,7 +18,8 @@ It speaks the HTTP endpoints the real `huggingface_hub` 2.4 client uses for mode
 Blobs live on disk under `root/blobs/<sha256>` (files may be hundreds of MB, never held in RAM); every LFS
 upload is checked against the size and sha256 its batch request announced (400 otherwise). `requests` logs
 every request (method, path, Range, status, bytes sent/received, repo, file), `bytes_served` counts file
-content bytes sent, `lfs_uploads` lists (oid, size) per accepted upload.
+content bytes sent, `lfs_uploads` lists (oid, size) per accepted upload. `stall()` makes chosen requests
+go unanswered (for a bounded time), as a server that accepts connections and then hangs does.
 
 Auth: `Authorization: Bearer <token>` must match `token` for every write and for private repos. As on the
 Hub, a wrong token gets 401 + `X-Error-Message: Invalid credentials in Authorization header` (the client
@@ -46,7 +47,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -163,6 +164,12 @@ class HubServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._counter = 0
+        # stall(): requests that get no answer, how long each waits before the hang-up, and the
+        # events that tell a test a request is stalled / release the stalled ones.
+        self._stall_match: Callable[[_Handler], bool] | None = None
+        self._stall_seconds = 0.0
+        self._unstall = threading.Event()
+        self.stalled = threading.Event()
 
     def start(self) -> HubServer:
         for sub in ("blobs", "tmp"):
@@ -175,7 +182,21 @@ class HubServer:
         self._thread.start()
         return self
 
+    def stall(self, match: Callable[[_Handler], bool] | None = None, *, seconds: float = 30.0) -> None:
+        """From now on the requests `match(handler)` accepts (every request without `match`) get no answer:
+        the connection is accepted, the request read, and nothing is sent for `seconds` (or until
+        `unstall()` or `stop()`); then the server hangs up. `stalled` is set when the first one arrives.
+        Bounded, so that a client without a timeout never keeps a test (or its server thread) forever."""
+        self._unstall.clear()
+        self._stall_match, self._stall_seconds = match or (lambda h: True), seconds
+
+    def unstall(self) -> None:
+        """Answer requests again; the ones stalled now are hung up on at once."""
+        self._stall_match = None
+        self._unstall.set()
+
     def stop(self) -> None:
+        self.unstall()
         if self._httpd is None:
             return
         self._httpd.shutdown()
@@ -522,6 +543,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.query, self._body_started = parse_qs(url.query), False
         with hub._lock:  # logged first and filled in as we go: complete before the client sees the response
             hub.requests.append(self.rec)
+        match = hub._stall_match
+        if match is not None and match(self):
+            hub.stalled.set()
+            hub._unstall.wait(hub._stall_seconds)
+            self.close_connection = True  # no answer at all: the client sees the connection close
+            return
         try:
             self.authed = hub._auth(self)
             hub._route(self, url.path)

@@ -208,25 +208,27 @@ def test_side_file_failure_leaves_no_private_folder(
 # ---- a shard fails to download mid-merge -----------------------------------------------------------------------
 
 
-def _fail_downloads(hub: HubServer, how: str) -> threading.Event:
+def _fail_downloads(hub: HubServer, how: str) -> None:
     """Ranged reads (planning) are answered as usual; every whole-file GET of a shard fails, or,
-    for "held", waits until the returned event is set and then fails."""
-    original, release = hub._h_resolve, threading.Event()
+    for "stalled", gets no answer while the test runs (`hub.stalled` is set when one arrives)."""
+    original = hub._h_resolve
+
+    def whole_weight_get(h) -> bool:
+        return h.command == "GET" and h.headers.get("Range") is None and h.rec.path.endswith(WEIGHTS)
+
+    if how == "stalled":
+        hub.stall(whole_weight_get, seconds=120)
+        return
 
     def resolve(h, repo: str, rev: str, path: str) -> None:
-        if h.command == "GET" and h.headers.get("Range") is None and path.endswith(WEIGHTS):
+        if whole_weight_get(h):
             h.rec.filename = path
-            if how == "held":
-                hub.held.set()
-                release.wait(60)
-            if how in ("missing", "held"):
+            if how == "missing":
                 raise ServerError(404, f"Entry not found: {path}", code="EntryNotFound")
             raise ConnectionResetError("dropped")  # the server hangs up without an answer
         original(h, repo, rev, path)
 
-    hub.held = threading.Event()  # type: ignore[attr-defined]
     hub._h_resolve = resolve  # type: ignore[method-assign]
-    return release
 
 
 def _two_models(hub: HubServer, tmp_path: Path) -> Path:
@@ -265,9 +267,12 @@ def test_cli_process_leaves_no_private_folder(hub: HubServer, tmp_path: Path, ho
     """The real command, in a process of its own: a shard that cannot be downloaded (missing, or
     the connection dropped on every retry) gives one line and exit code 2, without
     huggingface_hub's retry warnings; Ctrl-C while a shard downloads gives exit code 130. No
-    folder is left either way."""
+    folder is left either way.
+
+    The interrupted download stays unanswered until the command has ended: only the interruption
+    can end it, whatever the machine's load (the download once failed first, and won)."""
     recipe = _two_models(hub, tmp_path)
-    release = _fail_downloads(hub, "held" if how == "interrupted" else how)
+    _fail_downloads(hub, "stalled" if how == "interrupted" else how)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
@@ -277,15 +282,14 @@ def test_cli_process_leaves_no_private_folder(hub: HubServer, tmp_path: Path, ho
     )
     try:
         if how == "interrupted":
-            assert hub.held.wait(120), "no shard download started"
+            assert hub.stalled.wait(120), "no shard download started"
             assert list(tmp.glob("lazymerge-download-*"))  # the private folders exist while the merge runs
             child.send_signal(signal.SIGINT)
-            threading.Timer(1.0, release.set).start()  # the download in flight ends; nothing waits forever
         _, err = child.communicate(timeout=120)
     finally:
-        release.set()
         if child.poll() is None:
             child.kill()
+            child.communicate()
     if how != "interrupted":
         assert child.returncode == 2, err
         _one_line(err)

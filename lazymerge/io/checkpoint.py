@@ -69,6 +69,9 @@ class Checkpoint:
     def release_file(self, name: str) -> None:
         """Called once every tensor read from `name` has been consumed (remote: may delete it)."""
 
+    def cancel(self) -> None:
+        """The run was interrupted: waits in `local_file` give up at once (remote; nothing locally)."""
+
     @property
     def deletes_released_files(self) -> bool:
         """Whether `release_file` deletes the file (low-disk Hub downloads). A merge then writes

@@ -15,8 +15,15 @@ on disk at a time. With HF_HUB_OFFLINE set, the model is opened from the local c
 
 The private folder is removed by `HubCheckpoint.close`, when the checkpoint is collected, or at
 interpreter exit, and with the error when opening fails: an index that names a shard lacking a
-tensor is caught from the headers, before any download or folder. Every huggingface_hub error
-becomes a one-line `HubError` with a hint (io/hub_errors.py); headers are read by io/hub_ranged.py.
+tensor is caught from the headers, before any download or folder. A run killed before any of
+these leaves it behind; the next run that makes one removes it (io/hub_folders.py). Every
+huggingface_hub error becomes a one-line `HubError` with a hint (io/hub_errors.py); headers are
+read by io/hub_ranged.py.
+
+Every request has a connect/read timeout (io/hub_http.py). Downloads run on daemon threads and
+a run's interruption (`cancel`) or `close` stops every wait for them at once, so Ctrl-C never
+waits on a stalled download. A downloaded weight file is checked against the plan (its size and
+its tensor table): a file that changed on the Hub since planning is refused, never merged.
 """
 
 from __future__ import annotations
@@ -24,10 +31,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,10 +45,12 @@ from lazymerge.constants import (
     SAFE_SINGLE_NAME,
     TOKENIZER_FILES,
 )
-from lazymerge.errors import CheckpointError, HeaderError
-from lazymerge.io.checkpoint import Checkpoint, build_checkpoint, open_checkpoint, validate_weight_map
+from lazymerge.errors import CheckpointError, HubError, LazyMergeError
+from lazymerge.io.checkpoint import Checkpoint, TensorRef, build_checkpoint, open_checkpoint, validate_weight_map
 from lazymerge.io.hub_errors import hub_errors
-from lazymerge.io.hub_ranged import THREADS, remote_tensors
+from lazymerge.io.hub_folders import PrivateFolder
+from lazymerge.io.hub_http import DaemonPool, DownloadCancelled, bound_client, hub_timeout, run_pooled, wait_for
+from lazymerge.io.hub_ranged import THREADS, local_tensors, remote_tensors
 
 __all__ = ["HubCheckpoint", "is_repo_id", "open_any", "open_hub_checkpoint", "split_repo_id"]
 
@@ -108,19 +116,22 @@ class HubCheckpoint(Checkpoint):
         token: str | bool | None,
         low_disk: bool,
         download_dir: str | os.PathLike[str] | None,
+        planned: dict[str, list[TensorRef]],
     ) -> None:
         """Make the download pool and (low_disk) the private folder, owned from here on by `close`."""
         self.repo_id, self.revision, self.commit = repo_id, revision, commit
         self.token, self.low_disk = token, low_disk
+        self._planned = {f: _table(refs) for f, refs in planned.items()}  # checked again after download
         self._side_paths: dict[str, Path] = {}
         self._futures: dict[str, Future[Path]] = {}
         self._lock = threading.Lock()
+        self._cancelled = threading.Event()
         self.downloads = 0  # weight files fetched (a released file read again is fetched again)
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="lazymerge-download")
-        self._download_dir = (
-            Path(tempfile.mkdtemp(prefix="lazymerge-download-", dir=download_dir)) if low_disk else None
-        )
-        self._finalizer = weakref.finalize(self, _cleanup, self._pool, self._download_dir)
+        # Daemon threads: a stalled download never holds up Ctrl-C or the end of the process.
+        self._pool = DaemonPool(2, "lazymerge-download")
+        self._folder = PrivateFolder(download_dir) if low_disk else None
+        self._download_dir = self._folder.path if self._folder is not None else None
+        self._finalizer = weakref.finalize(self, _cleanup, self._pool, self._folder, self._cancelled)
         self.root = self._download_dir or self.root
 
     def side_file(self, name: str) -> Path | None:
@@ -129,7 +140,7 @@ class HubCheckpoint(Checkpoint):
     def local_file(self, name: str) -> Path:
         future = self._start(name)
         with hub_errors(self.repo_id, self.revision, token=self.token):
-            path = future.result()
+            path = wait_for(future, self._cancelled, f"{self.label}/{name}")
         if not self.low_disk:  # overlap the next download with reading this file
             later = self.files[self.files.index(name) + 1 :] if name in self.files else []
             nxt = next((f for f in later if f not in self._futures), None)
@@ -149,6 +160,10 @@ class HubCheckpoint(Checkpoint):
         if future is not None and future.done() and future.exception() is None:
             Path(future.result()).unlink(missing_ok=True)
 
+    def cancel(self) -> None:
+        """Stop waiting for downloads: every `local_file` call, waiting or later, gives up at once."""
+        self._cancelled.set()
+
     def close(self) -> None:
         """Stop downloads and delete the private download folder (low_disk)."""
         self._finalizer()
@@ -163,20 +178,65 @@ class HubCheckpoint(Checkpoint):
     def _download(self, name: str) -> Path:
         from huggingface_hub import hf_hub_download
 
+        if self._cancelled.is_set():  # closed: nothing may be written into the private folder any more
+            raise DownloadCancelled(f"{self.label}/{name}")
         with self._lock:
             self.downloads += 1
         local_dir = str(self._download_dir) if self._download_dir is not None else None
-        path = Path(hf_hub_download(self.repo_id, name, revision=self.commit, token=self.token, local_dir=local_dir))
-        expected = self.file_sizes.get(name)
-        if expected is not None and path.stat().st_size != expected:
-            raise HeaderError(f"{self.label}/{name}", f"downloaded {path.stat().st_size} bytes, expected {expected}")
+        bound_client()
+        try:
+            path = Path(
+                hf_hub_download(
+                    self.repo_id,
+                    name,
+                    revision=self.commit,
+                    token=self.token,
+                    local_dir=local_dir,
+                    etag_timeout=hub_timeout(),
+                )
+            )
+        finally:
+            if local_dir is not None and not self._finalizer.alive:
+                # Closed while this download ran: what it made again of the folder goes too.
+                shutil.rmtree(local_dir, ignore_errors=True)
+        self._check_unchanged(name, path)
         return path
 
+    def _check_unchanged(self, name: str, path: Path) -> None:
+        """The downloaded file must be the one planned: same size, same tensor table."""
+        expected, size = self.file_sizes.get(name), path.stat().st_size
+        problem = None
+        if expected is not None and size != expected:
+            problem = f"{size} bytes downloaded, {expected} planned"
+        elif name in self._planned:
+            try:
+                found = _table(local_tensors(path, name, f"{self.label}/{name}"))
+            except LazyMergeError as exc:
+                problem = f"its header no longer parses ({exc.message})"
+            else:
+                if found != self._planned[name]:
+                    problem = "its header differs from the one planned"
+        if problem is None:
+            return
+        if self.low_disk:
+            path.unlink(missing_ok=True)
+        raise HubError(
+            f"{self.label}/{name} changed on the Hub since planning ({problem}); rerun",
+            hint="a rerun plans from the files as they are now",
+        )
 
-def _cleanup(pool: ThreadPoolExecutor, folder: Path | None) -> None:
-    pool.shutdown(wait=True, cancel_futures=True)  # no download may write into the folder once it is gone
+
+def _table(refs: list[TensorRef]) -> frozenset[tuple]:
+    return frozenset((r.name, r.dtype, tuple(r.shape), r.offset, r.nbytes) for r in refs)
+
+
+def _cleanup(pool: DaemonPool, folder: PrivateFolder | None, cancelled: threading.Event) -> None:
+    # Waits for nothing: a download still running finds `cancelled` set, and a stalled one is
+    # left to its daemon thread (it writes only into an open file the folder no longer lists).
+    cancelled.set()
+    pool.shutdown()
     if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
+        folder.remove()
 
 
 # ---- opening -----------------------------------------------------------------------------------------------
@@ -215,19 +275,26 @@ def open_hub_checkpoint(
             folder = snapshot_download(repo_id, revision=revision, token=token, local_files_only=True)
             return open_checkpoint(folder, label=label)
         api = HfApi(token=token)
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hub_timeout())
         commit = info.sha or revision or "main"
         sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-        files, weight_map = _weight_files(api, repo_id, commit, label, sizes, token)
+        files, weight_map = _weight_files(repo_id, commit, label, sizes, token)
         headers = _auth_headers(token)
-        with ThreadPoolExecutor(THREADS) as pool:
-            tables = list(pool.map(lambda f: remote_tensors(repo_id, commit, f, sizes[f], headers, label), files))
+        tables = run_pooled(
+            lambda f: remote_tensors(repo_id, commit, f, sizes[f], headers, label), files, THREADS, "lazymerge-headers"
+        )
     owner, name = repo_id.split("/", 1)
     snapshot = Path(constants.HF_HUB_CACHE) / f"models--{owner}--{name}" / "snapshots" / commit
     # The index is checked against the headers here, before any download or private folder.
     ckpt = build_checkpoint(HubCheckpoint, label, snapshot, files, tables, {f: sizes[f] for f in files}, weight_map)
     ckpt._setup(
-        repo_id=repo_id, revision=revision, commit=commit, token=token, low_disk=low_disk, download_dir=download_dir
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        token=token,
+        low_disk=low_disk,
+        download_dir=download_dir,
+        planned={f: refs for f, (refs, _) in zip(files, tables, strict=True)},
     )
     try:
         with hub_errors(repo_id, revision, token=token):
@@ -245,7 +312,7 @@ def _auth_headers(token: str | bool | None) -> dict[str, str]:
 
 
 def _weight_files(
-    api, repo_id: str, commit: str, label: str, sizes: dict[str, int], token: str | bool | None
+    repo_id: str, commit: str, label: str, sizes: dict[str, int], token: str | bool | None
 ) -> tuple[list[str], dict[str, str] | None]:
     import json
 
@@ -253,7 +320,8 @@ def _weight_files(
         if index_name in sizes:
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(repo_id, index_name, revision=commit, token=token)
+            # Through the HF cache (not a ranged read): a later HF_HUB_OFFLINE run needs it there.
+            path = hf_hub_download(repo_id, index_name, revision=commit, token=token, etag_timeout=hub_timeout())
             try:
                 obj = json.loads(Path(path).read_text(encoding="utf-8"))
             except (OSError, ValueError, RecursionError) as exc:
@@ -294,7 +362,10 @@ def _download_side_files(
 
     def fetch(name: str) -> Path:
         local_dir = str(folder) if folder is not None else None
-        return Path(hf_hub_download(repo_id, name, revision=commit, token=token, local_dir=local_dir))
+        return Path(
+            hf_hub_download(
+                repo_id, name, revision=commit, token=token, local_dir=local_dir, etag_timeout=hub_timeout()
+            )
+        )
 
-    with ThreadPoolExecutor(THREADS) as pool:
-        return dict(zip(names, pool.map(fetch, names), strict=True))
+    return dict(zip(names, run_pooled(fetch, names, THREADS, "lazymerge-side-files"), strict=True))

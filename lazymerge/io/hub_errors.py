@@ -2,28 +2,27 @@
 
 `hub_errors(repo_id, revision)` wraps any block that talks to the Hub (opening a model,
 downloading a file, pushing a merge): a missing repo or revision, a gated repo, a rejected token,
-offline mode, an HTTP error or a dropped connection becomes a `HubError` naming the repo, with
-what to do about it. `scrub` masks every token we know of (and anything shaped like one), so a
+offline mode, an HTTP error, a dropped connection or a server that stopped answering becomes a
+`HubError` naming the repo, with what to do about it. `scrub` masks every token we know of (and anything shaped like one), so a
 token never reaches a message.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterator
 
 from lazymerge.errors import HubError, LazyMergeError
+from lazymerge.io.hub_http import bound_client, hub_timeout
+from lazymerge.settings import hub_token_values
 
 __all__ = ["hub_errors", "scrub"]
 
 
 def _secrets(token: object) -> list[str]:
     found = [token] if isinstance(token, str) else []
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if os.environ.get(var):
-            found.append(os.environ[var])
+    found.extend(hub_token_values())
     with contextlib.suppress(Exception):
         from huggingface_hub import get_token
 
@@ -66,8 +65,11 @@ def _status(exc: BaseException) -> int | None:
 def hub_errors(
     repo_id: str, revision: str | None = None, *, token: object = None, writing: bool = False
 ) -> Iterator[None]:
-    """Turn huggingface_hub / network exceptions into one-line `HubError`s (tokens masked)."""
+    """Turn huggingface_hub / network exceptions into one-line `HubError`s (tokens masked).
+
+    Every request in the block gets the connect/read timeout of io/hub_http.py (`bound_client`)."""
     try:
+        bound_client()
         yield
     except LazyMergeError:
         raise
@@ -135,6 +137,11 @@ def _convert(exc: Exception, repo_id: str, revision: str | None, writing: bool) 
     if isinstance(exc, HfHubHTTPError):
         code = f"{status}: " if status else ""
         return HubError(f"{where}: Hub request failed ({code}{_server_says(exc)})")
+    if _is_timeout(exc):
+        return HubError(
+            f"{where}: the Hub at {constants.ENDPOINT} did not answer within {hub_timeout():g} s ({type(exc).__name__})",
+            hint="check the network and HF_ENDPOINT; on a slow link raise LAZYMERGE_HUB_TIMEOUT (seconds)",
+        )
     if _is_network_error(exc):
         return HubError(
             f"{where}: cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {_server_says(exc)})",
@@ -151,3 +158,13 @@ def _is_network_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - older huggingface_hub uses requests/httpx
         return False
     return isinstance(exc, httpx2.TransportError)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, TimeoutError):
+        return True
+    try:
+        import httpx2
+    except ImportError:  # pragma: no cover - older huggingface_hub uses requests/httpx
+        return False
+    return isinstance(exc, httpx2.TimeoutException)

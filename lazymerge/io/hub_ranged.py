@@ -5,20 +5,23 @@ what a parser reads with `Range` requests (through huggingface_hub's session, so
 HF_ENDPOINT and proxies apply), caching every block it fetched. `remote_tensors` reads a
 safetensors header through one (usually a single 64 KiB request), or a `.bin` archive's zip
 directory, data.pkl and the 30-byte local header of each storage (fetched in parallel), and
-returns the file's tensors as `TensorRef`s, exactly as a local file would give them.
+returns the file's tensors as `TensorRef`s, exactly as a local file would give them. Every
+request has the connect/read timeout of io/hub_http.py; `local_tensors` reads the same table
+from a downloaded file, to check it is the file that was planned.
 """
 
 from __future__ import annotations
 
 import io
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from lazymerge.errors import HeaderError
 from lazymerge.io.checkpoint import TensorRef
-from lazymerge.io.header import parse_header
+from lazymerge.io.header import parse_header, read_header
+from lazymerge.io.hub_http import hub_timeout, run_pooled
 
-__all__ = ["THREADS", "RangedFile", "remote_tensors"]
+__all__ = ["THREADS", "RangedFile", "local_tensors", "remote_tensors"]
 
 THREADS = 8  # requests to the Hub at a time (ranged reads, headers of several files, side files)
 _HEADER_PROBE = 64 * 1024  # one ranged read covers the header of most shards
@@ -87,7 +90,9 @@ class RangedFile(io.RawIOBase):
         if end <= start:
             return b""
         try:
-            response = get_session().get(self.url, headers={**self.headers, "Range": f"bytes={start}-{end - 1}"})
+            response = get_session().get(
+                self.url, headers={**self.headers, "Range": f"bytes={start}-{end - 1}"}, timeout=hub_timeout()
+            )
             hf_raise_for_status(response)
         except Exception as exc:
             self.error = exc
@@ -109,9 +114,7 @@ class RangedFile(io.RawIOBase):
         todo = [(a, b) for a, b in todo if b > a and not self._covered(a, b)]
         if not todo:
             return
-        with ThreadPoolExecutor(THREADS) as pool:
-            for _ in pool.map(lambda r: self._fetch(*r), todo):
-                pass
+        run_pooled(lambda r: self._fetch(*r), todo, THREADS, "lazymerge-ranged")
 
     def _covered(self, a: int, b: int) -> bool:
         with self._lock:
@@ -179,3 +182,18 @@ def _remote_bin_tensors(reader: RangedFile, file: str, source: str) -> list[Tens
             raise reader.error from None
         raise
     return [TensorRef(t.name, t.dtype, t.shape, file, t.offset, t.nbytes) for t in found]
+
+
+def local_tensors(path: Path, file: str, source: str) -> list[TensorRef]:
+    """The tensors of a downloaded copy of `file`, as `remote_tensors` gives them from the Hub."""
+    if file.endswith((".bin", ".pt")):
+        from lazymerge.io.torchbin import read_bin_tensors
+
+        return [
+            TensorRef(t.name, t.dtype, t.shape, file, t.offset, t.nbytes) for t in read_bin_tensors(path, name=source)
+        ]
+    header = read_header(path)
+    return [
+        TensorRef(e.name, e.dtype, e.shape, file, header.data_start + e.begin, e.nbytes)
+        for e in header.tensors.values()
+    ]
