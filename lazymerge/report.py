@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape as _markup_escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.plan import MergePlan
@@ -34,7 +35,10 @@ def escape(text: str) -> str:
 
 
 def _table(title: str) -> Table:
-    return Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    # The title (a folder path, often) is never wrapped to the table's width: one line, whole.
+    heading = Text.from_markup(title, style="table.title", overflow="ignore")
+    heading.no_wrap = True
+    return Table(title=heading, title_justify="left", show_edge=False, pad_edge=False)
 
 
 def print_plan(
