@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lazymerge._version import __version__
-from lazymerge.consoles import LogConsole, watched
+from lazymerge.consoles import LogConsole
 from lazymerge.errors import LazyMergeError, PlanWarning
 from lazymerge.options import DEVICES, HubOptions, RunOptions
 from lazymerge.settings import debug_enabled, quiet_hub_logging
@@ -221,7 +221,6 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
 
     options, hub = _options(args)
     sweep = Sweep("weight", args.weight) if len(args.weight) > 1 else None
-    _planning(args)
     weight = args.weight if sweep is not None else args.weight[0]
     with _plan_warnings(shown=not args.dry_run):
         result = dogerm(
@@ -237,7 +236,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     options, hub = _options(args)
     sweep = Sweep.parse(args.sweep) if args.sweep else None
-    _planning(args)
     with _plan_warnings(shown=not args.dry_run):
         verb = plan_merge if args.dry_run else merge
         result = verb(args.config, args.output, sweep=sweep, options=options, hub=hub)
@@ -252,12 +250,6 @@ def _options(args: argparse.Namespace) -> tuple[RunOptions, HubOptions]:
     hub = {f.name: getattr(args, f.name) for f in fields(HubOptions) if hasattr(args, f.name)}
     return RunOptions(**run, progress=not args.quiet), HubOptions(**hub)
 
-
-def _planning(args: argparse.Namespace) -> None:
-    """In a log, a first line at once: planning reads every input's headers (over the network for
-    a Hub model) before the run's own progress lines begin. A terminal shows the bar soon after."""
-    if not args.quiet and not args.dry_run and not watched(_stderr):
-        _stderr.print("lazymerge: planning (reading the inputs' headers)...", markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
