@@ -199,8 +199,14 @@ def test_progress_lines_events_and_timer() -> None:
             "lazymerge [0:00:05] closed /out/model-1.st (1 of 2 shards); "
             "60% written 600 B of 1.00 kB, 750 B/s read, ETA 0:00:02"
         )
+        lines.upload(600, 1000)  # from the Hub pusher's thread: shown in the next status line
+        assert "uploaded" not in written[-1] and lines._status().endswith("; uploaded 600 B of 1.00 kB")
         lines(ProgressEvent("done", "", 1000, 1000, 3000))
         assert written[-1] == "lazymerge [0:00:05] done: 1.00 kB written, 3.00 kB read"
+        lines.upload(1000, 1000)
+        lines.upload(1000, 1000)
+        assert written[-1] == "lazymerge [0:00:05] uploaded 1.00 kB to the Hub; committing"
+        assert sum("committing" in line for line in written) == 1
     real: list[str] = []
     with ProgressLines(real.append, plans, interval=0.05):  # type: ignore[arg-type]
         time.sleep(0.3)
@@ -297,6 +303,24 @@ def test_json_plan_run_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert code == 2 and verify_doc["ok"] is False
     assert [c["name"] for c in verify_doc["checks"] if not c["ok"]] == ["checksums"]
     assert err.count("\n") == 1 and err.startswith("error: ") and "failed verification: checksums" in err
+
+
+def test_json_sweep_plan_labels_each_output(
+    tmp_path: Path, llama_pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    rm, sft = llama_pair
+    code, stdout, err = cli(
+        capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.1,0.3",
+        "-o", tmp_path / "rm-{weight}", "--push-to-hub", "me/rm-{weight}", "--dry-run", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    outputs = json.loads(stdout)["outputs"]
+    assert [(o["label"], o["push_to_hub"], Path(o["output_dir"]).name) for o in outputs] == [
+        ("weight=0.1", "me/rm-0.1", "rm-0.1"),
+        ("weight=0.3", "me/rm-0.3", "rm-0.3"),
+    ]
+    assert outputs[0]["method"] == "dogerm" and outputs[0]["dropped"] == ["lm_head.weight"]
+    assert outputs[0]["reads"] == outputs[1]["reads"]  # one read serves both
 
 
 def test_json_error_is_a_document_and_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
