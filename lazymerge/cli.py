@@ -251,7 +251,6 @@ def _options(args: argparse.Namespace) -> tuple[RunOptions, HubOptions]:
     return RunOptions(**run, progress=not args.quiet), HubOptions(**hub)
 
 
-
 @contextlib.contextmanager
 def _plan_warnings(shown: bool) -> Iterator[None]:
     """Planning warnings as one stderr line each (a --dry-run lists them with the plan instead)."""
