@@ -66,7 +66,9 @@ class Throughput:
         if len(self._samples) < 2:
             return None
         (t0, r0, w0), (t1, r1, w1) = self._samples[0], self._samples[-1]
-        return (t1 - t0, r1 - r0, w1 - w0) if t1 > t0 else None
+        # Up to now, not to the last event: a stalled run's rate falls instead of freezing.
+        seconds = max(self.clock(), t1) - t0
+        return (seconds, r1 - r0, w1 - w0) if seconds > 0 else None
 
     def read_rate(self) -> float | None:
         """Input bytes read per second over the window, or None before two samples."""

@@ -236,6 +236,8 @@ def test_throughput_and_units() -> None:
         meter.add(read=1000 * t if t <= 20 else 20_000 + 3000 * (t - 20), written=100 * t)  # 1 kB/s, then 3
     assert meter.read_rate() == pytest.approx(3000)  # the last 10 s, not the average since the start
     assert meter.eta(500) == pytest.approx(5.0) and meter.eta(0) == 0.0
+    now[0] = 40.0  # ten seconds without an event (a stalled download): the rate falls, the ETA grows
+    assert meter.read_rate() == pytest.approx(1500) and meter.eta(500) == pytest.approx(10.0)
     assert rate_text(1.52e9) == "1.52 GB/s read" and rate_text(None) == "? B/s read"
     assert duration_text(3723.4) == "1:02:03" and duration_text(None) == "?"
 
