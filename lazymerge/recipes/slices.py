@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lazymerge.constants import MERGEABLE_DTYPES
+from lazymerge.constants import MERGEABLE_DTYPES, TOKENIZER_FILES
 from lazymerge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, TensorRef, open_checkpoint
 from lazymerge.methods import MergeMethod
@@ -260,7 +260,11 @@ def plan_slices(
         updates.update(vocab.config_updates())
         config.update(updates)
         side["config.json"] = _with_dtype(config, out_dtype)
-    side.update(vocab.tokenizer_files(donor))
+    files = vocab.tokenizer_files()
+    if files is not None:  # written as mergekit writes them, in place of the donor's
+        for name in TOKENIZER_FILES:
+            side.pop(name, None)
+        side.update(files)
     produced = {t.name for t in tensors}
     dropped = sorted({r.name for ly in layers for r in ly.others if r.name not in produced})
     plan = build_plan(
