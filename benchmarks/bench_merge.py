@@ -796,11 +796,20 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
             if row["pair"] in floors:
                 read, write = floors[str(row["pair"])]
                 row["ratio_to_floor"] = wall / (read + int(row.get("outputs", 1)) * write)
+
     # Against mergekit on the same pair: its time (sync included, as it leaves dirty pages
     # behind) over this contender's, and its peak RSS over this one's.
-    mergekit = {r["pair"]: r for r in rows if r["contender"] == "mergekit" and isinstance(r.get("wall_s"), float)}
+    # A stack is compared with mergekit's stack, every other merge with mergekit's linear merge.
+    def job(contender: object) -> str:
+        return "stack" if str(contender).endswith("-stack") else "merge"
+
+    mergekit = {
+        (r["pair"], job(r["contender"])): r
+        for r in rows
+        if r["contender"] in ("mergekit", "mergekit-stack") and isinstance(r.get("wall_s"), float)
+    }
     for row in rows:
-        mk = mergekit.get(row["pair"])
+        mk = mergekit.get((row["pair"], job(row["contender"])))
         if mk is None or row is mk or str(row["contender"]).startswith("floor") or "wall_s" not in row:
             continue
         row["mergekit_speedup"] = (mk["wall_s"] + mk["sync_s"]) / (row["wall_s"] + row.get("sync_s", 0.0))
