@@ -114,6 +114,8 @@ def test_stack_plan_renumbers_layers_and_copies_bytes(tmp_path: Path, pair: tupl
             "same number of layers",
         ),
         (lambda c: c.update(modules={"text": {}}), "`modules`"),
+        (lambda c: c["slices"][1]["sources"][0]["parameters"].update(weight=1.0), "unsupported key.*weight"),
+        (lambda c: c["slices"][0].update(parameters={"density": 0.5}), "unsupported key.*density"),
         (lambda c: c.update(tokenizer={"source": "union", "pad_to_multiple_of": 8}), "pad_to_multiple_of"),
         (lambda c: c.update(chat_template="nope"), "chat_template"),
     ],

@@ -226,6 +226,7 @@ def plan_slices(
     if isinstance(base, str):
         index(base)
     slices = read_slices(spec, lambda m: _num_layers(checkpoints[index(m)]))
+    _check_parameter_keys(method, slices)
     vocab = VocabularyPlan.from_recipe(spec, checkpoints, index, slices)
 
     planner = _Planner(method, top, out_dtype, checkpoints, index, vocab, base if isinstance(base, str) else None)
@@ -288,6 +289,26 @@ def _with_dtype(config: dict, out_dtype: str | None) -> bytes:
         key = "dtype" if "dtype" in config and "torch_dtype" not in config else "torch_dtype"
         config[key] = CONFIG_DTYPE_NAMES[out_dtype]
     return dump_json(config)
+
+
+def _check_parameter_keys(method: MergeMethod | None, slices: list[OutputSlice]) -> None:
+    """A slice's and a source's `parameters` name only what the method declares (per model for a source)."""
+    every = {"scale"} if method is None else {p.name for p in method.parameters}
+    per_model = {"scale"} if method is None else {p.name for p in method.per_model}
+    for s, sl in enumerate(slices):
+        bad = sorted(set(sl.parameters) - every)
+        if bad:
+            raise RecipeError(
+                f"slices[{s}].parameters has unsupported key(s): {', '.join(bad)}",
+                hint=f"supported: {', '.join(sorted(every)) or '(none)'}",
+            )
+        for j, src in enumerate(sl.sources):
+            bad = sorted(set(src.parameters) - per_model)
+            if bad:
+                raise RecipeError(
+                    f"the parameters of {src.model} (slices[{s}].sources[{j}]) have unsupported key(s): {', '.join(bad)}",
+                    hint=f"supported per model: {', '.join(sorted(per_model)) or '(none)'}; others go in `parameters`",
+                )
 
 
 def _check_top(method: MergeMethod | None, top: dict) -> None:
