@@ -14,7 +14,7 @@ Semantics are mergekit 0.1.5's (`mergekit/tokenizer/build.py`, `embed.py`, `merg
 
 The rows stay streamed: a row taken from a model is a plain byte range (runs of consecutive rows
 are one segment), a zero or mean row is a derived Source (`lazymerge.derived`). The tokenizers
-are read with transformers (`pip install transformers`), as mergekit reads them; tensors are not.
+are read with transformers (`pip install 'lazymerge[tokenizer]'`), as mergekit reads them.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def _transformers() -> Any:
     except ImportError:
         raise RecipeError(
             "tokenizer_source, tokenizer and chat_template need transformers",
-            hint="pip install 'transformers>=4.45'",
+            hint="pip install 'lazymerge[tokenizer]'",
         ) from None
     transformers.logging.set_verbosity_error()
     return transformers
