@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,21 @@ def test_union_plan_rows(tmp_path: Path, vocabs: dict[str, str]) -> None:
     assert [s.derived for s in last.sources[1:]] == ["", ""]
     assert json.loads(plan.side_files["config.json"])["vocab_size"] == 33
     assert "<|im_start|>" in json.loads(plan.side_files["tokenizer.json"])["added_tokens"][-1]["content"]
+
+
+def test_chat_template_string_is_written(tmp_path: Path, pair: tuple[str, str]) -> None:
+    a, b = pair
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    cfg = {"merge_method": "linear", "chat_template": template, "models": [{"model": a}, {"model": b}]}
+    plan = lazymerge.plan_merge(cfg, tmp_path / "out")
+    written = plan.side_files.get("chat_template.jinja", b"") + plan.side_files.get("tokenizer_config.json", b"")
+    assert "<|{{ m['role'] }}|>" in written.decode()
+
+
+def test_tokenizer_merge_without_transformers_names_the_extra(
+    tmp_path: Path, vocabs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(RecipeError, match="need transformers") as info:
+        lazymerge.plan_merge(UNIONS["union_ties"](vocabs), tmp_path / "out")
+    assert "lazymerge[tokenizer]" in str(info.value.hint)
