@@ -19,7 +19,8 @@ from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.hub import open_any
 from lazymerge.methods_config import plan_method, reject_unknown_keys
 from lazymerge.plan import MergePlan
-from lazymerge.recipes.slices import needs_slice_planner, plan_slices
+from lazymerge.recipes.slice_config import needs_slice_planner
+from lazymerge.recipes.slices import plan_slices
 
 __all__ = ["load_recipe", "plan_recipe"]
 
