@@ -36,6 +36,8 @@ def plan_fingerprint(plan: MergePlan) -> str:
         for seg in t.segments:
             for s in seg.sources:
                 h.update(f"{seg.start}|{seg.count}|{s.checkpoint}|{s.file}|{s.offset}|{s.dtype}|{s.weight!r}".encode())
+                if s.derived:
+                    h.update(f"{s.derived}|{[(p.checkpoint, p.file, p.offset, p.dtype) for p in s.parts]}".encode())
     for shard in plan.shards:
         h.update(shard.name.encode())
         h.update(shard.header)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
+from lazymerge.derived import fill_source
 from lazymerge.errors import PlanError
 from lazymerge.events import ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
@@ -246,12 +247,16 @@ class MergeRun:
                 reads = [
                     (s.checkpoint, s.file, s.offset, buf[: task.count * DTYPE_SIZES[s.dtype]])
                     for s, buf in zip(task.sources, bufs, strict=True)
+                    if not s.derived
                 ]
                 began = time.perf_counter()
                 self.reader.read_all(reads)
+                for s, buf in zip(task.sources, bufs, strict=True):
+                    if s.derived:
+                        fill_source(self.reader.read_into, s, task.count, buf)
                 self.busy["read wall"] += time.perf_counter() - began
-                for s in task.sources:
-                    self.reader.used(s.checkpoint, s.file)
+                for leaf in (p for s in task.sources for p in s.leaves()):
+                    self.reader.used(leaf.checkpoint, leaf.file)
                 if not self._put(self.to_compute, (i, tasks, slot)):
                     return
         finally:

@@ -144,6 +144,6 @@ def _use_counts(tasks: list) -> dict[tuple[int, str], int]:
     uses: dict[tuple[int, str], int] = {}
     for task in tasks:
         if isinstance(task, ChunkTask):
-            for s in task.sources:
-                uses[(s.checkpoint, s.file)] = uses.get((s.checkpoint, s.file), 0) + 1
+            for leaf in (p for s in task.sources for p in s.leaves()):
+                uses[(leaf.checkpoint, leaf.file)] = uses.get((leaf.checkpoint, leaf.file), 0) + 1
     return uses
