@@ -138,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--recompute", type=int, default=0, metavar="N", help="recompute N sampled tensors from the inputs")
     v.set_defaults(func=_cmd_verify)
 
+    f = sub.add_parser("finalize", help="assemble the parts of a split merge (--part I/N): check them, write the index")
+    f.add_argument("paths", type=Path, nargs="+", metavar="OUT", help="output folder(s) the parts wrote into")
+    f.add_argument("--sizes-only", action="store_true", help="check shard sizes, not checksums (no read of the shards)")
+    f.set_defaults(func=_cmd_finalize)
+
     demo = sub.add_parser("demo", help="build a small RM + SFT pair and DogeRM-merge them (offline)")
     demo.add_argument("--output", type=Path, default=Path("lazymerge-demo"), help="work folder")
     demo.set_defaults(func=_cmd_demo)
@@ -156,7 +161,19 @@ def _common_output_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to merge (default auto)")
     p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+    _cluster_args(p)
     _hub_args(p)
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    split = p.add_argument_group("Split over machines (whole shards per part; `lazymerge finalize OUT` assembles)")
+    split.add_argument(
+        "--part", metavar="I/N", help="write part I of N (0 <= I < N), e.g. --part $SLURM_ARRAY_TASK_ID/16"
+    )
+    split.add_argument("--parts", type=int, metavar="N", help="number of parts for --ray (or --dry-run)")
+    split.add_argument(
+        "--ray", action="store_true", help="run the parts as Ray tasks (RAY_ADDRESS, else a local cluster); finalize"
+    )
 
 
 def _hub_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +205,7 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
             args.reward_model, args.domain_model, weight, args.output, dtype=args.dtype, dry_run=args.dry_run,
             options=options, hub=hub,
         )  # fmt: skip
-    return _render(result, args.dry_run, sweep, hub)
+    return _render(result, args.dry_run, sweep, hub, options)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -200,7 +217,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     with _plan_warnings(shown=not args.dry_run):
         verb = plan_merge if args.dry_run else merge
         result = verb(args.config, args.output, sweep=sweep, options=options, hub=hub)
-    return _render(result, args.dry_run, sweep, hub)
+    return _render(result, args.dry_run, sweep, hub, options)
 
 
 def _options(args: argparse.Namespace) -> tuple[RunOptions, HubOptions]:
@@ -229,14 +246,18 @@ def _plan_warnings(shown: bool) -> Iterator[None]:
         yield
 
 
-def _render(result: Any, dry_run: bool, sweep: Sweep | None, hub: HubOptions) -> int:
-    from lazymerge.report import print_plan, print_results
+def _render(result: Any, dry_run: bool, sweep: Sweep | None, hub: HubOptions, options: RunOptions) -> int:
+    from lazymerge.report import print_parts, print_plan, print_results
 
     results = result if isinstance(result, list) else [result]
     if not dry_run:
         print_results(_stdout, results)
         return 0
     print_plan(_stdout, results, sweep.labels() if sweep is not None else [], hub.repo_ids(sweep) or [])
+    part = options.part if not isinstance(options.part, str) else None
+    count = part.count if part is not None else options.parts
+    if count is not None:
+        print_parts(_stdout, results, count, part.index if part is not None else None)
     return 0
 
 
@@ -267,6 +288,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         failed = [c.name for c in report.checks if not c.ok]
         _line(f"[bold red]error:[/] {_escape(str(args.path))} failed verification: {_escape(', '.join(failed))}")
         return EXIT_USER_ERROR
+    return 0
+
+
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    from lazymerge.api import finalize
+    from lazymerge.report import print_finalized
+
+    for path in args.paths:
+        print_finalized(_stdout, finalize(path, checksums=not args.sizes_only))
     return 0
 
 
