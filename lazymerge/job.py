@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lazymerge.execute import MergeStats
     from lazymerge.io.hub_upload import Pushes
 
-__all__ = ["MergeJob", "open_input", "plan_dogerm_job", "plan_recipe_job", "run_job"]
+__all__ = ["MergeJob", "open_input", "plan_dogerm_job", "plan_recipe_job", "run_job", "run_part_job"]
 
 PathLike = str | os.PathLike[str]
 
@@ -137,7 +137,7 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     if options.ray:
         from lazymerge.cluster import run_job_on_ray
 
-        return run_job_on_ray(job)
+        return run_job_on_ray(job, run_part_job)
     if options.parts is not None and options.part is None:
         raise RecipeError(
             "--parts N splits a merge for --ray (or --dry-run)",
@@ -161,6 +161,14 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     finally:
         if pushes is not None:
             pushes.close()
+
+
+def run_part_job(
+    plans: list[MergePlan], inputs: Sequence[Checkpoint | str], options: RunOptions, hub: HubOptions
+) -> list[MergeStats]:
+    """One part of a split merge on a cluster node (`options.part`): the inputs opened again where
+    they are repo ids, then the ordinary `run_job` (no push: the node's uploads go to the driver)."""
+    return run_job(MergeJob(plans, [open_input(c, hub) for c in inputs], None, options, hub))
 
 
 @contextlib.contextmanager

@@ -76,6 +76,11 @@ class RunOptions:
                 )
             if self.ray:
                 raise RecipeError("--part runs one part here; --ray runs them all", hint="use one of them")
+        if self.ray and self.overwrite:
+            raise RecipeError(
+                "--overwrite does not combine with --ray: the parts share the output folder",
+                hint="give the parts an empty folder (or --resume to continue them)",
+            )
         _at_least_one("parts", self.parts)
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size, "max_shard_size"))
         for name in ("chunk_elements", "workers", "write_lanes"):
