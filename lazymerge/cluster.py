@@ -93,8 +93,7 @@ def run_job_on_ray(job: MergeJob, run_part: PartRunner) -> list[MergeStats]:
         options = replace(job.options, ray=False, parts=None, progress=False, resume=True)
         refs = [
             task.remote(run_part, job.plans, inputs, options, job.hub, job.repos, part)
-            for part in parts
-            if split[part.index]
+            for part in parts  # an empty part too: its manifest tells finalize it wrote nothing
         ]
         try:
             results: list[PartResult] = ray.get(refs)
