@@ -119,9 +119,8 @@ def run_single(rm: Path, sft: Path, out: Path, shard: str, node_mbps: str | None
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--workers", str(workers)] if workers else []
     start = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", _WORKER, *_args(rm, sft, out, shard), *extra], env=_env(node_mbps), check=True
-    )
+    command = [sys.executable, "-c", _WORKER, *_args(rm, sft, out, shard), *extra]
+    subprocess.run(command, env=_env(node_mbps), check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 

@@ -88,7 +88,8 @@ def run_job_on_ray(job: MergeJob, run_part: PartRunner) -> list[MergeStats]:
             check_part_output(plan, part, split[part.index], job.checkpoints, resume=job.options.resume)
     pushers = [_pusher(repo, job.hub) for repo in job.repos] if job.repos is not None else None
     try:
-        task = ray.remote(max_retries=MAX_RETRIES)(_run_part)
+        # SPREAD: one part per node where there are enough nodes (Ray would pack 1-CPU tasks on one).
+        task = ray.remote(max_retries=MAX_RETRIES, scheduling_strategy="SPREAD")(_run_part)
         inputs = [_portable(c) for c in job.checkpoints]
         options = replace(job.options, ray=False, parts=None, progress=False, resume=True)
         refs = [
@@ -110,12 +111,13 @@ def run_job_on_ray(job: MergeJob, run_part: PartRunner) -> list[MergeStats]:
             pusher.close()
 
 
-def _pusher(repo: str, hub: HubOptions) -> Any:
+def _pusher(repo: str, hub: HubOptions, *, worker: bool = False) -> Any:
     from lazymerge.io.hub_upload import HubPusher
 
     return HubPusher(
-        repo, private=hub.private, revision=hub.revision, commit_message=hub.commit_message, token=hub.token
-    )
+        repo, private=hub.private, revision=hub.revision, commit_message=hub.commit_message, token=hub.token,
+        delete_after_upload=worker and hub.delete_after_upload,
+    )  # fmt: skip
 
 
 def _finish(
@@ -124,7 +126,7 @@ def _finish(
     """Finalize each output folder the driver sees whole (a shared one); commit each push."""
     out: list[MergeStats] = []
     for v, plan in enumerate(job.plans):
-        if _all_parts_here(plan, count, results):
+        if not job.hub.delete_after_upload and _all_parts_here(plan, count, results):
             finalize(plan.output_dir, checksums=False)  # each task verified its own shards as it wrote them
         elif pushers is None:
             raise ClusterError(
@@ -176,7 +178,7 @@ def _run_part(
     part: Part,
 ) -> PartResult:
     """A Ray task: one part through the ordinary run path, its shards uploaded as they close."""
-    pushers = [_pusher(repo, hub) for repo in repos] if repos is not None else []
+    pushers = [_pusher(repo, hub, worker=True) for repo in repos] if repos is not None else []
     folders = {p.output_dir.resolve(): pusher for p, pusher in zip(plans, pushers, strict=True)} if pushers else {}
 
     def route(event: ProgressEvent) -> None:

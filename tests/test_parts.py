@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,14 @@ def test_resume_keeps_a_parts_finished_shards(tmp_path: Path, llama_pair: tuple[
     before = stat_ids(out, names)
     stats = lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, device="cpu", part="1/2", resume=True)
     assert stats.resumed_shards == len(names) and stat_ids(out, names) == before
+    # A part killed mid-shard: its shard unrecorded, a `.partial` left; --resume redoes just that one.
+    manifest = out / "lazymerge_manifest.part-1-of-2.json"
+    data = json.loads(manifest.read_text())
+    del data["shards"][names[0]]
+    manifest.write_text(json.dumps(data))
+    (out / names[0]).rename(out / f"{names[0]}.partial")
+    stats = lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, device="cpu", part="1/2", resume=True)
+    assert stats.resumed_shards == len(names) - 1 and not (out / f"{names[0]}.partial").exists()
     lazymerge.finalize(out)
     assert verify(out).ok
 
