@@ -71,10 +71,13 @@ def _finish(
             "--push-to-hub does not combine with --part: one part cannot make the one commit",
             hint="use --ray --push-to-hub (each task uploads its shards), or push the folder after finalize",
         )
+    # Ray's default number of parts is known once the cluster is reached: checked again there.
+    split = [part] if isinstance(part, Part) else [Part(i, options.parts or 1) for i in range(options.parts or 1)]
     for plan in plans:  # build_plan touched no file
-        if isinstance(part, Part):
-            check_part_output(plan, part, part.shards(plans), checkpoints, resume=options.resume)
-        elif not options.ray:  # Ray checks each part's folder on its driver (lazymerge.cluster)
+        if isinstance(part, Part) or options.ray:
+            for one in split:
+                check_part_output(plan, one, one.shards(plans), checkpoints, resume=options.resume)
+        else:
             check_plan_output(plan, checkpoints, resume=options.resume)
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
         warnings.warn(warning, PlanWarning, stacklevel=4)  # at the caller of lazymerge.merge/plan_merge/dogerm

@@ -188,3 +188,13 @@ def test_part_and_push_to_hub_refused(tmp_path: Path, llama_pair: tuple[Path, Pa
     rm, sft = llama_pair
     with pytest.raises(LazyMergeError, match="--push-to-hub does not combine with --part"):
         lazymerge.dogerm(rm, sft, 0.3, tmp_path / "o", part="0/2", push_to_hub="me/x")
+
+
+def test_ray_plan_checks_every_parts_folder_without_ray(tmp_path: Path, llama_pair: tuple[Path, Path]) -> None:
+    rm, sft = llama_pair  # planning (--dry-run) needs no Ray: the same refusals as the run
+    out = tmp_path / "parts"
+    lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, device="cpu", part="0/3")
+    with pytest.raises(OutputError, match="split into 3 parts"):
+        lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, dry_run=True, ray=True, parts=2)
+    plan = lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, dry_run=True, ray=True, parts=3, resume=True)
+    assert plan.output_dir == out
