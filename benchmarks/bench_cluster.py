@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="merge threads per worker")
     ap.add_argument("--shard", default="200MB", help="output shard cap (parts are whole shards)")
     ap.add_argument("--ray", action="store_true", help="also run --ray --parts N for each N")
+    ap.add_argument("--ray-for", default=None, help="the N values --ray runs for (default: all of --workers)")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/lazymerge-bench-cluster"))
     ap.add_argument("--json", type=Path, default=None)
@@ -179,7 +180,7 @@ def main() -> int:
         ideal = n * read / (base / 1) / 1e9 if base else 0.0
         row: dict[str, object] = {"n": n, "parts_s": wall, "gbps": rate, "ideal_gbps": ideal, "same_bytes": same}
         line = f"N={n}: --part x{n} + finalize {wall:6.1f} s  {rate:5.2f} GB/s  ({rate / ideal:4.0%} of {n} x single)"
-        if args.ray:
+        if args.ray and (args.ray_for is None or n in [int(x) for x in args.ray_for.split(",")]):
             up, ray_wall = run_ray(rm, sft, work / f"ray-{n}", n, args.shard, args.node_mbps, args.threads)
             row.update(
                 ray_start_s=up, ray_s=ray_wall, ray_same_bytes=_snapshot_equal(work / f"ray-{n}", work / "reference")

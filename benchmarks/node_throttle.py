@@ -20,21 +20,25 @@ _BURST = 16 << 20  # one bucket's depth: a few chunks, so the rate holds over an
 
 
 class _Bucket:
+    """A token bucket: `rate` bytes/s, at most `_BURST` banked (an idle disk saves no speed for
+    later: the seconds a worker spends importing torch buy it nothing)."""
+
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.lock = threading.Lock()
-        self.start = time.perf_counter()
-        self.spent = 0
+        self.last = time.perf_counter()
+        self.tokens = float(_BURST)
 
     def take(self, n: int) -> None:
         if n <= 0 or self.rate <= 0:
             return
         with self.lock:
-            self.spent += n
-            due = self.start + (self.spent - _BURST) / self.rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+            now = time.perf_counter()
+            self.tokens = min(float(_BURST), self.tokens + (now - self.last) * self.rate) - n
+            self.last = now
+            debt = -self.tokens
+        if debt > 0:
+            time.sleep(debt / self.rate)
 
 
 def install() -> None:
