@@ -120,3 +120,36 @@ def test_ray_push_uploads_on_workers_and_commits_once(
         ray.shutdown()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # for the module fixture's teardown
         next(hubs, None)
+
+
+def _dies_once_after_its_part(plans: list, inputs: list, options: object, hub: object) -> list:
+    """A part runner whose worker process dies once, after part 0 wrote all its shards."""
+    from lazymerge.job import run_part_job
+
+    stats = run_part_job(plans, inputs, options, hub)  # type: ignore[arg-type]
+    marker = plans[0].output_dir.parent / "worker-died"
+    if options.part.index == 0 and not marker.exists():  # type: ignore[attr-defined]
+        marker.write_text("once")
+        os._exit(1)  # the worker process is gone: Ray retries the task
+    return stats
+
+
+@pytest.mark.slow
+def test_ray_retries_a_lost_task_and_the_retry_keeps_its_shards(
+    ray_cluster: object, tmp_path: Path, llama_pair: tuple[Path, Path]
+) -> None:
+    import ray
+
+    from lazymerge.cluster import run_job_on_ray
+    from lazymerge.job import plan_dogerm_job
+    from lazymerge.options import HubOptions, RunOptions
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    rm, sft = llama_pair
+    lazymerge.dogerm(rm, sft, 0.3, tmp_path / "single", max_shard_size=SHARD, device="cpu")
+    options = RunOptions(max_shard_size=SHARD, device="cpu", ray=True, parts=2)
+    job = plan_dogerm_job(rm, sft, [0.3], tmp_path / "ray", sweep=False, dtype=None, options=options, hub=HubOptions())
+    [stats] = run_job_on_ray(job, _dies_once_after_its_part)
+    assert (tmp_path / "worker-died").exists()  # the first attempt's worker did die
+    assert stats.resumed_shards >= 1  # the retry kept what the lost attempt had finished
+    assert snapshot(tmp_path / "ray") == snapshot(tmp_path / "single")
