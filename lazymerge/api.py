@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
+from lazymerge.assemble import finalize
 from lazymerge.events import MergeStats
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.job import open_input, plan_dogerm_job, plan_recipe_job, run_job
@@ -20,7 +21,7 @@ from lazymerge.options import HubOptions, RunOptions, split_settings
 from lazymerge.plan import MergePlan
 from lazymerge.sweep import Sweep
 
-__all__ = ["dogerm", "merge", "open_model", "plan_merge"]
+__all__ = ["dogerm", "finalize", "merge", "open_model", "plan_merge"]
 
 PathLike = str | os.PathLike[str]
 Recipe = PathLike | dict

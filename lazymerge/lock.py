@@ -23,11 +23,12 @@ LOCK_NAME = ".lazymerge.lock"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def lock_holder(directory: Path) -> str | None:
-    """The pid (as text) of a live run holding `directory`'s lock, or None; takes no lock, creates
-    nothing. A lock file left by a dead process is not held: flock died with its holder."""
+def lock_holder(directory: Path, name: str = LOCK_NAME) -> str | None:
+    """The pid (as text) of a live run holding `directory`'s lock (`name`: a part's own lock), or
+    None; takes no lock, creates nothing. A lock file left by a dead process is not held: flock
+    died with its holder."""
     try:
-        fd = os.open(directory / LOCK_NAME, os.O_RDONLY | _NOFOLLOW)
+        fd = os.open(directory / name, os.O_RDONLY | _NOFOLLOW)
     except OSError:
         return None
     try:
@@ -49,10 +50,13 @@ def _busy(directory: Path, holder: str) -> OutputError:
 
 
 class OutputLock:
-    """Context manager holding the output folder's lock for the duration of a run."""
+    """Context manager holding the output folder's lock for the duration of a run.
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / LOCK_NAME
+    `name`: the lock file; each part of a split merge (`lazymerge.part_folder`) holds its own,
+    so that the parts share the folder."""
+
+    def __init__(self, directory: Path, name: str = LOCK_NAME) -> None:
+        self.path = directory / name
         self.fd = -1
         self._previous_sigterm: object = None
 

@@ -229,9 +229,8 @@ class HubPusher:
             raise HubError(f"{self.repo_id}: shard(s) never uploaded: {', '.join(missing)}")
         operations: list[Any] = [self._ops[s.name] for s in plan.shards]
         names = {s.name for s in plan.shards}
-        for name in sorted(plan.side_files):
-            path = plan.output_dir / name
-            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=path.read_bytes()))
+        for name, data in sorted(plan.side_files.items()):  # what the folder holds, also where it is not local
+            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
             names.add(name)
         message = self.commit_message or _default_message(plan)
         with hub_errors(self.repo_id, self.revision, token=self.token, writing=True):
@@ -244,6 +243,25 @@ class HubPusher:
             operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
             info = self.api.create_commit(self.repo_id, operations, commit_message=message, revision=self.revision)
         return PushResult(self.repo_id, self.revision, str(info.commit_url), list(self._uploaded), list(self._reused))
+
+    def uploads(self) -> tuple[dict[str, Any], list[str], list[str]]:
+        """Wait for the queued uploads and hand them over for a commit made elsewhere (a Ray
+        driver, `adopt`): the operations (picklable: an LFS object's commit entry is its sha256,
+        not its bytes), the shards uploaded and those the server already held."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        for op in self._ops.values():
+            if not isinstance(op.path_or_fileobj, bytes):
+                op.path_or_fileobj = b""  # the closed reader of an uploaded LFS object
+        return dict(self._ops), list(self._uploaded), list(self._reused)
+
+    def adopt(self, ops: dict[str, Any], uploaded: Sequence[str], reused: Sequence[str]) -> None:
+        """Shards another process uploaded (`uploads`), to go in this pusher's commit."""
+        with self._lock:
+            self._ops.update(ops)
+            self._uploaded += uploaded
+            self._reused += reused
 
     def close(self) -> None:
         """Stop the upload thread without committing (after a failed merge); never blocks long."""
