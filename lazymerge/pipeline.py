@@ -43,6 +43,7 @@ from lazymerge.statistics import RunStatistics
 __all__ = ["MergeRun", "ProgressEvent"]
 
 _DONE = object()
+_COPY_PIECE = 8 << 20  # bytes of a copied tensor held at once when its input is streamed
 
 
 # The GPU path's chunk size (when the caller left the default) and number of host slots.
@@ -303,10 +304,12 @@ class MergeRun:
         first = tasks[0]
         if slot is None:
             src = first.sources[0]
-            source = self.checkpoints[src.checkpoint].local_file(src.file)
-            writers[0].copy_from(
-                self.reader.fd(src.checkpoint, src.file), src.offset, first.out_nbytes, first.out_offset, source
-            )
+            fd = self.reader.fd(src.checkpoint, src.file)
+            if fd is None:  # a streamed input: its bytes pass through memory, a piece at a time
+                self._copy_streamed(writers[0], src, first.out_nbytes, first.out_offset)
+            else:
+                source = self.checkpoints[src.checkpoint].local_file(src.file)
+                writers[0].copy_from(fd, src.offset, first.out_nbytes, first.out_offset, source)
             # The other outputs copy from the first one's (cached) file: the input is read once.
             for writer, task in zip(writers[1:], tasks[1:], strict=True):
                 writer.copy_from(
@@ -330,6 +333,14 @@ class MergeRun:
                 self.written[k] += task.out_nbytes
         self.report("chunk", writers[0].shard.name)
         return writers
+
+    def _copy_streamed(self, writer: ShardWriter, src, nbytes: int, out_offset: int) -> None:
+        buf = bytearray(min(nbytes, _COPY_PIECE))
+        source = self.reader.source(src.checkpoint, src.file)
+        for done in range(0, nbytes, _COPY_PIECE):
+            view = memoryview(buf)[: min(_COPY_PIECE, nbytes - done)]
+            source.read_into(src.offset + done, view)
+            writer.write(view, out_offset + done)
 
     def _shard_boundary(self, marker: tuple[str, int], writers: list[ShardWriter] | None) -> list[ShardWriter] | None:
         kind, k = marker
