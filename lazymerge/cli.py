@@ -168,10 +168,10 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
     hub.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing; default main)")
     hub.add_argument("--commit-message", metavar="MSG", help="message of the one commit")
     hub.add_argument(
-        "--delete-after-upload", action="store_true", help="delete each local shard once uploaded (about one on disk)"
+        "--delete-after-upload", action="store_true", help="delete each local shard once uploaded (at most two on disk)"
     )
     hub.add_argument(
-        "--low-disk", action="store_true", help="download Hub inputs to a private folder; delete each shard once read"
+        "--low-disk", action="store_true", help="stream Hub inputs with range requests (no input weight on disk)"
     )
     hub.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
 

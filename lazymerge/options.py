@@ -78,7 +78,8 @@ class HubOptions:
         commit_message: for the one commit.
         delete_after_upload: delete each local shard once uploaded (at most one output shard on
             disk; the merge waits for each upload). Needs `push_to_hub`.
-        low_disk: Hub inputs are downloaded to a private folder and each shard deleted once read.
+        low_disk: Hub inputs are streamed with HTTP range requests into the merge (no input
+            weight byte on disk; nothing cached for a later run).
         token: Hub token (default HF_TOKEN or the stored login); never shown in a repr or a log.
 
     Raises:
