@@ -57,6 +57,7 @@ def execute_sweep(
     device: str = "cpu",
     workers: int | None = None,
     write_lanes: int | None = None,
+    sha256: bool = False,
 ) -> list[MergeStats]:
     """Write K merged models that read the same input ranges (a parameter sweep) in one pass; K = 1
     for a single merge.
@@ -79,6 +80,8 @@ def execute_sweep(
         write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
             CUDA, 1 on CPU; always 1 with low-disk Hub inputs, and the pusher asks for 1 when
             shards are deleted once uploaded).
+        sha256: also compute each shard's plain sha256 while writing it and record it in the
+            manifest (a Hub push uses it as the LFS object id instead of reading the shard again).
 
     Returns:
         One MergeStats per plan (`bytes_read` is the shared read).
@@ -152,6 +155,7 @@ def execute_sweep(
                 shards,
                 manifests,
                 lanes=write_lanes,
+                sha256=sha256,
             )
             begun = run.bytes_written  # a run counts its plans' other shards as written: report sweep totals
             if progress is not None:

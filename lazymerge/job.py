@@ -132,7 +132,7 @@ def run_job(job: MergeJob) -> list[MergeStats]:
             stats = execute_sweep(
                 job.plans, job.checkpoints, chunk_elements=options.chunk_elements,
                 progress=pushes.wrap(progress) if pushes is not None else progress, resume=options.resume,
-                device=options.device, workers=options.workers, write_lanes=lanes,
+                device=options.device, workers=options.workers, write_lanes=lanes, sha256=pushes is not None,
             )  # fmt: skip
             if pushes is None:
                 return stats

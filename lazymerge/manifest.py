@@ -44,8 +44,8 @@ def plan_fingerprint(plan: MergePlan) -> str:
 
 @dataclass
 class Manifest:
-    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ...}},
-    "files": [side file names]}`.
+    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ..., "sha256": hex}},
+    "files": [side file names]}`; `sha256` (the plain one, the Hub's LFS id) only for pushed runs.
 
     The digest is `lazymerge.io.digest`'s block digest (sha256 of parallel XXH3-128 block
     digests), not a plain sha256. `files` lists every file the run writes (shards, config,
@@ -91,8 +91,12 @@ class Manifest:
             body["files"] = sorted(self.files)
         write_side_file(directory, MANIFEST_NAME, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
-    def record(self, name: str, size: int, digest: str) -> None:
-        self.shards[name] = {"size": size, "digest": digest, "algorithm": ALGORITHM}
+    def record(self, name: str, size: int, digest: str, sha256: str | None = None) -> None:
+        """A finished shard; `sha256`: its plain sha256 (the Hub's LFS object id), when computed."""
+        entry = {"size": size, "digest": digest, "algorithm": ALGORITHM}
+        if sha256 is not None:
+            entry["sha256"] = sha256
+        self.shards[name] = entry
 
     def matches(self, path: Path, entry: dict) -> bool:
         """Whether the file at `path` has the size and digest recorded in `entry`."""

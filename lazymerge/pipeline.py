@@ -95,8 +95,10 @@ class MergeRun:
         shards: list[int],
         manifests: list[Manifest],
         lanes: int | None = None,
+        sha256: bool = False,
     ) -> None:
         self.plans = plans
+        self.sha256 = sha256  # each shard's plain sha256 too, computed as written (a Hub push needs it)
         self.plan = plans[0]
         self.checkpoints = checkpoints
         self.progress = progress
@@ -349,8 +351,8 @@ class MergeRun:
                 for v, plan in enumerate(self.plans):
                     self.written[v] += len(plan.shards[k].header)
             if self.direct:
-                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool)]
-            return [HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool) for plan in self.plans]
+                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool, self.sha256)]
+            return [HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.sha256) for plan in self.plans]
         assert writers is not None
         for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):
             shard = plan.shards[k]
@@ -359,7 +361,7 @@ class MergeRun:
             path = writer.finish()
             with self.lock:
                 self.busy["shard close"] += time.perf_counter() - began
-                manifest.record(shard.name, shard.size, digest)
+                manifest.record(shard.name, shard.size, digest, writer.sha256())
                 manifest.save(plan.output_dir)
             self.report("shard", shard.name, path)
         return None

@@ -428,8 +428,10 @@ def test_low_disk_and_delete_after_upload_high_water_marks(
     fetched = rm.stream_stats.bytes_fetched + sft.stream_stats.bytes_fetched
     assert 0 < fetched <= total_in and rm.stream_stats.bytes_fetched <= rm.total_bytes
     assert not [r for r in hub.requests if r.filename and r.filename.endswith(".safetensors") and not r.range]
-    # Output: one shard at a time; all of them went to the Hub and none is left.
-    assert 0 < watch.peak["output"] <= largest_out < sum(s.size for s in plan.shards)
+    # Output: at most two shards at a time (one uploading while the next is written); all of
+    # them went to the Hub and none is left.
+    assert len(plan.shards) > 2
+    assert 0 < watch.peak["output"] <= 2 * largest_out < sum(s.size for s in plan.shards)
     assert not list(out.glob("*.safetensors"))
     assert len(hub.lfs_uploads) == len(plan.shards)
     # The HF cache holds no weight file; the private download folder is gone once the models are.

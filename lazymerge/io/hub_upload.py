@@ -10,8 +10,15 @@ tokenizer and model card: the repo never shows half a model. The LFS protocol sk
 server already holds, so a killed push that is run again does not upload finished shards again
 (the output is deterministic: a re-merged shard has the same sha256).
 
-`delete_after_upload` deletes each local shard once uploaded, and the merge waits for a shard's
-upload before it starts writing the next one: at most one output shard is on local disk.
+The LFS upload needs each shard's sha256 before it starts: the writer computes it while writing
+the shard and records it in the manifest (`lazymerge.io.digest.OrderedSha256`), and the upload
+takes it from there, so the shard is read once, by the upload itself. A shard without one (kept
+by --resume from a run that did not push) is hashed by huggingface_hub, as before.
+
+`delete_after_upload` deletes each local shard once uploaded. The merge does not wait for that
+upload: it writes the next shard meanwhile, and only when that one closes does it wait for the
+previous upload to finish. At most two output shards are on local disk (one uploading, one
+being written), and the merge runs while the network works.
 
 The executor knows nothing of this: the pusher only wraps its progress callback. `Pushes`
 holds the pushers of one run (K for a sweep, one per output folder and repo).
@@ -90,8 +97,8 @@ class HubPusher:
         private: create the repo private (an existing repo keeps its visibility).
         revision: the branch to commit to (created from main when missing); default main.
         commit_message: default names lazymerge, the method and the inputs.
-        delete_after_upload: delete each local shard once uploaded; the merge waits for each
-            upload before writing the next shard (at most one output shard on disk).
+        delete_after_upload: delete each local shard once uploaded; a closed shard waits for
+            the upload of the one before it (at most two output shards on disk).
         token: a Hub token with write access; None uses HF_TOKEN or the stored login.
 
     Raises:
@@ -122,6 +129,7 @@ class HubPusher:
         self._uploaded: list[str] = []
         self._reused: list[str] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._previous: _Job | None = None  # delete_after_upload: the upload a closed shard waits for
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -150,12 +158,14 @@ class HubPusher:
         return callback
 
     def submit(self, name: str, path: Path, size: int | None = None) -> None:
-        """Queue one finished shard for upload (blocks until uploaded with delete_after_upload)."""
+        """Queue one finished shard for upload. With delete_after_upload, wait until the shard
+        before it is uploaded (and deleted): this one uploads while the next is written."""
         self._raise_if_failed()
         job = _Job(name, path, size if size is not None else path.stat().st_size)
         self._jobs.put(job)
-        if self.delete_after_upload:
-            while not job.done.wait(0.05):
+        previous, self._previous = self._previous, job
+        if self.delete_after_upload and previous is not None:
+            while not previous.done.wait(0.05):
                 if self._cancel.is_set():
                     break
             self._raise_if_failed()
@@ -192,9 +202,16 @@ class HubPusher:
             sent += step
             self._advance(step)
 
+        # Built from the path, huggingface_hub reads 512 bytes and hashes the file only when asked
+        # for its sha256: the one computed while the shard was written is given instead.
+        op = CommitOperationAdd(path_in_repo=job.name, path_or_fileobj=str(job.path))
+        sha256 = _recorded_sha256(job.path, job.size)
+        if sha256 is not None:
+            op.upload_info.sha256 = bytes.fromhex(sha256)
+        _ = op.upload_info.sha256  # (else hashed here, before the upload's reads are counted)
         reader = _CountingReader(job.path)
         try:
-            op = CommitOperationAdd(path_in_repo=job.name, path_or_fileobj=reader)  # hashes the file
+            op.path_or_fileobj = reader
             reader.on_read = count
             with hub_errors(self.repo_id, token=self.token, writing=True):
                 self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision)
@@ -250,6 +267,16 @@ class HubPusher:
         self._cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout=1.0)
+
+
+def _recorded_sha256(path: Path, size: int) -> str | None:
+    """The shard's sha256 from the output folder's manifest, when its writer computed one."""
+    from lazymerge.manifest import Manifest
+
+    manifest = Manifest.load(path.parent)
+    entry = manifest.shards.get(path.name) if manifest is not None else None
+    sha = entry.get("sha256") if entry is not None and entry.get("size") == size else None
+    return sha if isinstance(sha, str) and len(sha) == 64 else None
 
 
 def _default_message(plan: MergePlan) -> str:

@@ -1,0 +1,115 @@
+"""A push overlapping the merge: sha256 computed while writing, uploads while the next shard merges.
+
+Each pushed shard's plain sha256 (the LFS object id) is computed by its writer, in file order,
+from the blocks it writes (both writers, blocks of several sizes), recorded in the manifest, and
+given to huggingface_hub, which then never reads a shard to hash it. With delete_after_upload a
+closed shard uploads while the next one is written: at most two shards on disk, and the merge
+does not wait for each upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import lazymerge
+from lazymerge.io import digest, direct
+from lazymerge.io.hub_upload import HubPusher
+
+try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
+    from hub_server import HubServer, serving_hub
+    from test_hub import SHARD, TOKEN, DiskWatch, pair  # noqa: F401 - pair is a fixture
+except ImportError:  # pragma: no cover - tests/ became a package
+    from tests.hub_server import HubServer, serving_hub
+    from tests.test_hub import SHARD, TOKEN, DiskWatch, pair  # noqa: F401
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
+
+
+def _no_second_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.lfs
+
+    def refuse(*_: object, **__: object) -> bytes:
+        raise AssertionError("a shard was read again to hash it")
+
+    monkeypatch.setattr(huggingface_hub.lfs, "sha_fileobj", refuse)
+
+
+@pytest.mark.parametrize("direct_write", ["1", "0"], ids=["o_direct", "buffered"])
+@pytest.mark.parametrize("block", [8192, 16 << 20], ids=["many-blocks", "one-block"])
+def test_pushed_shards_sha256_computed_while_written(
+    hub: HubServer,
+    pair: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    direct_write: str,
+    block: int,
+) -> None:
+    monkeypatch.setenv("LAZYMERGE_DIRECT_WRITE", direct_write)
+    monkeypatch.setattr(digest, "BLOCK_BYTES", block)  # many blocks per shard: the order matters
+    monkeypatch.setattr(direct, "BLOCK_BYTES", block)
+    _no_second_read(monkeypatch)
+    out = tmp_path / "out"
+    stats = lazymerge.dogerm(*pair, 0.3, out, max_shard_size=SHARD, push_to_hub="alice/m", device="cpu")
+    entries = json.loads((out / "lazymerge_manifest.json").read_text())["shards"]
+    on_hub = hub.files("alice/m")
+    assert len(entries) >= 2
+    for name, entry in entries.items():
+        plain = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        assert entry["sha256"] == plain == on_hub[name].sha256  # the server checks it against the bytes too
+    assert stats.push is not None and sorted(stats.push.uploaded) == sorted(entries)
+
+
+def test_unpushed_merge_computes_no_sha256(pair: tuple[Path, Path], tmp_path: Path) -> None:
+    lazymerge.dogerm(*pair, 0.3, tmp_path / "out", max_shard_size=SHARD, device="cpu")
+    entries = json.loads((tmp_path / "out" / "lazymerge_manifest.json").read_text())["shards"]
+    assert entries and not any("sha256" in e for e in entries.values())
+
+
+def test_delete_after_upload_uploads_while_the_next_shard_merges(
+    hub: HubServer, pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.shape(up=2e6)  # ~0.15 s per shard upload: slower than merging one
+    closed: dict[str, float] = {}
+    uploaded: dict[str, float] = {}
+    original = HubPusher._upload
+
+    def timed_upload(self, job) -> None:  # type: ignore[no-untyped-def]
+        original(self, job)
+        uploaded[job.name] = time.monotonic()
+
+    monkeypatch.setattr(HubPusher, "_upload", timed_upload)
+    out = tmp_path / "out"
+    is_shard = lambda p: p.name.endswith((".safetensors", ".safetensors.partial"))  # noqa: E731
+    watch = DiskWatch({"output": (out, is_shard)})
+    lock = threading.Lock()
+
+    def progress(event) -> None:  # type: ignore[no-untyped-def]
+        watch.sample()
+        if event.kind == "shard":
+            with lock:
+                closed[event.shard] = time.monotonic()
+
+    with watch:
+        stats = lazymerge.dogerm(
+            *pair, 0.3, out, max_shard_size=SHARD, push_to_hub="alice/m", delete_after_upload=True,
+            device="cpu", progress=progress,
+        )  # fmt: skip
+    names = [p.name for p in stats.files]
+    largest = max(s for s in (len(hub.read("alice/m", n)) for n in names))
+    assert len(names) >= 3
+    assert 0 < watch.peak["output"] <= 2 * largest  # two shards at most
+    assert not list(out.glob("*.safetensors"))
+    # The merge went on while shards uploaded: a later shard closed before an earlier one was up.
+    assert any(closed[names[k + 1]] < uploaded[names[k]] for k in range(len(names) - 1)), (closed, uploaded)
