@@ -24,7 +24,7 @@ from lazymerge.io.hub_upload import HubPusher
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from hub_server import HubServer, serving_hub
-    from test_hub import SHARD, TOKEN, DiskWatch, pair  # noqa: F401 - pair is a fixture
+    from test_hub import SHARD, TOKEN, DiskWatch, pair  # pair: a fixture
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.hub_server import HubServer, serving_hub
     from tests.test_hub import SHARD, TOKEN, DiskWatch, pair  # noqa: F401
