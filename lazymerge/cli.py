@@ -136,6 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a merged model: headers, index, sizes, checksums, recomputed tensors")
     v.add_argument("path", type=Path, help="merged model folder")
     v.add_argument("--recompute", type=int, default=0, metavar="N", help="recompute N sampled tensors from the inputs")
+    v.add_argument("--hub", metavar="REPO", help="also check the shards pushed to REPO[@rev] against the manifest")
+    v.add_argument("--token", metavar="TOKEN", help="Hub token for --hub (default: HF_TOKEN or `hf auth login`)")
     v.set_defaults(func=_cmd_verify)
 
     demo = sub.add_parser("demo", help="build a small RM + SFT pair and DogeRM-merge them (offline)")
@@ -261,7 +263,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from lazymerge.report import print_verify
     from lazymerge.verify import verify
 
-    report = verify(args.path, recompute=args.recompute)
+    report = verify(args.path, recompute=args.recompute, hub=args.hub, token=args.token)
     print_verify(_stdout, report)
     if not report.ok:
         failed = [c.name for c in report.checks if not c.ok]

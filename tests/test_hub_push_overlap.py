@@ -113,3 +113,27 @@ def test_delete_after_upload_uploads_while_the_next_shard_merges(
     assert not list(out.glob("*.safetensors"))
     # The merge went on while shards uploaded: a later shard closed before an earlier one was up.
     assert any(closed[names[k + 1]] < uploaded[names[k]] for k in range(len(names) - 1)), (closed, uploaded)
+
+
+def test_verify_compares_the_manifest_with_the_hubs_lfs_ids(
+    hub: HubServer, pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lazymerge.cli import main
+    from lazymerge.verify import verify
+
+    out = tmp_path / "out"
+    lazymerge.dogerm(
+        *pair, 0.3, out, max_shard_size=SHARD, push_to_hub="alice/m", delete_after_upload=True, device="cpu"
+    )
+    assert not list(out.glob("*.safetensors"))  # only the Hub holds the shards now
+    report = verify(out, hub="alice/m")
+    assert report.ok and [c.name for c in report.checks] == ["hub"], report.checks
+    assert main(["verify", str(out), "--hub", "alice/m"]) == 0
+    manifest = out / "lazymerge_manifest.json"
+    body = json.loads(manifest.read_text())
+    first = sorted(body["shards"])[0]
+    body["shards"][first]["sha256"] = "0" * 64
+    manifest.write_text(json.dumps(body))
+    capsys.readouterr()
+    assert main(["verify", str(out), "--hub", "alice/m"]) == 2
+    assert f"{first} differs on the Hub" in capsys.readouterr().out
