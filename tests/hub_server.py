@@ -121,6 +121,12 @@ def _git_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copyfile(src, dst)
+
+
 def _lfs_pointer(oid: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
 
@@ -277,6 +283,34 @@ class HubServer:
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256
+
+    def add_model(self, repo_id: str, folder: Path, *, private: bool = False) -> str:
+        """Put every file of `folder` into a new repo directly (no HTTP), as one commit; weight files
+        are hard-linked into the blob store where the file system allows. For benchmarks: seeding a
+        4 GB pair this way takes seconds of hashing instead of an upload through this server."""
+        table: dict[str, FileEntry] = {}
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                while block := f.read(CHUNK * 8):
+                    h.update(block)
+            sha, size = h.hexdigest(), path.stat().st_size
+            blob = self.blob_path(sha)
+            if not blob.exists():
+                try:
+                    os.link(path, blob)
+                except OSError:
+                    _copy(path, blob)
+            lfs = name.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
+            git_oid = _git_sha1(_lfs_pointer(sha, size)) if lfs else _git_sha1(path.read_bytes())
+            table[name] = FileEntry(size, sha, git_oid, lfs)
+        with self._lock:
+            repo = self.repos.setdefault(repo_id, Repo(repo_id, private, created=_now()))
+            if lfs_objects := {e.sha256 for e in table.values() if e.lfs}:
+                repo.lfs_objects |= lfs_objects
+        entry = FileEntry(len(GITATTRIBUTES), self._store(GITATTRIBUTES), _git_sha1(GITATTRIBUTES), False)
+        return self._new_commit(repo, "main", {".gitattributes": entry, **table}, f"add {repo_id}")
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _auth(self, h: _Handler) -> bool:
