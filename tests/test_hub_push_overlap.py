@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import lazymerge
 from lazymerge.io import digest, direct
@@ -137,3 +138,79 @@ def test_verify_compares_the_manifest_with_the_hubs_lfs_ids(
     capsys.readouterr()
     assert main(["verify", str(out), "--hub", "alice/m"]) == 2
     assert f"{first} differs on the Hub" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_streamed_push_killed_then_resumed_uploads_and_reads_nothing_twice(
+    hub: HubServer, pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9 of a --low-disk --delete-after-upload push, then --resume: a shard the Hub already
+    holds (deleted locally) is neither merged nor uploaded again; only the unfinished shards'
+    input ranges are streamed again."""
+    import signal
+
+    from lazymerge.io.reader import planned_reads
+    from lazymerge.plan import iter_chunks
+
+    try:
+        from helpers import load_folder, start_cli
+        from test_hub import download_repo, upload
+    except ImportError:  # pragma: no cover
+        from tests.helpers import load_folder, start_cli
+        from tests.test_hub import download_repo, upload
+    from hub_server import HubError as ServerError
+
+    upload(hub, pair[0], "alice/rm")
+    upload(hub, pair[1], "alice/sft")
+    out = tmp_path / "out"
+    args = ["dogerm", "--reward-model", "alice/rm", "--domain-model", "alice/sft", "--weight", "0.3", "-o", str(out)]
+    args += ["--max-shard-size", SHARD, "--push-to-hub", "alice/m", "--low-disk", "--delete-after-upload"]
+    args += ["--device", "cpu", "-q"]
+    # The first shard's upload goes through; every later one is held until the child is dead.
+    gate, held = threading.Event(), threading.Event()
+    original = hub._h_lfs_put
+
+    def gated_put(h, ticket: str) -> None:  # type: ignore[no-untyped-def]
+        if hub.lfs_uploads:
+            held.set()
+            gate.wait(30)
+            raise ServerError(503, "server going away")
+        original(h, ticket)
+
+    hub._h_lfs_put = gated_put  # type: ignore[method-assign]
+    hub.reset_log()
+    child = start_cli(*args, HF_TOKEN=TOKEN)
+    try:
+        assert held.wait(120), child.stderr.read().decode() if child.poll() is not None else "no second upload"
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        gate.set()
+        if child.poll() is None:
+            child.kill()
+    hub._h_lfs_put = original  # type: ignore[method-assign]
+    first = list(hub.lfs_uploads)
+    recorded = json.loads((out / "lazymerge_manifest.json").read_text())["shards"]
+    gone = [n for n, e in recorded.items() if e["sha256"] in {oid for oid, _ in first} and not (out / n).exists()]
+    assert len(first) == 1 and len(gone) == 1  # uploaded, then deleted locally
+
+    rm = lazymerge.open_model("alice/rm", low_disk=True)
+    sft = lazymerge.open_model("alice/sft", low_disk=True)
+    plan = lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, dry_run=True, resume=True)
+    hub.reset_log()
+    stats = lazymerge.dogerm(
+        rm, sft, 0.3, out, max_shard_size=SHARD, push_to_hub="alice/m", delete_after_upload=True, resume=True,
+        device="cpu", progress=False,
+    )  # fmt: skip
+    assert not {oid for oid, _ in first} & {oid for oid, _ in hub.lfs_uploads}  # not uploaded twice
+    assert stats.push is not None and gone[0] in stats.push.reused
+    # Streamed again: at most the inputs of the shards not finished before the kill.
+    redo = [k for k, s in enumerate(plan.shards) if s.name not in recorded]
+    bound = sum(n for reads in planned_reads(list(iter_chunks(plan, 1 << 21, redo))).values() for _, n in reads)
+    again = rm.stream_stats.bytes_fetched + sft.stream_stats.bytes_fetched
+    assert 0 < again <= bound, (again, bound)
+    ref = tmp_path / "ref"
+    lazymerge.dogerm(*pair, 0.3, ref, max_shard_size=SHARD, device="cpu")
+    download_repo(hub, "alice/m", tmp_path / "back")  # headers name the inputs differently: compare tensors
+    mine, theirs = load_folder(tmp_path / "back"), load_folder(ref)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)

@@ -130,6 +130,7 @@ class HubPusher:
         self._reused: list[str] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._previous: _Job | None = None  # delete_after_upload: the upload a closed shard waits for
+        self._remote: set[str] = set()  # shards the server already held at --resume: committed by sha256
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -152,6 +153,8 @@ class HubPusher:
         def callback(event: ProgressEvent) -> None:
             if progress is not None:
                 progress(event)
+            if event.shard in self._remote:  # kept by --resume from the Hub: nothing local to send
+                return
             if event.kind in ("shard", "skip") and event.path is not None:
                 self.submit(event.shard, Path(event.path), sizes.get(event.shard))
 
@@ -176,6 +179,33 @@ class HubPusher:
             if isinstance(error, LazyMergeError):
                 raise error
             raise HubError(scrub(f"upload to {self.repo_id} failed: {error}", self.token))
+
+    def held_on_hub(self, name: str, size: int, sha256: str) -> bool:
+        """Whether the server already holds this shard's bytes (uploaded by an earlier run, then
+        deleted locally): it is then committed from its recorded sha256, and neither merged nor
+        uploaded again. Asks the LFS batch endpoint, which answers without upload actions for an
+        object it has."""
+        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+        from huggingface_hub.utils import build_hf_headers
+
+        info = UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(sha256))
+        with hub_errors(self.repo_id, self.revision, token=self.token, writing=True):
+            objects, errors, _ = post_lfs_batch_info(
+                [info], token=None, repo_type="model", repo_id=self.repo_id, revision=self.revision,
+                endpoint=self.api.endpoint, headers=build_hf_headers(token=self.token),
+            )  # fmt: skip
+        if errors or not objects or "actions" in objects[0] or objects[0].get("oid") != sha256:
+            return False
+        op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
+        op.upload_info = info
+        op._upload_mode, op._should_ignore, op._is_uploaded = "lfs", False, True
+        with self._lock:
+            self._ops[name] = op
+            self._reused.append(name)
+            self._remote.add(name)
+        self._advance(size)
+        return True
 
     # ---- the upload thread ---------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -342,6 +372,15 @@ class Pushes:
 
         for v, pusher in enumerate(self.pushers):
             pusher.on_upload = lambda n, _total, v=v: on_upload(v, n)
+
+    def held_checks(self) -> list[Callable[[str, dict], bool]]:
+        """For `--resume`, per output: whether a shard its manifest records (with a sha256) but
+        that is gone locally is held by the Hub already (`HubPusher.held_on_hub`)."""
+
+        def check(pusher: HubPusher) -> Callable[[str, dict], bool]:
+            return lambda name, entry: pusher.held_on_hub(name, int(entry["size"]), str(entry["sha256"]))
+
+        return [check(pusher) for pusher in self.pushers]
 
     def commit(self) -> list[PushResult]:
         """Wait for every upload, then one commit per repo."""
