@@ -82,8 +82,8 @@ class Checkpoint:
 
     @property
     def deletes_released_files(self) -> bool:
-        """Whether `release_file` deletes the file (low-disk Hub downloads). A merge then writes
-        one shard at a time, reading its inputs in plan order, which keeps few of them on disk."""
+        """Whether the inputs should be read in plan order, one output shard at a time (low-disk
+        Hub inputs, streamed by range requests: each stream then moves forward through its file)."""
         return False
 
     def read_json(self, name: str) -> dict | None:

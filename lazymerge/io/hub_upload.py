@@ -18,7 +18,9 @@ by --resume from a run that did not push) is hashed by huggingface_hub, as befor
 `delete_after_upload` deletes each local shard once uploaded. The merge does not wait for that
 upload: it writes the next shard meanwhile, and only when that one closes does it wait for the
 previous upload to finish. At most two output shards are on local disk (one uploading, one
-being written), and the merge runs while the network works.
+being written), and the merge runs while the network works. A `--resume` after a kill keeps the
+shards the Hub already holds (`held_on_hub`, asked of the LFS batch endpoint with the sha256 the
+manifest recorded): they are committed as they are, never merged or uploaded again.
 
 The executor knows nothing of this: the pusher only wraps its progress callback. `Pushes`
 holds the pushers of one run (K for a sweep, one per output folder and repo).
