@@ -150,3 +150,14 @@ def test_token_expiring_mid_run_is_a_clear_error_without_the_token(
     assert TOKEN not in text and "hf_rotated" not in text, text
     assert "token" in text.lower(), text
     gc.collect()
+
+
+def test_pieces_join_neighbours_cut_large_reads_and_follow_the_run_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub_stream, "PIECE_BYTES", 100)
+    # Four small neighbouring reads, a large one, a gap, and a read the run makes first.
+    reads = [(1000, 10), (0, 30), (30, 30), (60, 30), (90, 5), (200, 250)]
+    by_offset, order = hub_stream._pieces(reads)
+    spans = [(p.start, p.end) for p in by_offset]
+    assert spans == [(0, 95), (200, 300), (300, 400), (400, 450), (1000, 1010)]
+    assert [p.left for p in by_offset] == [95, 100, 100, 50, 10]  # planned bytes each piece serves
+    assert (order[0].start, order[0].end) == (1000, 1010)  # fetched in the order the run reads
