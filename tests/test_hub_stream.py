@@ -161,3 +161,29 @@ def test_pieces_join_neighbours_cut_large_reads_and_follow_the_run_order(monkeyp
     assert spans == [(0, 95), (200, 300), (300, 400), (400, 450), (1000, 1010)]
     assert [p.left for p in by_offset] == [95, 100, 100, 50, 10]  # planned bytes each piece serves
     assert (order[0].start, order[0].end) == (1000, 1010)  # fetched in the order the run reads
+
+
+def test_token_expiring_mid_run_cli_is_one_line(
+    hub: HubServer, models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The token is rotated on the server when the first tensor range of the safetensors model is
+    asked for: planning read its headers with one range from byte 0, so the merge is running."""
+    from lazymerge.cli import main
+
+    original = hub._h_resolve
+
+    def resolve(h, repo: str, rev: str, path: str) -> None:  # type: ignore[no-untyped-def]
+        rng = h.headers.get("Range")
+        if path.endswith(".safetensors") and rng and not rng.startswith("bytes=0-"):
+            hub.token = "hf_rotatedRotatedRotated"
+        original(h, repo, rev, path)
+
+    hub._h_resolve = resolve  # type: ignore[method-assign]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: alice/a\n  - model: alice/b\n")
+    code = main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--low-disk", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error:") and lines[1].startswith("hint:"), err
+    assert "rejected the token" in err and TOKEN not in err and "hf_rotated" not in err, err
