@@ -78,6 +78,7 @@ def test_unpushed_merge_computes_no_sha256(pair: tuple[Path, Path], tmp_path: Pa
     assert entries and not any("sha256" in e for e in entries.values())
 
 
+@pytest.mark.slow
 def test_delete_after_upload_uploads_while_the_next_shard_merges(
     hub: HubServer, pair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
