@@ -32,7 +32,7 @@ def open_model(model: PathLike | Checkpoint, *, low_disk: bool = False, token: s
 
     A Hub repo id (`owner/name` or `owner/name@revision`, when no such local path exists) is
     opened from remote metadata alone; its weight files are downloaded when the merge reads them
-    (`low_disk`: into a private folder, each deleted once consumed). `token`: a Hub token
+    (`low_disk`: streamed with range requests instead, nothing on disk). `token`: a Hub token
     (default HF_TOKEN or the stored login)."""
     return open_input(model, HubOptions(low_disk=low_disk, token=token))
 

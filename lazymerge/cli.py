@@ -150,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a merged model: headers, index, sizes, checksums, recomputed tensors")
     v.add_argument("path", type=Path, help="merged model folder")
     v.add_argument("--recompute", type=int, default=0, metavar="N", help="recompute N sampled tensors from the inputs")
+    v.add_argument("--hub", metavar="REPO", help="also check the shards pushed to REPO[@rev] against the manifest")
+    v.add_argument("--token", metavar="TOKEN", help="Hub token for --hub (default: HF_TOKEN or `hf auth login`)")
     _json_arg(v, "the checks")
     v.set_defaults(func=_cmd_verify)
 
@@ -224,10 +226,10 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
     hub.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing; default main)")
     hub.add_argument("--commit-message", metavar="MSG", help="message of the one commit")
     hub.add_argument(
-        "--delete-after-upload", action="store_true", help="delete each local shard once uploaded (about one on disk)"
+        "--delete-after-upload", action="store_true", help="delete each local shard once uploaded (at most two on disk)"
     )
     hub.add_argument(
-        "--low-disk", action="store_true", help="download Hub inputs to a private folder; delete each shard once read"
+        "--low-disk", action="store_true", help="stream Hub inputs with range requests (no input weight on disk)"
     )
     hub.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
 
@@ -326,7 +328,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from lazymerge.report import print_verify
     from lazymerge.verify import verify
 
-    report = verify(args.path, recompute=args.recompute)
+    report = verify(args.path, recompute=args.recompute, hub=args.hub, token=args.token)
     if args.json:
         from lazymerge.json_report import print_document, verify_document
 

@@ -60,6 +60,8 @@ def execute_sweep(
     workers: int | None = None,
     write_lanes: int | None = None,
     part: Part | None = None,
+    sha256: bool = False,
+    uploaded: Sequence[Callable[[str, dict], bool]] | None = None,
 ) -> list[MergeStats]:
     """Write K merged models that read the same input ranges (a parameter sweep) in one pass; K = 1
     for a single merge.
@@ -84,6 +86,10 @@ def execute_sweep(
             shards are deleted once uploaded).
         part: write only this part's shards (`lazymerge.parts`), with the part's own lock and
             manifest, side files staged for `lazymerge finalize` (`lazymerge.part_folder`).
+        sha256: also compute each shard's plain sha256 while writing it and record it in the
+            manifest (a Hub push uses it as the LFS object id instead of reading the shard again).
+        uploaded: per plan, with `resume`: whether a shard deleted once uploaded is held by the
+            Hub (then it is kept, not merged again; `Pushes.held_checks`).
 
     Returns:
         One MergeStats per plan (`bytes_read` is the shared read).
@@ -125,7 +131,12 @@ def execute_sweep(
         stack.enter_context(backend)
         # Checked again under the lock; the earlier output cleared, the new manifest written first.
         if part is None:
-            states = [prepare_output_folder(p, checkpoint_paths(checkpoints), resume=resume) for p in plans]
+            states = [
+                prepare_output_folder(
+                    p, checkpoint_paths(checkpoints), resume=resume, uploaded=uploaded[v] if uploaded else None
+                )
+                for v, p in enumerate(plans)
+            ]
         else:
             states = [prepare_part_folder(p, part, own, checkpoint_paths(checkpoints), resume=resume) for p in plans]
         # Side files first: none of them makes the folder look like a finished model; the index
@@ -165,6 +176,7 @@ def execute_sweep(
                 shards,
                 manifests,
                 lanes=write_lanes,
+                sha256=sha256,
             )
             begun = run.bytes_written  # a run counts its plans' other shards as written: report sweep totals
             if progress is not None:

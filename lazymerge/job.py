@@ -157,6 +157,7 @@ def run_job(job: MergeJob) -> list[MergeStats]:
                 job.plans, job.checkpoints, chunk_elements=options.chunk_elements,
                 progress=pushes.wrap(progress) if pushes is not None else progress, resume=options.resume,
                 device=options.device, workers=options.workers, write_lanes=lanes, part=options.part,
+                sha256=pushes is not None, uploaded=pushes.held_checks() if pushes is not None and options.resume else None,
             )  # fmt: skip
             if pushes is None:
                 return stats

@@ -61,8 +61,8 @@ def load_json_object(text: str) -> dict:
 
 @dataclass
 class Manifest:
-    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ...}},
-    "files": [side file names]}`.
+    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ..., "sha256": hex}},
+    "files": [side file names]}`; `sha256` (the plain one, the Hub's LFS id) only for pushed runs.
 
     The digest is `lazymerge.io.digest`'s block digest (sha256 of parallel XXH3-128 block
     digests), not a plain sha256. `files` lists every file the run writes (shards, config,
@@ -123,8 +123,12 @@ class Manifest:
         data = (json.dumps(self.body(), indent=2, sort_keys=True) + "\n").encode()
         write_side_file(directory, self.file_name, data)
 
-    def record(self, name: str, size: int, digest: str) -> None:
-        self.shards[name] = {"size": size, "digest": digest, "algorithm": ALGORITHM}
+    def record(self, name: str, size: int, digest: str, sha256: str | None = None) -> None:
+        """A finished shard; `sha256`: its plain sha256 (the Hub's LFS object id), when computed."""
+        entry = {"size": size, "digest": digest, "algorithm": ALGORITHM}
+        if sha256 is not None:
+            entry["sha256"] = sha256
+        self.shards[name] = entry
 
     def matches(self, path: Path, entry: dict) -> bool:
         """Whether the file at `path` has the size and digest recorded in `entry`."""

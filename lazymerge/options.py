@@ -108,9 +108,10 @@ class HubOptions:
             `owner/name-{weight}` (one repo and one commit per output).
         private: create the pushed repo private. revision: the branch to commit to.
         commit_message: for the one commit.
-        delete_after_upload: delete each local shard once uploaded (at most one output shard on
-            disk; the merge waits for each upload). Needs `push_to_hub`.
-        low_disk: Hub inputs are downloaded to a private folder and each shard deleted once read.
+        delete_after_upload: delete each local shard once uploaded (at most two output shards on
+            disk: one uploads while the next merges). Needs `push_to_hub`.
+        low_disk: Hub inputs are streamed with HTTP range requests into the merge (no input
+            weight byte on disk; nothing cached for a later run).
         token: Hub token (default HF_TOKEN or the stored login); never shown in a repr or a log.
 
     Raises:

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -306,7 +306,11 @@ def _file_size(path: Path) -> int:
 
 
 def prepare_output_folder(
-    plan: MergePlan, input_paths: Iterable[str | os.PathLike[str]], *, resume: bool
+    plan: MergePlan,
+    input_paths: Iterable[str | os.PathLike[str]],
+    *,
+    resume: bool,
+    uploaded: Callable[[str, dict], bool] | None = None,
 ) -> tuple[Manifest, set[int]]:
     """Make `plan.output_dir` ready for the run; call it holding the folder's lock, before any write.
 
@@ -315,8 +319,11 @@ def prepare_output_folder(
     file this run will write and, with `resume`, the shards kept from the earlier run of the
     same plan.
 
+    `uploaded(name, entry)`: with `resume` and a Hub push, whether a shard recorded with its
+    sha256 but deleted locally (--delete-after-upload) is held by the Hub: then it is kept too.
+
     Returns:
-        The run's manifest and the indexes of the shards kept (checksums verified).
+        The run's manifest and the indexes of the shards kept (checksums verified, or held by the Hub).
 
     Raises:
         OutputError: the folder may not be written, or (`resume`) holds a different merge.
@@ -336,6 +343,13 @@ def prepare_output_folder(
                 hint="run the same command as before with --resume, or choose an empty --output",
             )
         done = {k for k, s in enumerate(plan.shards) if previous.finished(real, s.name, s.size)}
+        if uploaded is not None:
+            for k, s in enumerate(plan.shards):
+                entry = previous.shards.get(s.name)
+                if k in done or entry is None or entry.get("size") != s.size or not entry.get("sha256"):
+                    continue
+                if not os.path.lexists(real / s.name) and uploaded(s.name, entry):
+                    done.add(k)
         kept = {plan.shards[k].name: previous.shards[plan.shards[k].name] for k in done}
     for name in sorted(_previous_output(real, previous, overwrite=overwrite, writes=writes) - set(kept)):
         _remove_entry(real / name)
