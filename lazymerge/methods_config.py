@@ -24,6 +24,7 @@ from lazymerge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, open_checkpoint
 from lazymerge.methods import REQUIRED, MergeMethod, Parameter, get, names
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
+from lazymerge.recipes.card import pinned_name
 from lazymerge.recipes.common import carried_side_files, copy_tensor, normalize_dtype, source_at
 
 __all__ = ["evaluate_setting", "method_tensors", "open_method_models", "plan_method", "reject_unknown_keys"]
@@ -128,14 +129,15 @@ def plan_method(
         recipe: dict = {
             "merge_method": method.name,
             "models": [
-                {"model": c.label, "parameters": {"weight": w}} for c, w in zip(checkpoints, weights, strict=True)
+                {"model": pinned_name(c), "parameters": {"weight": w}}
+                for c, w in zip(checkpoints, weights, strict=True)
             ],
             "parameters": {"normalize": _resolve(_param(method, "normalize"), top, "", 0.0)},
             "dtype": out_dtype,
         }
     else:
-        recipe = json.loads(json.dumps(spec, default=str))
-    side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype)
+        recipe = _pinned(json.loads(json.dumps(spec, default=str)), checkpoints)
+    side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype, max_shard_size)
     plan = build_plan(
         recipe=recipe,
         inputs=[c.label for c in checkpoints],
@@ -147,6 +149,17 @@ def plan_method(
         overwrite=overwrite,
     )
     return plan, checkpoints
+
+
+def _pinned(recipe: dict, checkpoints: list[Checkpoint]) -> dict:
+    """The recipe with each Hub input named at the commit it resolved to (`owner/name@sha`)."""
+    names = {c.label: pinned_name(c) for c in checkpoints}
+    if isinstance(recipe.get("base_model"), str):
+        recipe["base_model"] = names.get(recipe["base_model"], recipe["base_model"])
+    for entry in recipe.get("models") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+            entry["model"] = names.get(entry["model"], entry["model"])
+    return recipe
 
 
 def _method(name: Any) -> MergeMethod:

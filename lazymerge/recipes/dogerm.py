@@ -26,7 +26,7 @@ from lazymerge.constants import CARRIED_FILES, DEFAULT_MAX_SHARD_SIZE, MERGEABLE
 from lazymerge.errors import RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, TensorRef
 from lazymerge.plan import MergePlan, OutputTensor, Segment, Source, build_plan
-from lazymerge.recipes.card import hub_base_models, model_card
+from lazymerge.recipes.card import model_card, pinned_name
 from lazymerge.recipes.common import copy_tensor, normalize_dtype, output_config, source_at
 from lazymerge.recipes.roles import OUTPUT_HEAD_NAMES, REWARD_HEAD_PREFIXES, check_roles
 from lazymerge.recipes.vocab import add_tokens, load_vocab, union_rows
@@ -102,12 +102,12 @@ def plan_dogerm(
     dropped = [name for name in sft.tensors if name not in rm.tensors]
     recipe = {
         "merge_method": "dogerm",
-        "reward_model": rm.label,
-        "domain_model": sft.label,
+        "reward_model": pinned_name(rm),
+        "domain_model": pinned_name(sft),
         "weight": lam,
         "dtype": override,  # None: every tensor keeps the reward model's dtype
     }
-    side = _side_files(rm, sft, added, override, vocab_rows, recipe)
+    side = _side_files(rm, sft, added, override, vocab_rows, recipe, max_shard_size)
     return build_plan(
         recipe=recipe,
         inputs=[rm.label, sft.label],
@@ -195,6 +195,7 @@ def _side_files(
     dtype_override: str | None,
     vocab_rows: int | None,
     recipe: dict,
+    max_shard_size: int,
 ) -> dict[str, bytes]:
     files = add_tokens(rm, sft, added)
     updates = {"vocab_size": vocab_rows} if vocab_rows is not None else {}
@@ -204,5 +205,6 @@ def _side_files(
     for name in CARRIED_FILES:
         if (path := rm.side_file(name)) is not None:
             files[name] = path.read_bytes()
-    files["README.md"] = model_card(recipe, [rm.label, sft.label], hub_base_models([rm, sft])).encode("utf-8")
+    card = model_card(recipe, [rm.label, sft.label], checkpoints=[rm, sft], max_shard_size=max_shard_size)
+    files["README.md"] = card.encode("utf-8")
     return files
