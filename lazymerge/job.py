@@ -74,9 +74,10 @@ def plan_recipe_job(
     recipe: PathLike | dict, output: PathLike, sweep: Sweep | None, options: RunOptions, hub: HubOptions
 ) -> MergeJob:
     """Plan a mergekit-style recipe (one output, or one per value of `sweep`) from headers alone."""
-    from lazymerge.config import load_recipe, plan_recipe
+    from lazymerge.config import RECIPE_FILE_NAME, load_recipe, plan_recipe, recipe_file_bytes
 
     spec = load_recipe(recipe)
+    as_given = recipe_file_bytes(recipe)
     outs, repos = _outputs(output, sweep, hub)
     variants = [spec] if sweep is None else list(sweep.variants(spec))
     plans: list[MergePlan] = []
@@ -86,6 +87,7 @@ def plan_recipe_job(
             variant, out, max_shard_size=options.max_shard_size, overwrite=options.overwrite, low_disk=hub.low_disk,
             token=hub.token,
         )  # fmt: skip
+        plan.side_files[RECIPE_FILE_NAME] = as_given  # the user's config, kept as written
         plans.append(plan)
         checkpoints = checkpoints or opened
     return _finish(plans, checkpoints, repos, options, hub)
@@ -123,6 +125,10 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     from lazymerge.io.prefetch import StartupPrefetch
 
     options = job.options
+    if options.device == "cuda":  # asked for explicitly: refused before any folder is made or bar drawn
+        from lazymerge.kernels.device import select_backend
+
+        select_backend(options.device)
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
         with _progress(job.plans, options.progress, pushes) as progress:

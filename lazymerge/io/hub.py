@@ -57,7 +57,8 @@ __all__ = ["HubCheckpoint", "is_repo_id", "open_any", "open_hub_checkpoint", "sp
 # The Hub's rules: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _REPO_RE = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^\s@]+))?")
-_SIDE_FILES = ("config.json", *TOKENIZER_FILES, *CARRIED_FILES)
+# README.md: read for the input's licence (recipes/card.py), never carried.
+_SIDE_FILES = ("config.json", *TOKENIZER_FILES, *CARRIED_FILES, "README.md")
 
 
 def split_repo_id(text: str) -> tuple[str, str | None]:
@@ -89,9 +90,16 @@ def open_any(
     """A local folder/file with `open_checkpoint`, or a Hub repo id with `open_hub_checkpoint`."""
     if isinstance(model, str) and is_repo_id(model):
         repo_id, revision = split_repo_id(model)
-        return open_hub_checkpoint(
-            repo_id, revision, low_disk=low_disk, token=token, label=label or model, download_dir=download_dir
-        )
+        try:
+            return open_hub_checkpoint(
+                repo_id, revision, low_disk=low_disk, token=token, label=label or model, download_dir=download_dir
+            )
+        except HubError as exc:
+            # `owner/name` is also a relative path: a typo in a local folder name lands here.
+            raise HubError(
+                f"{model!r} is no local folder, and as a Hub repo id: {exc.message}",
+                hint=f"if you meant a local folder, check the path; else: {exc.hint}",
+            ) from None
     return open_checkpoint(model, label=label or str(model))
 
 

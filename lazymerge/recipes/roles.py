@@ -19,6 +19,7 @@ __all__ = ["OUTPUT_HEAD_NAMES", "REWARD_HEAD_PREFIXES", "RoleError", "check_role
 REWARD_HEAD_PREFIXES = ("score.", "classifier.", "v_head.", "value_head.", "reward_head.", "rm_head.")
 # Vocabulary-shaped output heads a causal LM has (untied); they follow the vocabulary union.
 OUTPUT_HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
+_CAUSAL_ARCH = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _REWARD_ARCH = ("ForSequenceClassification", "ForTokenClassification", "RewardModel", "ValueHead", "ForReward")
 
 
@@ -55,9 +56,12 @@ def check_roles(rm: Checkpoint, sft: Checkpoint, vocab_tensors: tuple[str, ...])
         The reward model's tensors the domain model lacks that are not a known head nor
         vocabulary-shaped (an unknown head: accepted, copied from the RM, named in the plan).
 
+    A "reward model" with neither a head nor a sign of being a causal LM (no output head, no
+    architecture: bare weight files) is taken as given.
+
     Raises:
         RoleError: the roles look swapped, the domain model is a reward model, or the "reward
-            model" has no head at all (two causal LMs).
+            model" is a causal LM without any reward head (two causal LMs).
     """
     rm_why, sft_why = _reward_evidence(rm), _reward_evidence(sft)
     if sft_why is not None and rm_why is None:
@@ -76,8 +80,11 @@ def check_roles(rm: Checkpoint, sft: Checkpoint, vocab_tensors: tuple[str, ...])
         and name not in OUTPUT_HEAD_NAMES
         and not name.endswith(vocab_tensors)
     ]
-    if rm_why is None and not unknown:
-        archs = ", ".join(_architectures(rm))
+    archs = ", ".join(_architectures(rm))
+    causal = any(a.endswith(_CAUSAL_ARCH) for a in _architectures(rm)) or any(
+        n in rm.tensors for n in OUTPUT_HEAD_NAMES
+    )
+    if rm_why is None and not unknown and causal:
         raise RoleError(
             f"the reward model {rm.label} has no reward head (no score.* or value-head tensor"
             + (f"; architecture {archs}" if archs else "")
