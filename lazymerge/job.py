@@ -77,7 +77,6 @@ def plan_recipe_job(
     from lazymerge.config import RECIPE_FILE_NAME, load_recipe, plan_recipe, recipe_file_bytes
 
     spec = load_recipe(recipe)
-    as_given = recipe_file_bytes(recipe)
     outs, repos = _outputs(output, sweep, hub)
     variants = [spec] if sweep is None else list(sweep.variants(spec))
     plans: list[MergePlan] = []
@@ -87,7 +86,8 @@ def plan_recipe_job(
             variant, out, max_shard_size=options.max_shard_size, overwrite=options.overwrite, low_disk=hub.low_disk,
             token=hub.token,
         )  # fmt: skip
-        plan.side_files[RECIPE_FILE_NAME] = as_given  # the user's config, kept as written
+        # The user's config as written; in a sweep, each output's own variant (what reproduces it).
+        plan.side_files[RECIPE_FILE_NAME] = recipe_file_bytes(recipe if sweep is None else variant)
         plans.append(plan)
         checkpoints = checkpoints or opened
     return _finish(plans, checkpoints, repos, options, hub)
