@@ -129,6 +129,9 @@ def run_job(job: MergeJob) -> list[MergeStats]:
         from lazymerge.kernels.device import select_backend
 
         select_backend(options.device)
+    for k, ckpt in enumerate(job.checkpoints):
+        ckpt.expect_reads({s.file for p in job.plans for t in p.tensors for g in t.segments for s in g.sources
+                           if s.checkpoint == k})  # fmt: skip
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
         with _progress(job.plans, options.progress, pushes) as progress:

@@ -66,6 +66,9 @@ class Checkpoint:
         """Path of one of the checkpoint's files on local disk (remote checkpoints fetch it)."""
         return self.root / name
 
+    def expect_reads(self, names: set[str]) -> None:
+        """The weight files a run will read (remote: only these are prefetched)."""
+
     def release_file(self, name: str) -> None:
         """Called once every tensor read from `name` has been consumed (remote: may delete it)."""
 

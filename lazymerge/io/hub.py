@@ -50,6 +50,7 @@ from lazymerge.io.checkpoint import Checkpoint, TensorRef, build_checkpoint, ope
 from lazymerge.io.hub_errors import hub_errors
 from lazymerge.io.hub_folders import PrivateFolder
 from lazymerge.io.hub_http import DaemonPool, DownloadCancelled, bound_client, hub_timeout, run_pooled, wait_for
+from lazymerge.io.hub_offline import load_tables, save_tables, write_ref
 from lazymerge.io.hub_ranged import THREADS, local_tensors, remote_tensors
 
 __all__ = ["HubCheckpoint", "is_repo_id", "open_any", "open_hub_checkpoint", "split_repo_id"]
@@ -131,6 +132,7 @@ class HubCheckpoint(Checkpoint):
         self.token, self.low_disk = token, low_disk
         self._planned = {f: _table(refs) for f, refs in planned.items()}  # checked again after download
         self._side_paths: dict[str, Path] = {}
+        self._reads: frozenset[str] = frozenset(self.files)  # until the run says which it reads
         self._futures: dict[str, Future[Path]] = {}
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
@@ -151,7 +153,7 @@ class HubCheckpoint(Checkpoint):
             path = wait_for(future, self._cancelled, f"{self.label}/{name}")
         if not self.low_disk:  # overlap the next download with reading this file
             later = self.files[self.files.index(name) + 1 :] if name in self.files else []
-            nxt = next((f for f in later if f not in self._futures), None)
+            nxt = next((f for f in later if f not in self._futures and f in self._reads), None)
             if nxt is not None:
                 self._start(nxt)
         return path
@@ -159,6 +161,10 @@ class HubCheckpoint(Checkpoint):
     @property
     def deletes_released_files(self) -> bool:
         return self.low_disk
+
+    def expect_reads(self, names: set[str]) -> None:
+        # A shard no tensor of the plan reads (a dropped lm_head) is never downloaded.
+        self._reads = frozenset(names)
 
     def release_file(self, name: str) -> None:
         if not self.low_disk:
@@ -278,10 +284,7 @@ def open_hub_checkpoint(
     label = label or (repo_id if revision is None else f"{repo_id}@{revision}")
     with hub_errors(repo_id, revision, token=token):
         if constants.HF_HUB_OFFLINE:
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(repo_id, revision=revision, token=token, local_files_only=True)
-            return open_checkpoint(folder, label=label)
+            return _open_offline(repo_id, revision, token=token, label=label)
         api = HfApi(token=token)
         info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hub_timeout())
         commit = info.sha or revision or "main"
@@ -310,6 +313,38 @@ def open_hub_checkpoint(
     except BaseException:
         ckpt.close()  # the private folder goes with the error
         raise
+    # For a later HF_HUB_OFFLINE run: the branch -> commit ref, and the headers it plans from.
+    write_ref(repo_id, revision, commit)
+    save_tables(repo_id, commit, files, tables, {f: sizes[f] for f in files}, weight_map)
+    return ckpt
+
+
+def _open_offline(repo_id: str, revision: str | None, *, token: str | bool | None, label: str) -> Checkpoint:
+    """The cached snapshot of `repo_id` at `revision` (a branch through `refs/`, or a sha).
+
+    With the tensor tables an online open kept (io/hub_offline.py), the checkpoint plans from them
+    and reads from the cache only the files the run needs; without (a repo another tool
+    downloaded), the snapshot folder is opened as a local model and must hold every weight file.
+    Weight files are never deleted from the cache, so `low_disk` does not apply."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, revision=revision, token=token, local_files_only=True))
+    commit = folder.name
+    cached = load_tables(repo_id, commit)
+    if cached is None:
+        return open_checkpoint(folder, label=label)
+    files, tables, sizes, weight_map = cached
+    ckpt = build_checkpoint(HubCheckpoint, label, folder, files, tables, sizes, weight_map)
+    ckpt._setup(
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        token=token,
+        low_disk=False,
+        download_dir=None,
+        planned={f: refs for f, (refs, _) in zip(files, tables, strict=True)},
+    )
+    ckpt._side_paths = {n: folder / n for n in _SIDE_FILES if (folder / n).is_file()}
     return ckpt
 
 
