@@ -126,9 +126,9 @@ def run_job(job: MergeJob) -> list[MergeStats]:
 
     options = job.options
     if options.device == "cuda":  # asked for explicitly: refused before any folder is made or bar drawn
-        from lazymerge.kernels.device import select_backend
+        from lazymerge import execute  # the executor's own choice (it selects again when it runs)
 
-        select_backend(options.device)
+        execute.select_backend(options.device)
     for k, ckpt in enumerate(job.checkpoints):
         ckpt.expect_reads({s.file for p in job.plans for t in p.tensors for g in t.segments for s in g.sources
                            if s.checkpoint == k})  # fmt: skip

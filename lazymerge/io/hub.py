@@ -97,11 +97,27 @@ def open_any(
             )
         except HubError as exc:
             # `owner/name` is also a relative path: a typo in a local folder name lands here.
+            near = _near_local(model)
+            local = (
+                f"did you mean the local folder {near!r}?" if near else "if you meant a local folder, check the path"
+            )
             raise HubError(
-                f"{model!r} is no local folder, and as a Hub repo id: {exc.message}",
-                hint=f"if you meant a local folder, check the path; else: {exc.hint}",
+                f"{model!r} is no local folder, and as a Hub repo id: {exc.message}", hint=f"{local}; else: {exc.hint}"
             ) from None
     return open_checkpoint(model, label=label or str(model))
+
+
+def _near_local(text: str) -> str | None:
+    """The existing local path closest to `text` (a folder name typed wrong), if one is close."""
+    import difflib
+
+    parent, name = os.path.split(text.split("@", 1)[0])
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return None
+    close = difflib.get_close_matches(name, entries, n=1, cutoff=0.75)
+    return os.path.join(parent, close[0]) if close else None
 
 
 # ---- the checkpoint ----------------------------------------------------------------------------------------
