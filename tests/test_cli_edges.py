@@ -132,6 +132,7 @@ def test_local_typo_that_looks_like_a_repo_id_names_both(hub: HubServer, tmp_pat
     build_llama(tmp_path / "models" / "llama", 1)
     code, _, err = cli(capsys, "inspect", "models/lama", "--token", TOKEN)
     assert code == 2
-    assert "'models/lama' is no local folder" in err and "did you mean the local folder 'models/llama'?" in err
+    assert err.startswith("error: models/lama") and "no local folder 'models/lama' either" in err
+    assert "did you mean the local folder 'models/llama'?" in err
     code, _, err = cli(capsys, "inspect", "models/zzzzz", "--token", TOKEN)
     assert code == 2 and "if you meant a local folder, check the path" in err

@@ -97,12 +97,13 @@ def open_any(
             )
         except HubError as exc:
             # `owner/name` is also a relative path: a typo in a local folder name lands here.
+            # The Hub's reason first, then the other reading (as transformers names both).
             near = _near_local(model)
             local = (
                 f"did you mean the local folder {near!r}?" if near else "if you meant a local folder, check the path"
             )
             raise HubError(
-                f"{model!r} is no local folder, and as a Hub repo id: {exc.message}", hint=f"{local}; else: {exc.hint}"
+                f"{exc.message}; no local folder {model!r} either", hint=f"{local}; else: {exc.hint}"
             ) from None
     return open_checkpoint(model, label=label or str(model))
 
