@@ -50,6 +50,8 @@ def run() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the command line (`run` is the console script). Returns the exit code."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _check_flags(parser, argv)  # before argparse: it would report a missing flag, not the misspelt one
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -68,7 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         message = "no output file that looks complete was left behind"
         _line(f"[bold red]interrupted[/]: {message}")
-        return _failed(as_json, "KeyboardInterrupt", f"interrupted: {message}", None, 130)
+        hint = None
+        if args.func in (_cmd_dogerm, _cmd_merge) and not args.dry_run:
+            hint = "rerun the same command with --resume to keep the shards already finished"
+            _line(f"[dim]hint: {hint}[/]")
+        return _failed(as_json, "KeyboardInterrupt", f"interrupted: {message}", hint, 130)
     except OSError as exc:  # an environment problem we did not anticipate: still one line
         if debug_enabled():
             raise
@@ -108,8 +114,43 @@ def _escape(text: str) -> str:
     return escape(text)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix matching: `--weigh 0.3` is not taken for `--weight`, and a flag added
+    later can never change what an old command line means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Name an unknown `--flag` (with the closest known one) before argparse reports something else."""
+    import difflib
+
+    commands: dict[str, argparse.ArgumentParser] = getattr(parser, "commands", {})
+    sub = next((i for i, a in enumerate(argv) if a in commands), None)
+    if sub is None:
+        return
+    p = commands[argv[sub]]
+    known = p._option_string_actions  # every option string of the subcommand, with its action
+    i = sub + 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            action = known.get(flag)
+            if action is None:
+                close = difflib.get_close_matches(flag, [o for o in known if o.startswith("--")], n=1, cutoff=0.6)
+                p.error(f"unrecognized argument {flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+            if action.nargs != 0 and "=" not in arg:
+                i += 1  # its value, which may itself start with "--"
+        i += 1
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lazymerge",
         description="Merge large checkpoints while streaming, in bounded memory.",
     )
@@ -143,8 +184,10 @@ def _parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_merge)
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes and shards")
-    i.add_argument("path", help="model folder or weight file")
+    i.add_argument("path", help="model folder, weight file or Hub repo id (owner/name[@revision])")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument("--revision", metavar="REV", help="Hub branch, tag or commit (same as owner/name@REV)")
+    i.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
     i.set_defaults(func=_cmd_inspect)
 
     v = sub.add_parser("verify", help="check a merged model: headers, index, sizes, checksums, recomputed tensors")
@@ -163,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a small RM + SFT pair and DogeRM-merge them (offline)")
     demo.add_argument("--output", type=Path, default=Path("lazymerge-demo"), help="work folder")
     demo.set_defaults(func=_cmd_demo)
+    parser.commands = dict(sub.choices)  # type: ignore[attr-defined]
     return parser
 
 
@@ -320,7 +364,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from lazymerge.api import open_model
     from lazymerge.report import print_checkpoint
 
-    print_checkpoint(_stdout, open_model(args.path), list_tensors=args.tensors)
+    path = args.path
+    if args.revision is not None:
+        from lazymerge.errors import CheckpointError
+        from lazymerge.io.hub import is_repo_id
+
+        if not is_repo_id(path) or "@" in path:
+            raise CheckpointError(
+                f"--revision applies to a Hub repo id, and {path!r} is not one (or already has @revision)",
+                hint="give owner/name with --revision, or owner/name@revision alone",
+            )
+        path = f"{path}@{args.revision}"
+    print_checkpoint(_stdout, open_model(path, token=args.token), list_tensors=args.tensors)
     return 0
 
 

@@ -22,7 +22,10 @@ from lazymerge.plan import MergePlan
 from lazymerge.recipes.slice_config import needs_slice_planner
 from lazymerge.recipes.slices import plan_slices
 
-__all__ = ["load_recipe", "plan_recipe"]
+__all__ = ["RECIPE_FILE_NAME", "load_recipe", "plan_recipe", "recipe_file_bytes"]
+
+# mergekit writes the config it merged from under this name: tools that read merges look for it.
+RECIPE_FILE_NAME = "mergekit_config.yml"
 
 _DOGERM_KEYS = {"merge_method", "reward_model", "domain_model", "weight", "dtype"}
 
@@ -38,6 +41,16 @@ def load_recipe(recipe: str | os.PathLike[str] | dict) -> dict:
     if not isinstance(obj, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with merge_method and models")
     return obj
+
+
+def recipe_file_bytes(recipe: str | os.PathLike[str] | dict) -> bytes:
+    """The recipe as the user gave it, for `mergekit_config.yml` next to the merge: a file's bytes
+    unchanged (comments and order kept), a dict written as YAML."""
+    if isinstance(recipe, dict):
+        import yaml
+
+        return yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).encode("utf-8")
+    return Path(recipe).read_bytes()  # read_recipe_file has read and checked it already
 
 
 def plan_recipe(

@@ -62,8 +62,22 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
-# Extra files a model folder commonly carries that a merge result should keep (from the first model).
-CARRIED_FILES = ("generation_config.json",)
+# Extra files a model folder commonly carries that a merge result should keep (from the first
+# model): generation settings, the chat template (transformers >= 4.43 may write it apart from
+# tokenizer_config.json; reward benchmarks format their input with it), and the licence and notice
+# files a derivative must ship (Llama 2/3: LICENSE and USE_POLICY.md).
+CARRIED_FILES = (
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE",
+    "LICENSE.txt",
+    "LICENSE.md",
+    "USE_POLICY.md",
+    "NOTICE",
+    "NOTICE.txt",
+    "NOTICE.md",
+)
 
 # The largest shard size: a file offset must fit a signed 64-bit integer.
 MAX_SIZE_BYTES = (1 << 63) - 1

@@ -88,7 +88,7 @@ def plan_recipe_job(
     recipe: PathLike | dict, output: PathLike, sweep: Sweep | None, options: RunOptions, hub: HubOptions
 ) -> MergeJob:
     """Plan a mergekit-style recipe (one output, or one per value of `sweep`) from headers alone."""
-    from lazymerge.config import load_recipe, plan_recipe
+    from lazymerge.config import RECIPE_FILE_NAME, load_recipe, plan_recipe, recipe_file_bytes
 
     spec = load_recipe(recipe)
     outs, repos = _outputs(output, sweep, hub)
@@ -100,6 +100,8 @@ def plan_recipe_job(
             variant, out, max_shard_size=options.max_shard_size, overwrite=options.overwrite, low_disk=hub.low_disk,
             token=hub.token,
         )  # fmt: skip
+        # The user's config as written; in a sweep, each output's own variant (what reproduces it).
+        plan.side_files[RECIPE_FILE_NAME] = recipe_file_bytes(recipe if sweep is None else variant)
         plans.append(plan)
         checkpoints = checkpoints or opened
     return _finish(plans, checkpoints, repos, options, hub)
@@ -137,6 +139,10 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     from lazymerge.io.prefetch import StartupPrefetch
 
     options = job.options
+    if options.device == "cuda":  # asked for explicitly: refused before any folder is made or bar drawn
+        from lazymerge import execute  # the executor's own choice (it selects again when it runs)
+
+        execute.select_backend(options.device)
     if options.ray:
         from lazymerge.cluster import run_job_on_ray
 
@@ -146,6 +152,9 @@ def run_job(job: MergeJob) -> list[MergeStats]:
             "--parts N splits a merge for --ray (or --dry-run)",
             hint="add --ray, or run each part with --part I/N (a job array), then `lazymerge finalize`",
         )
+    for k, ckpt in enumerate(job.checkpoints):
+        ckpt.expect_reads({leaf.file for p in job.plans for t in p.tensors for g in t.segments for s in g.sources
+                           for leaf in s.leaves() if leaf.checkpoint == k})  # fmt: skip
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
         with _progress(job.plans, options, pushes) as progress:

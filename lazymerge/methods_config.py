@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,17 @@ from lazymerge.errors import MissingTensorError, RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, open_checkpoint
 from lazymerge.methods import REQUIRED, MergeMethod, Parameter, get, names
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
+from lazymerge.recipes.card import pinned_name
 from lazymerge.recipes.common import carried_side_files, copy_tensor, normalize_dtype, source_at
 
-__all__ = ["evaluate_setting", "method_tensors", "open_method_models", "plan_method", "reject_unknown_keys"]
+__all__ = [
+    "evaluate_setting",
+    "method_tensors",
+    "open_method_models",
+    "plan_method",
+    "reject_unknown_keys",
+    "weight_sum",
+]
 
 _TOP_KEYS = {"merge_method", "models", "parameters", "dtype", "out_dtype", "base_model"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -120,22 +129,29 @@ def plan_method(
     out_dtype = normalize_dtype(spec.get("out_dtype")) or normalize_dtype(spec.get("dtype"))
     checkpoints, model_params = open_method_models(spec, opener)
     tensors, dropped = method_tensors(spec, checkpoints, model_params, out_dtype)
-    if method.weighted_sum:
-        # One number per model (not per tensor): recorded resolved, as the merge uses them.
-        top = [("parameters", _top(spec))]
+    top = _top(spec)
+    scalar = all(_is_scalar(v) for _, scope in model_params for v in scope.values()) and all(
+        _is_scalar(v) for v in top.values()
+    )
+    if method.weighted_sum and scalar:
+        # One number per model: recorded resolved, as the merge uses them.
+        scopes = [("parameters", top)]
         weight = _param(method, "weight")
-        weights = [_resolve(weight, [(f"models[{i}].parameters", scope), *top], "", 0.0) for i, scope in model_params]
+        weights = [
+            _resolve(weight, [(f"models[{i}].parameters", scope), *scopes], "", 0.0) for i, scope in model_params
+        ]
         recipe: dict = {
             "merge_method": method.name,
             "models": [
-                {"model": c.label, "parameters": {"weight": w}} for c, w in zip(checkpoints, weights, strict=True)
+                {"model": pinned_name(c), "parameters": {"weight": w}}
+                for c, w in zip(checkpoints, weights, strict=True)
             ],
-            "parameters": {"normalize": _resolve(_param(method, "normalize"), top, "", 0.0)},
+            "parameters": {"normalize": _resolve(_param(method, "normalize"), scopes, "", 0.0)},
             "dtype": out_dtype,
         }
-    else:
-        recipe = json.loads(json.dumps(spec, default=str))
-    side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype)
+    else:  # gradients and filter lists: as written (each tensor's values are in the plan)
+        recipe = _pinned(json.loads(json.dumps(spec, default=str)), checkpoints)
+    side = carried_side_files(checkpoints[0], checkpoints, recipe, out_dtype, max_shard_size)
     plan = build_plan(
         recipe=recipe,
         inputs=[c.label for c in checkpoints],
@@ -147,6 +163,17 @@ def plan_method(
         overwrite=overwrite,
     )
     return plan, checkpoints
+
+
+def _pinned(recipe: dict, checkpoints: list[Checkpoint]) -> dict:
+    """The recipe with each Hub input named at the commit it resolved to (`owner/name@sha`)."""
+    names = {c.label: pinned_name(c) for c in checkpoints}
+    if isinstance(recipe.get("base_model"), str):
+        recipe["base_model"] = names.get(recipe["base_model"], recipe["base_model"])
+    for entry in recipe.get("models") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+            entry["model"] = names.get(entry["model"], entry["model"])
+    return recipe
 
 
 def _method(name: Any) -> MergeMethod:
@@ -332,7 +359,7 @@ def _weighted_tensor(
     weights = params["weights"]
     divisor = None
     if params["normalize"]:
-        divisor = sum(weights)
+        divisor = weight_sum(weights)
         if divisor == 0:
             raise RecipeError("the weights sum to 0, so `normalize: true` would divide by zero")
     sources = tuple(source_at(i, r, 0, w) for i, (r, w) in enumerate(zip(refs, weights, strict=True)))
@@ -341,6 +368,28 @@ def _weighted_tensor(
         how = f"({how}) / {divisor:g}"
     segments = (Segment(0, ref.numel, sources),)
     return OutputTensor(name, out_dtype or ref.dtype, ref.shape, segments, how, divisor, method=method.name)
+
+
+def weight_sum(weights: list[float]) -> float:
+    """The sum of the weights as mergekit's `normalize` computes it: the weights rounded to fp32
+    and added in fp32 in the order torch's CPU sum uses (`weight.sum(dim=1)` over the models).
+
+    Up to 4 models (and 8) torch adds in order; for 5-7 it adds the models past the fourth into
+    the first one's lane, then the other three lanes (measured on x86 with torch 2.x). Python's
+    float64 sum differs from this in the last bit for about one weight list in four, which then
+    shifts merged values by one ulp. Past 8 models torch's lane order is not emulated: the sum
+    is in order, and may differ from mergekit's in the last bit.
+    """
+    w = [_f32(x) for x in weights]
+    order = w if len(w) <= 4 or len(w) >= 8 else [w[0], *w[4:], *w[1:4]]
+    total = order[0]
+    for x in order[1:]:
+        total = _f32(total + x)
+    return total
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _check_global(method: MergeMethod, tensors: list[OutputTensor]) -> None:

@@ -171,8 +171,12 @@ def _check(
     if not resume:
         models = [n for n in entries if n.endswith(_MODEL_SUFFIXES)]
         if models:
+            unfinished = [n for n in manifest.files or [] if n not in entries] or [
+                n for n in entries if n.endswith(PARTIAL_SUFFIX)
+            ]
+            held = "part of an earlier lazymerge run" if unfinished else "a model"
             raise OutputError(
-                f"{out} already holds a model ({models[0]})",
+                f"{out} already holds {held} ({models[0]})",
                 hint="pass --resume to continue that run, --overwrite to replace it, or choose an empty folder",
             )
     theirs = [n for n in entries if n not in ours]

@@ -490,7 +490,7 @@ RECIPES: dict[str, tuple[Callable[[Path, Path], dict | str], str]] = {
     "unknown merge_method": (lambda a, b: {**_linear(a, b), "merge_method": "karcher"}, "merge_method 'karcher'"),
     "one model": (lambda a, b: _linear(a), "at least two"),
     "weights sum to zero": (lambda a, b: _linear(a, b, weights=(1.0, -1.0)), "the weights sum to 0"),
-    "weight list": (lambda a, b: _linear(a, b, weights=([0.1, 0.9], 1.0)), "must be a number"),  # type: ignore[arg-type]
+    "weight list": (lambda a, b: _linear(a, b, weights=(["x", 0.9], 1.0)), "'x' is not a float"),  # type: ignore[arg-type]
     "bad dtype": (lambda a, b: _linear(a, b, dtype="int4"), "unsupported dtype 'int4'"),
     "missing model": (lambda a, b: _linear(a, b.parent / "nope"), "nope: no such file or folder"),
     "dogerm missing key": (lambda a, b: {"merge_method": "dogerm", "reward_model": str(a)}, "needs `domain_model`"),

@@ -171,7 +171,8 @@ def test_linear_merge_matches_reference(tmp_path: Path, normalize: bool, n_model
         "dtype": "bfloat16",
     }
     lazymerge.merge(config, tmp_path / "out", chunk_elements=100)
-    divisor = sum(weights) if normalize else None
+    # mergekit's denominator: the fp32 weights summed by torch (not Python's float64 sum).
+    divisor = torch.tensor([weights], dtype=torch.float32).sum(dim=1).item() if normalize else None
     want = {
         k: reference_linear([m[k] for m in models], weights, torch.bfloat16, divisor) for k in shapes if k != "d.idx"
     }

@@ -74,6 +74,9 @@ class Checkpoint:
         them ahead)."""
         return LocalRangeSource(self.local_file(name))
 
+    def expect_reads(self, names: set[str]) -> None:
+        """The weight files a run will read (remote: only these are prefetched)."""
+
     def release_file(self, name: str) -> None:
         """Called once every tensor read from `name` has been consumed (remote: may delete it)."""
 

@@ -57,6 +57,7 @@ from lazymerge.io.checkpoint import Checkpoint, TensorRef, build_checkpoint, ope
 from lazymerge.io.hub_errors import hub_errors
 from lazymerge.io.hub_folders import PrivateFolder
 from lazymerge.io.hub_http import DaemonPool, DownloadCancelled, bound_client, hub_timeout, run_pooled, wait_for
+from lazymerge.io.hub_offline import load_tables, save_tables, write_ref
 from lazymerge.io.hub_ranged import THREADS, local_tensors, remote_tensors
 from lazymerge.io.range_source import RangeSource
 
@@ -67,7 +68,8 @@ __all__ = ["HubCheckpoint", "is_repo_id", "open_any", "open_hub_checkpoint", "sp
 # The Hub's rules: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _REPO_RE = re.compile(rf"(?P<repo>{_NAME}/{_NAME})(?:@(?P<rev>[^\s@]+))?")
-_SIDE_FILES = ("config.json", *TOKENIZER_FILES, *CARRIED_FILES)
+# README.md: read for the input's licence (recipes/card.py), never carried.
+_SIDE_FILES = ("config.json", *TOKENIZER_FILES, *CARRIED_FILES, "README.md")
 
 
 def split_repo_id(text: str) -> tuple[str, str | None]:
@@ -99,10 +101,34 @@ def open_any(
     """A local folder/file with `open_checkpoint`, or a Hub repo id with `open_hub_checkpoint`."""
     if isinstance(model, str) and is_repo_id(model):
         repo_id, revision = split_repo_id(model)
-        return open_hub_checkpoint(
-            repo_id, revision, low_disk=low_disk, token=token, label=label or model, download_dir=download_dir
-        )
+        try:
+            return open_hub_checkpoint(
+                repo_id, revision, low_disk=low_disk, token=token, label=label or model, download_dir=download_dir
+            )
+        except HubError as exc:
+            # `owner/name` is also a relative path: a typo in a local folder name lands here.
+            # The Hub's reason first, then the other reading (as transformers names both).
+            near = _near_local(model)
+            local = (
+                f"did you mean the local folder {near!r}?" if near else "if you meant a local folder, check the path"
+            )
+            raise HubError(
+                f"{exc.message}; no local folder {model!r} either", hint=f"{local}; else: {exc.hint}"
+            ) from None
     return open_checkpoint(model, label=label or str(model))
+
+
+def _near_local(text: str) -> str | None:
+    """The existing local path closest to `text` (a folder name typed wrong), if one is close."""
+    import difflib
+
+    parent, name = os.path.split(text.split("@", 1)[0])
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return None
+    close = difflib.get_close_matches(name, entries, n=1, cutoff=0.75)
+    return os.path.join(parent, close[0]) if close else None
 
 
 # ---- the checkpoint ----------------------------------------------------------------------------------------
@@ -138,6 +164,7 @@ class HubCheckpoint(Checkpoint):
         self.token, self.low_disk = token, low_disk
         self._planned = {f: _table(refs) for f, refs in planned.items()}  # checked again after download
         self._side_paths: dict[str, Path] = {}
+        self._reads: frozenset[str] = frozenset(self.files)  # until the run says which it reads
         self._futures: dict[str, Future[Path]] = {}
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
@@ -159,7 +186,7 @@ class HubCheckpoint(Checkpoint):
             path = wait_for(future, self._cancelled, f"{self.label}/{name}")
         if not self.low_disk:  # overlap the next download with reading this file
             later = self.files[self.files.index(name) + 1 :] if name in self.files else []
-            nxt = next((f for f in later if f not in self._futures), None)
+            nxt = next((f for f in later if f not in self._futures and f in self._reads), None)
             if nxt is not None:
                 self._start(nxt)
         return path
@@ -183,6 +210,10 @@ class HubCheckpoint(Checkpoint):
     def deletes_released_files(self) -> bool:
         # low_disk reads its inputs in plan order (one write lane), so each stream moves forward.
         return self.low_disk
+
+    def expect_reads(self, names: set[str]) -> None:
+        # A shard no tensor of the plan reads (a dropped lm_head) is never downloaded.
+        self._reads = frozenset(names)
 
     def release_file(self, name: str) -> None:
         if not self.low_disk:
@@ -303,10 +334,7 @@ def open_hub_checkpoint(
     label = label or (repo_id if revision is None else f"{repo_id}@{revision}")
     with hub_errors(repo_id, revision, token=token):
         if constants.HF_HUB_OFFLINE:
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(repo_id, revision=revision, token=token, local_files_only=True)
-            return open_checkpoint(folder, label=label)
+            return _open_offline(repo_id, revision, token=token, label=label)
         api = HfApi(token=token)
         info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hub_timeout())
         commit = info.sha or revision or "main"
@@ -338,6 +366,38 @@ def open_hub_checkpoint(
     except BaseException:
         ckpt.close()  # the private folder goes with the error
         raise
+    # For a later HF_HUB_OFFLINE run: the branch -> commit ref, and the headers it plans from.
+    write_ref(repo_id, revision, commit)
+    save_tables(repo_id, commit, files, tables, {f: sizes[f] for f in files}, weight_map)
+    return ckpt
+
+
+def _open_offline(repo_id: str, revision: str | None, *, token: str | bool | None, label: str) -> Checkpoint:
+    """The cached snapshot of `repo_id` at `revision` (a branch through `refs/`, or a sha).
+
+    With the tensor tables an online open kept (io/hub_offline.py), the checkpoint plans from them
+    and reads from the cache only the files the run needs; without (a repo another tool
+    downloaded), the snapshot folder is opened as a local model and must hold every weight file.
+    Weight files are never deleted from the cache, so `low_disk` does not apply."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, revision=revision, token=token, local_files_only=True))
+    commit = folder.name
+    cached = load_tables(repo_id, commit)
+    if cached is None:
+        return open_checkpoint(folder, label=label)
+    files, tables, sizes, weight_map = cached
+    ckpt = build_checkpoint(HubCheckpoint, label, folder, files, tables, sizes, weight_map)
+    ckpt._setup(
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        token=token,
+        low_disk=False,
+        download_dir=None,
+        planned={f: refs for f, (refs, _) in zip(files, tables, strict=True)},
+    )
+    ckpt._side_paths = {n: folder / n for n in _SIDE_FILES if (folder / n).is_file()}
     return ckpt
 
 

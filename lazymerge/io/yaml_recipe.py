@@ -99,6 +99,13 @@ def read_recipe_file(path: str | os.PathLike[str]) -> object:
             loader.dispose()
     except _Refused as exc:
         raise RecipeError(f"{path} is refused: {exc}", hint=_HINT) from None
-    except Exception as exc:  # yaml/json errors (RecursionError included): one line with the position
+    except yaml.MarkedYAMLError as exc:  # where the parser stopped, as an editor shows it (1-based)
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = "; ".join(x for x in (exc.context, exc.problem) if x) or type(exc).__name__
+        raise RecipeError(f"{path} is not valid YAML/JSON{where}: {what}") from None
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path} is not valid YAML/JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+    except Exception as exc:  # other yaml/json errors (RecursionError included): one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"{path} is not valid YAML/JSON: {first}") from None

@@ -101,7 +101,7 @@ _DECLARED = (
         "linear",
         "https://arxiv.org/abs/2203.05482",
         (
-            Parameter("weight", default=1.0, per_model=True, key="weights", per_tensor=False),
+            Parameter("weight", default=1.0, per_model=True, key="weights"),
             Parameter("normalize", bool, default=True),
         ),
         chunk="lazymerge.methods.linear:linear",

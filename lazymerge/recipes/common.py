@@ -63,17 +63,21 @@ def dominant_dtype(ckpt: Checkpoint) -> str | None:
 
 
 def carried_side_files(
-    base: Checkpoint, checkpoints: list[Checkpoint], recipe: dict, out_dtype: str | None
+    base: Checkpoint,
+    checkpoints: list[Checkpoint],
+    recipe: dict,
+    out_dtype: str | None,
+    max_shard_size: int | None = None,
 ) -> dict[str, bytes]:
     """Side files of a merge that keeps one model's architecture: its tokenizer and carried files,
     its config (dtype updated) and a model card naming every input."""
     from lazymerge.constants import CARRIED_FILES, TOKENIZER_FILES
-    from lazymerge.recipes.card import hub_base_models, model_card
+    from lazymerge.recipes.card import model_card
 
     side = {name: path.read_bytes() for name in (*TOKENIZER_FILES, *CARRIED_FILES) if (path := base.side_file(name))}
     config = output_config(base, out_dtype)
     if config is not None:
         side["config.json"] = config
-    card = model_card(recipe, [c.label for c in checkpoints], hub_base_models(checkpoints))
+    card = model_card(recipe, [c.label for c in checkpoints], checkpoints=checkpoints, max_shard_size=max_shard_size)
     side["README.md"] = card.encode("utf-8")
     return side

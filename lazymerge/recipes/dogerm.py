@@ -1,10 +1,14 @@
 """The DogeRM recipe (Lin, Li, Lee, Chen, EMNLP 2024, arXiv 2407.01470) as a plan.
 
 theta = (1 - lam) * theta_RM + lam * theta_SFT for every parameter both models have, norms
-included; the reward head (`score.*`) comes from the RM; the SFT `lm_head` is dropped; the token
-embedding covers the union vocabulary (shared tokens averaged, one-sided tokens keep their own
-model's row). Unlike the official script, a row only the RM has keeps its trained value instead
-of a random re-initialisation, so the merge is deterministic.
+included; the reward head (`score.*`, a value head) comes from the RM; the SFT `lm_head` is
+dropped unless the RM has one too (a value-head RM keeps its causal-LM head). Every
+vocabulary-shaped tensor (the token embedding, and an output head both models have; a tied SFT
+head is its embedding) covers the union vocabulary, keyed by token string (recipes/vocab.py):
+shared tokens averaged, one-sided tokens keep their own model's row, an SFT-only token whose id
+the RM uses for another token appended after the last row. Unlike the official script, a row only
+the RM has keeps its trained value instead of a random re-initialisation, so the merge is
+deterministic. The roles are checked first (recipes/roles.py): swapped models are refused.
 
 At lambda = 0 and 1 the merged tensors are the RM's / the SFT's values, selected rather than
 multiplied (0 * inf is NaN): the plan reads only the selected model, as a one-source segment
@@ -22,15 +26,15 @@ from lazymerge.constants import CARRIED_FILES, DEFAULT_MAX_SHARD_SIZE, MERGEABLE
 from lazymerge.errors import RecipeError, ShapeMismatchError
 from lazymerge.io.checkpoint import Checkpoint, TensorRef
 from lazymerge.plan import MergePlan, OutputTensor, Segment, Source, build_plan
-from lazymerge.recipes.card import hub_base_models, model_card
+from lazymerge.recipes.card import model_card, pinned_name
 from lazymerge.recipes.common import copy_tensor, normalize_dtype, output_config, source_at
+from lazymerge.recipes.roles import OUTPUT_HEAD_NAMES, REWARD_HEAD_PREFIXES, check_roles
 from lazymerge.recipes.vocab import add_tokens, load_vocab, union_rows
 
 __all__ = ["HEAD_PREFIXES", "plan_dogerm"]
 
 RM, SFT = 0, 1
-# Reward / classification heads that only the reward model has.
-HEAD_PREFIXES = ("score.", "classifier.", "v_head.", "reward_head.")
+HEAD_PREFIXES = REWARD_HEAD_PREFIXES  # the name earlier releases exported
 EMBEDDING_SUFFIXES = (
     "embed_tokens.weight",
     "wte.weight",
@@ -62,19 +66,27 @@ def plan_dogerm(
     # Each tensor keeps the reward model's dtype unless --dtype overrides it.
     override = normalize_dtype(dtype)
     rm, sft = reward_model, domain_model
+    unknown_heads = check_roles(rm, sft, EMBEDDING_SUFFIXES)
+    vocabs = _Vocabs(rm, sft)
     tensors: list[OutputTensor] = []
     warnings: list[str] = []
     vocab_rows: int | None = None
     added: list[tuple[int, str]] = []
     for name, ref in rm.tensors.items():
-        other = sft.tensors.get(name)
+        other, tied = sft.tensors.get(name), False
+        if other is None and name in OUTPUT_HEAD_NAMES:
+            other = _tied_output_head(sft)  # the SFT's output head is its input embedding
+            tied = other is not None
+        vocab_shaped = name.endswith(EMBEDDING_SUFFIXES) or name in OUTPUT_HEAD_NAMES
         if other is None:
-            if not name.startswith(HEAD_PREFIXES):
+            if name in unknown_heads:
                 warnings.append(f"{name} is not in the domain model: copied from the reward model")
-            tensors.append(copy_tensor(RM, ref, override, "reward model (head)"))
-        elif name.endswith(EMBEDDING_SUFFIXES) and len(ref.shape) == 2 and ref.shape[1:] == other.shape[1:]:
-            emb, added = _union_embedding(rm, sft, ref, other, lam, override or ref.dtype)
-            vocab_rows = emb.shape[0]
+            how = "reward model (head)" if name.startswith(REWARD_HEAD_PREFIXES) else "reward model"
+            tensors.append(copy_tensor(RM, ref, override, how))
+        elif vocab_shaped and len(ref.shape) == 2 and len(other.shape) == 2 and ref.shape[1] == other.shape[1]:
+            emb, new_tokens = _union_embedding(vocabs, ref, other, lam, override or ref.dtype, tied)
+            if name.endswith(EMBEDDING_SUFFIXES):
+                vocab_rows, added = emb.shape[0], new_tokens
             tensors.append(emb)
         elif ref.shape != other.shape:
             raise ShapeMismatchError(name, rm.label, ref.shape, sft.label, other.shape)
@@ -90,12 +102,12 @@ def plan_dogerm(
     dropped = [name for name in sft.tensors if name not in rm.tensors]
     recipe = {
         "merge_method": "dogerm",
-        "reward_model": rm.label,
-        "domain_model": sft.label,
+        "reward_model": pinned_name(rm),
+        "domain_model": pinned_name(sft),
         "weight": lam,
         "dtype": override,  # None: every tensor keeps the reward model's dtype
     }
-    side = _side_files(rm, sft, added, override, vocab_rows, recipe)
+    side = _side_files(rm, sft, added, override, vocab_rows, recipe, max_shard_size)
     return build_plan(
         recipe=recipe,
         inputs=[rm.label, sft.label],
@@ -133,26 +145,45 @@ def _mix(rm: TensorRef, sft: TensorRef, start: int, lam: float) -> tuple[Source,
     return (source_at(RM, rm, start, 1.0 - lam), source_at(SFT, sft, start, lam))
 
 
+class _Vocabs:
+    """Both tokenizers' token -> id tables, read once for every vocabulary-shaped tensor."""
+
+    def __init__(self, rm: Checkpoint, sft: Checkpoint) -> None:
+        self.rm, self.sft = load_vocab(rm), load_vocab(sft)
+
+
+def _tied_output_head(sft: Checkpoint) -> TensorRef | None:
+    """The SFT's input embedding when its output head is tied to it (no output head stored)."""
+    if any(name in sft.tensors for name in OUTPUT_HEAD_NAMES):
+        return None
+    return next((ref for name, ref in sft.tensors.items() if name.endswith(EMBEDDING_SUFFIXES)), None)
+
+
 def _union_embedding(
-    rm: Checkpoint, sft: Checkpoint, ref: TensorRef, other: TensorRef, lam: float, out_dtype: str
+    vocabs: _Vocabs, ref: TensorRef, other: TensorRef, lam: float, out_dtype: str, tied: bool
 ) -> tuple[OutputTensor, list[tuple[int, str]]]:
-    runs, added = union_rows(load_vocab(rm), load_vocab(sft), ref.shape[0], other.shape[0])
+    runs, added = union_rows(vocabs.rm, vocabs.sft, ref.shape[0], other.shape[0])
     width = ref.shape[1]
     segments: list[Segment] = []
     parts: list[str] = []
+    sft_name = f"domain model ({other.name}, tied)" if tied else "domain model"
     for run in runs:
-        start = run.start * width
+        start, sft_start = run.start * width, run.sft_row * width
         if run.sources == ("rm", "sft"):
             sources = _mix(ref, other, start, lam)
-            label = "averaged"
+            label = "averaged" if not tied else f"averaged with {sft_name}"
         elif run.sources == ("rm",):
             sources, label = (source_at(RM, ref, start),), "reward model"
         else:
-            sources, label = (source_at(SFT, other, start),), "domain model"
+            sources, label = (source_at(SFT, other, sft_start),), sft_name
+            if run.sft_start is not None:
+                label += (
+                    f" rows {run.sft_row}-{run.sft_row + run.count - 1}" if run.count > 1 else f" row {run.sft_row}"
+                )
         segments.append(Segment(start, run.count * width, sources))
         last = run.start + run.count - 1
         parts.append(f"rows {run.start}-{last} {label}" if run.count > 1 else f"row {run.start} {label}")
-    rows = max(ref.shape[0], other.shape[0])
+    rows = runs[-1].start + runs[-1].count if runs else 0
     dtype = out_dtype if ref.dtype in MERGEABLE_DTYPES else ref.dtype
     return OutputTensor(ref.name, dtype, (rows, width), tuple(segments), "; ".join(parts)), added
 
@@ -164,6 +195,7 @@ def _side_files(
     dtype_override: str | None,
     vocab_rows: int | None,
     recipe: dict,
+    max_shard_size: int,
 ) -> dict[str, bytes]:
     files = add_tokens(rm, sft, added)
     updates = {"vocab_size": vocab_rows} if vocab_rows is not None else {}
@@ -173,5 +205,6 @@ def _side_files(
     for name in CARRIED_FILES:
         if (path := rm.side_file(name)) is not None:
             files[name] = path.read_bytes()
-    files["README.md"] = model_card(recipe, [rm.label, sft.label], hub_base_models([rm, sft])).encode("utf-8")
+    card = model_card(recipe, [rm.label, sft.label], checkpoints=[rm, sft], max_shard_size=max_shard_size)
+    files["README.md"] = card.encode("utf-8")
     return files

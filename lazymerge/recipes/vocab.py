@@ -126,11 +126,19 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class RowRun:
-    """Output rows [start, start + count) come from `sources` ("rm", "sft" or both)."""
+    """Output rows [start, start + count) come from `sources` ("rm", "sft" or both).
+
+    The RM rows read are the output rows; the SFT rows start at `sft_start` (default `start`):
+    an appended SFT-only token's row sits at another id in the SFT model."""
 
     start: int
     count: int
     sources: tuple[str, ...]
+    sft_start: int | None = None
+
+    @property
+    def sft_row(self) -> int:
+        return self.start if self.sft_start is None else self.sft_start
 
 
 def union_rows(
@@ -141,15 +149,19 @@ def union_rows(
 ) -> tuple[list[RowRun], list[tuple[int, str]]]:
     """Decide, row by row, which model(s) each row of the union embedding comes from.
 
-    A token both tokenizers know must have the same id in both (else VocabularyError) and its row
-    is averaged; a token only one knows keeps that model's row; rows past both tokenizers (padding
-    rows) follow row i = token i. Without both tokenizers, row i is token i throughout.
+    The union is keyed by token string. A token both tokenizers know must have the same id in
+    both (else VocabularyError) and its row is averaged; a token only the RM knows keeps the
+    RM's row. A token only the SFT knows keeps its SFT id when the RM leaves that id free, and
+    is otherwise (the RM has another token there) appended after the last row, in SFT id
+    order, with its SFT row. Rows past both tokenizers (padding rows) follow row i = token i.
+    Without both tokenizers, row i is token i throughout.
 
     Returns:
-        The row runs, and the (id, token) pairs only the SFT model has (to add to the tokenizer).
+        The row runs, and the (output id, token) pairs only the SFT model has (to add to the
+        tokenizer).
     """
     n = max(rm_rows, sft_rows)
-    owner: list[tuple[str, ...]] = []
+    rows: list[tuple[tuple[str, ...], int]] = []  # per output row: (sources, SFT row)
     sft_only: list[tuple[int, str]] = []
     if rm_vocab is not None and sft_vocab is not None:
         # In id order, so the error names the first conflict, the same one on every run.
@@ -161,32 +173,37 @@ def union_rows(
                 )
         rm_ids = {i: t for t, i in rm_vocab.items()}
         sft_ids = {i: t for t, i in sft_vocab.items()}
-        for ids, rows, who in ((rm_ids, rm_rows, "reward"), (sft_ids, sft_rows, "domain")):
-            beyond = [i for i in ids if i >= rows or i < 0]
+        for ids, count, who in ((rm_ids, rm_rows, "reward"), (sft_ids, sft_rows, "domain")):
+            beyond = [i for i in ids if i >= count or i < 0]
             if beyond:
                 raise VocabularyError(
-                    f"the {who} model's tokenizer has id {max(beyond)} but its embedding has {rows} rows"
+                    f"the {who} model's tokenizer has id {max(beyond)} but its embedding has {count} rows"
                 )
+        appended: list[tuple[int, str]] = []
         for i in range(n):
             t_rm, t_sft = rm_ids.get(i), sft_ids.get(i)
             if t_rm is not None and t_sft is not None and t_rm != t_sft:
-                raise VocabularyError(f"id {i} is {t_rm!r} in the reward model but {t_sft!r} in the domain model")
-            if t_rm is None and t_sft is not None:
-                owner.append(("sft",))
+                rows.append((("rm",), i))  # the SFT token moves after the last row
+                appended.append((i, t_sft))
+            elif t_rm is None and t_sft is not None:
+                rows.append((("sft",), i))
                 sft_only.append((i, t_sft))
             elif t_rm is not None and t_sft is None:
-                owner.append(("rm",))
+                rows.append((("rm",), i))
             else:
-                owner.append(_by_row(i, rm_rows, sft_rows))
+                rows.append((_by_row(i, rm_rows, sft_rows), i))
+        for sft_id, token in appended:
+            sft_only.append((len(rows), token))
+            rows.append((("sft",), sft_id))
     else:
-        owner = [_by_row(i, rm_rows, sft_rows) for i in range(n)]
+        rows = [(_by_row(i, rm_rows, sft_rows), i) for i in range(n)]
     runs: list[RowRun] = []
-    for i, who in enumerate(owner):
-        if runs and runs[-1].sources == who:
-            last = runs[-1]
-            runs[-1] = RowRun(last.start, last.count + 1, who)
+    for i, (who, sft_row) in enumerate(rows):
+        last = runs[-1] if runs else None
+        if last is not None and last.sources == who and last.sft_row + last.count == sft_row:
+            runs[-1] = RowRun(last.start, last.count + 1, who, last.sft_start)
         else:
-            runs.append(RowRun(i, 1, who))
+            runs.append(RowRun(i, 1, who, None if sft_row == i else sft_row))
     return runs, sft_only
 
 
@@ -195,7 +212,7 @@ def _by_row(i: int, rm_rows: int, sft_rows: int) -> tuple[str, ...]:
 
 
 def add_tokens(rm: Checkpoint, sft: Checkpoint, tokens: list[tuple[int, str]]) -> dict[str, bytes]:
-    """The reward model's tokenizer files with the SFT-only `tokens` added (same ids, same flags).
+    """The reward model's tokenizer files with the SFT-only `tokens` added (output ids, SFT flags).
 
     Updates tokenizer.json's `added_tokens`, tokenizer_config.json's `added_tokens_decoder` and
     added_tokens.json (whichever the reward model ships; added_tokens.json is created for a
@@ -212,9 +229,15 @@ def add_tokens(rm: Checkpoint, sft: Checkpoint, tokens: list[tuple[int, str]]) -
     decoder = sft_config.get("added_tokens_decoder")
     sft_decoder = {} if decoder is None else _mapping(sft, "tokenizer_config.json", decoder, "added_tokens_decoder")
 
+    sft_by_content = {
+        _mapping(sft, "tokenizer_config.json", e, f"added_tokens_decoder[{k}]").get("content"): e
+        for k, e in sft_decoder.items()
+    }
+
     def entry_for(idx: int, token: str) -> dict:
-        base = sft_decoder.get(str(idx)) or sft_entries.get(token) or {}
-        base = _mapping(sft, "tokenizer_config.json", base, f"added_tokens_decoder[{idx}]")
+        # By token string: an appended token has another id in the SFT tokenizer than in the output.
+        base = sft_by_content.get(token) or sft_entries.get(token) or {}
+        base = _mapping(sft, "tokenizer_config.json", base, f"added_tokens_decoder entry {token!r}")
         return {
             "content": token,
             "lstrip": bool(base.get("lstrip", False)),
