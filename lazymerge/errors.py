@@ -13,9 +13,11 @@ from lazymerge.text import one_line
 __all__ = [
     "CheckpointError",
     "DiskSpaceError",
+    "EvalDataError",
     "HeaderError",
     "HubError",
     "LazyMergeError",
+    "MissingExtraError",
     "MissingTensorError",
     "OutputError",
     "PlanError",
@@ -112,6 +114,18 @@ class HubError(LazyMergeError, RuntimeError):
     """A Hugging Face Hub call failed (bad token, missing repo, network)."""
 
     hint = "check the repo id and your token (HF_TOKEN or `hf auth login`)"
+
+
+class MissingExtraError(LazyMergeError, ImportError):
+    """An optional dependency (an extra of the lazymerge package) is not installed."""
+
+    hint = "pip install 'lazymerge[eval]'"
+
+
+class EvalDataError(LazyMergeError, ValueError):
+    """Preference pairs (--eval) that cannot be read or scored: a missing column, an empty file."""
+
+    hint = "give a JSON, JSONL or Parquet file (or a Hub dataset) with prompt, chosen and rejected columns"
 
 
 class PlanWarning(UserWarning):

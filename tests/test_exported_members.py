@@ -17,6 +17,7 @@ EXPECTED = {
     "Sweep",
     "__version__",
     "dogerm",
+    "load",
     "merge",
     "open_model",
     "plan_merge",

@@ -1,0 +1,112 @@
+"""`lazymerge.load`: a merge filled straight into a transformers model's parameters.
+
+The oracle is the ordinary run: the same recipe merged to a folder and loaded with transformers'
+`from_pretrained`. The in-memory model must hold the same bytes (parameters and buffers), give the
+same scores, and keep its parameter storage across re-merges.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import lazymerge  # noqa: E402
+from lazymerge.errors import PlanError  # noqa: E402
+from lazymerge.tiny_models import build_llama, build_llama_pair, save_model  # noqa: E402
+
+IDS = torch.tensor([[1, 5, 6, 7, 8, 2], [1, 9, 10, 2, 0, 0]])
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+
+
+def _dogerm(rm: Path, sft: Path, weight: float) -> dict:
+    return {"merge_method": "dogerm", "reward_model": str(rm), "domain_model": str(sft), "weight": weight}
+
+
+def _written(recipe: dict, out: Path, cls: type, dtype: torch.dtype) -> torch.nn.Module:
+    lazymerge.merge(recipe, out, overwrite=True)
+    return cls.from_pretrained(out, dtype=dtype).eval()
+
+
+def _assert_same_bytes(got: torch.nn.Module, want: torch.nn.Module) -> None:
+    g = dict(got.named_parameters()) | dict(got.named_buffers())
+    w = dict(want.named_parameters()) | dict(want.named_buffers())
+    assert set(g) == set(w)
+    for name, tensor in w.items():
+        assert g[name].dtype == tensor.dtype, name
+        assert (
+            torch.equal(g[name].view(torch.uint8), tensor.view(torch.uint8))
+            if tensor.is_floating_point()
+            else (torch.equal(g[name], tensor))
+        ), name
+
+
+@pytest.mark.parametrize("sft_format", ["bin", "safetensors"])
+def test_dogerm_in_memory_equals_the_written_merge_and_remerges_in_place(tmp_path: Path, sft_format: str) -> None:
+    rm, sft = build_llama_pair(tmp_path / "pair", sft_format=sft_format)  # fp16 RM, fp32 SFT, extra [PAD]
+    merged = lazymerge.load(_dogerm(rm, sft, 0.3), workers=1)
+    cls = transformers.LlamaForSequenceClassification
+    assert type(merged.model) is cls
+    assert merged.model.config.vocab_size == 513  # the union vocabulary, from the plan's config
+    assert merged.tokenizer.convert_tokens_to_ids("[PAD]") == 512
+    want = _written(_dogerm(rm, sft, 0.3), tmp_path / "out-0.3", cls, torch.float16)
+    _assert_same_bytes(merged.model, want)
+    with torch.no_grad():
+        assert torch.equal(merged.model(IDS, attention_mask=MASK).logits, want(IDS, attention_mask=MASK).logits)
+    assert merged.stats.files == [] and not any(tmp_path.glob("**/(in memory)"))
+
+    storage = {n: p.data_ptr() for n, p in merged.model.named_parameters()}
+    assert merged.remerge(0.75) is merged.model
+    assert {n: p.data_ptr() for n, p in merged.model.named_parameters()} == storage  # refilled, not reallocated
+    assert merged.recipe["weight"] == 0.75 and merged.plan.recipe["weight"] == 0.75
+    _assert_same_bytes(merged.model, _written(_dogerm(rm, sft, 0.75), tmp_path / "out-0.75", cls, torch.float16))
+    merged.set_weight(0.0)  # lambda 0: the reward model's bytes, copied (a copy task, not a merged chunk)
+    _assert_same_bytes(merged.model, _written(_dogerm(rm, sft, 0.0), tmp_path / "out-0", cls, torch.float16))
+
+
+def test_a_mergekit_recipe_in_memory_equals_the_written_merge(tmp_path: Path) -> None:
+    a, b = build_llama(tmp_path / "a", seed=1), build_llama(tmp_path / "b", seed=2)
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(a),
+        "models": [{"model": str(b), "parameters": {"weight": 0.7, "density": 0.5}}],
+        "parameters": {"lambda": 1.0},
+        "dtype": "bfloat16",
+    }
+    merged = lazymerge.load(recipe, workers=1)
+    cls = transformers.LlamaForCausalLM
+    _assert_same_bytes(merged.model, _written(recipe, tmp_path / "out", cls, torch.bfloat16))
+    merged.remerge(0.5, key="parameters.lambda")
+    recipe["parameters"]["lambda"] = 0.5
+    _assert_same_bytes(merged.model, _written(recipe, tmp_path / "out-half", cls, torch.bfloat16))
+
+
+def test_tied_embeddings_stay_one_tensor(tmp_path: Path) -> None:
+    src = build_llama(tmp_path / "src", seed=3)
+    config = json.loads((src / "config.json").read_text()) | {"tie_word_embeddings": True}
+    tensors = {}
+    from safetensors.torch import load_file
+
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    del tensors["lm_head.weight"]  # a tied model's checkpoint holds the embedding once
+    tied = [
+        save_model(tmp_path / f"tied{i}", {k: v * (i + 1) for k, v in tensors.items()}, config=config) for i in (1, 2)
+    ]
+    recipe = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in tied]}
+    merged = lazymerge.load(recipe, workers=1)
+    assert merged.model.lm_head.weight is merged.model.model.embed_tokens.weight
+    want = _written(recipe, tmp_path / "out", transformers.LlamaForCausalLM, torch.float32)
+    _assert_same_bytes(merged.model, want)
+
+
+def test_a_parameter_the_merge_does_not_make_is_an_error(tmp_path: Path) -> None:
+    rm, sft = build_llama_pair(tmp_path / "pair", sft_format="safetensors")
+    config = json.loads((rm / "config.json").read_text()) | {"architectures": ["LlamaForCausalLM"]}
+    (rm / "config.json").write_text(json.dumps(config))  # the output class wants lm_head.weight
+    with pytest.raises(PlanError, match=r"lm_head\.weight, which the merge does not make"):
+        lazymerge.load(_dogerm(rm, sft, 0.5))
