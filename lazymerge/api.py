@@ -204,6 +204,7 @@ def load(
     recipe: Recipe,
     *,
     device: str = "cpu",
+    resident: bool | None = None,
     options: RunOptions | None = None,
     hub: HubOptions | None = None,
     **settings: Any,
@@ -217,6 +218,9 @@ def load(
             `{"merge_method": "dogerm", "reward_model": RM, "domain_model": SFT, "weight": w}`.
         device: where the parameters live ("cpu" or "cuda"); `options.device` is where chunks are
             merged.
+        resident: keep the inputs' bytes in `device` memory and re-merge from there with the fused
+            kernel (no file read per re-merge); None: on when `device` is CUDA, the merge is a
+            weighted sum (DogeRM, linear, task arithmetic) and the inputs fit in free GPU memory.
         options, hub, settings: as for `merge` (`chunk_elements`, `device`, `workers`, `progress`,
             `token`; nothing about output folders or pushes applies).
 
@@ -238,4 +242,4 @@ def load(
     from lazymerge.in_memory import load_model
 
     options, hub = split_settings(options, hub, settings)
-    return load_model(recipe, options, hub, device=device)
+    return load_model(recipe, options, hub, device=device, resident=resident)

@@ -15,24 +15,25 @@ class itself on the CPU, as `from_pretrained` does; tied parameters stay one ten
 from __future__ import annotations
 
 import contextlib
+import resource
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from lazymerge.errors import MissingExtraError, PlanError
+from lazymerge.events import MergeStats
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.job import MergeJob, plan_memory_job, run_job_into
 from lazymerge.options import HubOptions, RunOptions
 from lazymerge.plan import MergePlan
+from lazymerge.resident import ResidentInputs, fits_on_device, supports
 from lazymerge.sweep import Sweep
-
-if TYPE_CHECKING:
-    from lazymerge.events import MergeStats
 
 __all__ = ["MergedModel", "build_skeleton", "import_transformers", "load_model"]
 
@@ -72,6 +73,12 @@ class MergedModel:
     _opened: dict[str, Checkpoint]
     _options: RunOptions
     _hub: HubOptions
+    _resident: ResidentInputs | None = None
+
+    @property
+    def resident(self) -> bool:
+        """Whether the inputs are held in (device) memory and re-merged from there."""
+        return self._resident is not None
 
     def remerge(self, value: float, key: str = "weight") -> Any:
         """Merge again with `key` set to `value` (DogeRM's `weight`, or a dotted config key such as
@@ -82,7 +89,7 @@ class MergedModel:
         """
         (spec,) = Sweep(key, [value]).variants(self.recipe)
         job = plan_memory_job(spec, self._options, self._hub, self._opened)
-        self.stats = _fill(job, self._targets, self._unused)
+        self.stats = _fill(job, self._targets, self._unused, self._resident)
         self.plan, self.recipe = job.plans[0], spec
         return self.model
 
@@ -91,8 +98,17 @@ class MergedModel:
         return self.remerge(weight)
 
 
-def load_model(recipe: str | Path | dict, options: RunOptions, hub: HubOptions, device: str = "cpu") -> MergedModel:
-    """Plan `recipe`, build its model class empty and fill it by a streaming merge (`lazymerge.load`)."""
+def load_model(
+    recipe: str | Path | dict,
+    options: RunOptions,
+    hub: HubOptions,
+    device: str = "cpu",
+    resident: bool | None = None,
+) -> MergedModel:
+    """Plan `recipe`, build its model class empty and fill it by a streaming merge (`lazymerge.load`).
+
+    `resident`: keep the inputs' bytes on `device` and merge from there (None: when `device` is
+    CUDA, the plan is a weighted sum, Triton is usable and the inputs fit in free device memory)."""
     from lazymerge.config import load_recipe
 
     transformers = import_transformers()
@@ -102,13 +118,43 @@ def load_model(recipe: str | Path | dict, options: RunOptions, hub: HubOptions, 
     plan = job.plans[0]
     config, tokenizer = _config_and_tokenizer(transformers, plan)
     model, targets, unused = build_skeleton(transformers, config, plan, device)
-    stats = _fill(job, targets, unused)
-    return MergedModel(model, tokenizer, plan, stats, spec, targets, unused, opened, options, hub)
+    keep = _resident(plan, torch.device(device), resident)
+    inputs = ResidentInputs(job.checkpoints, device) if keep else None
+    stats = _fill(job, targets, unused, inputs)
+    return MergedModel(model, tokenizer, plan, stats, spec, targets, unused, opened, options, hub, inputs)
 
 
-def _fill(job: MergeJob, targets: dict[str, torch.Tensor], unused: list[str]) -> MergeStats:
-    with torch.inference_mode(False):
+def _resident(plan: MergePlan, device: torch.device, wanted: bool | None) -> bool:
+    if wanted is False:
+        return False
+    if not supports(plan):
+        if wanted:
+            raise PlanError("only weighted-sum merges (linear, task arithmetic, DogeRM) re-merge from resident inputs")
+        return False
+    if wanted:
+        return True
+    from lazymerge.kernels import triton as triton_kernels
+
+    return device.type == "cuda" and triton_kernels.available()[0] and fits_on_device(plan, device)
+
+
+def _fill(
+    job: MergeJob, targets: dict[str, torch.Tensor], unused: list[str], resident: ResidentInputs | None
+) -> MergeStats:
+    if resident is None:
         return run_job_into(job, targets, unused)
+    plan = job.plans[0]
+    began = time.perf_counter()
+    before = resident.nbytes
+    with torch.no_grad():
+        resident.merge_into(plan, targets)
+    if resident.device.type == "cuda":
+        torch.cuda.synchronize(resident.device)
+    return MergeStats(
+        tensors=len(plan.tensors), bytes_read=resident.nbytes - before, bytes_written=plan.total_size,
+        seconds=time.perf_counter() - began, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        device=f"{resident.device} ({resident.kernel} kernel, resident inputs)",
+    )  # fmt: skip
 
 
 def _config_and_tokenizer(transformers: Any, plan: MergePlan) -> tuple[Any, Any]:

@@ -110,3 +110,54 @@ def test_a_parameter_the_merge_does_not_make_is_an_error(tmp_path: Path) -> None
     (rm / "config.json").write_text(json.dumps(config))  # the output class wants lm_head.weight
     with pytest.raises(PlanError, match=r"lm_head\.weight, which the merge does not make"):
         lazymerge.load(_dogerm(rm, sft, 0.5))
+
+
+@pytest.mark.parametrize("weights", [(0.3, 0.0, 1.0, 0.55), (0.0, 0.4)])
+def test_resident_inputs_remerge_to_the_streamed_bytes(tmp_path: Path, weights: tuple[float, ...]) -> None:
+    rm, sft = build_llama_pair(tmp_path / "pair", sft_format="bin", rm_dtype=torch.bfloat16)
+    streamed = lazymerge.load(_dogerm(rm, sft, weights[0]), workers=1)
+    resident = lazymerge.load(_dogerm(rm, sft, weights[0]), resident=True, workers=1)
+    assert resident.resident and not streamed.resident
+    both = weights[0] not in (0.0, 1.0)  # at 0 or 1 the plan reads one model: the other comes later
+    for w in weights:
+        streamed.remerge(w)
+        resident.remerge(w)
+        _assert_same_bytes(resident.model, streamed.model)
+        # From the bytes in memory: only the first weight that needs the other model reads it.
+        assert (resident.stats.bytes_read > 0) == (not both and w not in (0.0, 1.0))
+        both = both or w not in (0.0, 1.0)
+
+
+def test_resident_inputs_refuse_a_method_that_is_not_a_weighted_sum(tmp_path: Path) -> None:
+    a, b = build_llama(tmp_path / "a", seed=1), build_llama(tmp_path / "b", seed=2)
+    recipe = {"merge_method": "ties", "base_model": str(a), "models": [{"model": str(b), "parameters": {"weight": 1}}]}
+    with pytest.raises(PlanError, match="weighted-sum"):
+        lazymerge.load(recipe, resident=True)
+    assert not lazymerge.load(recipe).resident  # the default streams
+
+
+def test_the_fused_kernel_remerges_resident_inputs_bit_for_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA re-merge path (Triton's fused kernel over resident inputs), run on the CPU by
+    Triton's interpreter when there is no GPU."""
+    import importlib
+
+    pytest.importorskip("triton")
+    from lazymerge.resident import ResidentInputs
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import lazymerge.kernels.triton as lt
+
+    if not torch.cuda.is_available() and not lt._INTERPRETED:
+        lt = importlib.reload(lt)  # imported earlier without the interpreter: rebuild the kernels
+    if not lt.available()[0]:
+        pytest.skip(lt.available()[1])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rm, sft = build_llama_pair(tmp_path / "pair", hidden=32, inter=64, vocab=64, sft_format="safetensors")
+    merged = lazymerge.load(_dogerm(rm, sft, 0.35), workers=1)
+    want = {n: p.detach().clone() for n, p in merged.model.named_parameters()}
+    targets = {n: torch.empty_like(p, device=device) for n, p in want.items()}
+    inputs = ResidentInputs(list(merged._opened.values()), device, kernel="triton")
+    inputs.merge_into(merged.plan, targets)
+    for name, tensor in want.items():
+        assert torch.equal(targets[name].cpu().view(torch.uint8), tensor.view(torch.uint8)), name
