@@ -229,3 +229,41 @@ def test_search_flags_are_checked_before_any_merge(
     (tmp_path / "taken" / "model.safetensors").write_bytes(b"x")
     code, _, err = cli(capsys, *base, "--eval", tmp_path / "pairs.json", "--output", tmp_path / "taken")
     assert code == 2 and "error:" in err and "accuracy" not in err  # refused before the search
+
+
+def test_a_hub_dataset_reads_the_files_of_its_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file choice and the calls made (the local Hub server serves model repos only, so the
+    client's two calls are replaced here)."""
+    import huggingface_hub
+
+    rows = _pairs()
+    files = {
+        "data/filtered-00000-of-00002.jsonl": rows[:4],
+        "data/filtered-00001-of-00002.jsonl": rows[4:],
+        "data/raw-00000-of-00001.jsonl": rows[:1],
+        "README.md": None,
+    }
+    calls = []
+
+    def list_repo_files(self: object, repo_id: str, **kw: object) -> list[str]:
+        calls.append(("list", repo_id, kw["repo_type"], kw["revision"]))
+        return list(files)
+
+    def download(repo_id: str, filename: str, **kw: object) -> str:
+        calls.append(("get", filename, kw["repo_type"]))
+        path = tmp_path / filename.replace("/", "_")
+        path.write_text("\n".join(json.dumps(r) for r in files[filename]))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(EvalDataError, match="several splits"):
+        load_pairs("allenai/reward-bench")
+    assert load_pairs("allenai/reward-bench@v1", split="filtered") == [Pair(**r) for r in rows]
+    assert ("list", "allenai/reward-bench", "dataset", "v1") in calls
+    assert [c[1] for c in calls if c[0] == "get"] == [
+        "data/filtered-00000-of-00002.jsonl",
+        "data/filtered-00001-of-00002.jsonl",
+    ]
+    with pytest.raises(EvalDataError, match="no split 'test'"):
+        load_pairs("allenai/reward-bench", split="test")
