@@ -29,6 +29,7 @@ import torch
 from lazymerge.errors import MissingExtraError, PlanError
 from lazymerge.events import MergeStats
 from lazymerge.io.checkpoint import Checkpoint
+from lazymerge.io.sink import STORAGE_DTYPES
 from lazymerge.job import MergeJob, plan_memory_job, run_job_into
 from lazymerge.options import HubOptions, RunOptions
 from lazymerge.plan import MergePlan
@@ -37,7 +38,6 @@ from lazymerge.sweep import Sweep
 
 __all__ = ["MergedModel", "build_skeleton", "import_transformers", "load_model"]
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
@@ -199,27 +199,30 @@ def build_skeleton(
     model.eval()
     model.requires_grad_(False)
     planned = {t.name: t for t in plan.tensors}
-    new: dict[int, torch.nn.Parameter] = {}  # id(meta parameter) -> its allocation (ties share one)
-    targets: dict[str, torch.Tensor] = {}
-    filled: set[int] = set()
     members = list(model.named_parameters(remove_duplicate=False))
+    # Tied parameters are one object under several names: the merge makes it under any of them.
+    made = {id(param): planned[name] for name, param in members if name in planned}
+    new: dict[int, torch.nn.Parameter] = {}  # id(meta parameter) -> its allocation
+    targets: dict[str, torch.Tensor] = {}
+    if odd := sorted({t.dtype for t in plan.tensors if t.dtype not in STORAGE_DTYPES}):
+        raise PlanError(f"this torch has no dtype for {odd[0]} tensors, so they cannot be held in memory")
     for name, param in members:
-        t = planned.get(name)
-        if t is not None:
-            filled.add(id(param))
-    for name, param in members:
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if id(param) not in filled:
+        t = made.get(id(param))
+        if t is None:
             raise PlanError(
                 f"{type(model).__name__} has {name}, which the merge does not make",
                 hint="merge models whose checkpoints hold every parameter of the output class",
             )
+        if tuple(param.shape) != tuple(t.shape):
+            raise PlanError(
+                f"{name}: {type(model).__name__} wants shape {tuple(param.shape)}, the merge makes {t.shape}"
+            )
         if id(param) not in new:
-            t = planned.get(name)
-            dtype = _DTYPES.get(t.dtype) if t is not None else param.dtype
-            new[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), False)
-        module._parameters[leaf] = new[id(param)]
+            new[id(param)] = torch.nn.Parameter(
+                torch.empty(t.shape, dtype=STORAGE_DTYPES[t.dtype], device=device), False
+            )
+        module_name, _, leaf = name.rpartition(".")
+        model.get_submodule(module_name)._parameters[leaf] = new[id(param)]
         if name in planned:
             targets[name] = new[id(param)].data
     for name, buf in list(model.named_buffers()):
@@ -227,7 +230,7 @@ def build_skeleton(
         module = model.get_submodule(module_name)
         if name in planned:
             t = planned[name]
-            module._buffers[leaf] = torch.empty(t.shape, dtype=_DTYPES.get(t.dtype, buf.dtype), device=device)
+            module._buffers[leaf] = torch.empty(t.shape, dtype=STORAGE_DTYPES[t.dtype], device=device)
             targets[name] = module._buffers[leaf]
         elif buf.device != torch.device(device):
             module._buffers[leaf] = buf.to(device)

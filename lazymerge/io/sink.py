@@ -33,12 +33,17 @@ if TYPE_CHECKING:
     from lazymerge.manifest import Manifest
     from lazymerge.plan import MergePlan, OutputShard
 
-__all__ = ["FileSink", "OutputSink", "TensorSink"]
+__all__ = ["STORAGE_DTYPES", "FileSink", "OutputSink", "TensorSink"]
 
-_TORCH_DTYPES = {
+# The torch dtype of each safetensors dtype a plan can hold.
+STORAGE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
+    **{name: getattr(torch, attr) for name, attr in (
+        ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+        ("U64", "uint64"),
+    ) if hasattr(torch, attr)},
 }  # fmt: skip
 
 
@@ -121,7 +126,7 @@ class TensorSink(OutputSink):
                 continue
             if target is None:
                 raise PlanError(f"the merge produces {t.name}, which the model has no place for")
-            want = _TORCH_DTYPES.get(t.dtype)
+            want = STORAGE_DTYPES.get(t.dtype)
             if target.dtype != want or tuple(target.shape) != tuple(t.shape) or not target.is_contiguous():
                 raise PlanError(
                     f"{t.name}: the model holds {target.dtype} {tuple(target.shape)}, the merge makes "
