@@ -119,7 +119,7 @@ def load_model(
     config, tokenizer = _config_and_tokenizer(transformers, plan)
     model, targets, unused = build_skeleton(transformers, config, plan, device)
     keep = _resident(plan, torch.device(device), resident)
-    inputs = ResidentInputs(job.checkpoints, device) if keep else None
+    inputs = ResidentInputs(job.checkpoints, device, workers=options.workers) if keep else None
     stats = _fill(job, targets, unused, inputs)
     return MergedModel(model, tokenizer, plan, stats, spec, targets, unused, opened, options, hub, inputs)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -29,6 +31,7 @@ __all__ = ["ResidentInputs", "fits_on_device", "supports"]
 
 _ALIGN = 64  # ranges start on this byte boundary so that every typed view is aligned
 _PIECE = 64 << 20  # host staging piece when filling device memory
+_CPU_PIECE = 2 << 20  # elements per piece of work of a CPU worker
 
 
 def supports(plan: MergePlan) -> bool:
@@ -77,17 +80,21 @@ class ResidentInputs:
     """The input bytes of a weighted-sum plan, held on `device`, and re-merges from them."""
 
     def __init__(
-        self, checkpoints: Sequence[Checkpoint], device: torch.device | str, kernel: str | None = None
+        self,
+        checkpoints: Sequence[Checkpoint],
+        device: torch.device | str,
+        kernel: str | None = None,
+        workers: int | None = None,
     ) -> None:
         """`kernel`: "triton" (the fused kernel; CUDA, or CPU under TRITON_INTERPRET=1) or "torch"
-        (the reference kernel, CPU only); default triton on CUDA, torch on the CPU."""
+        (the reference kernel, CPU only); default triton on CUDA, torch on the CPU. `workers`:
+        CPU threads of the torch kernel (default: the cores)."""
         self.checkpoints = checkpoints
         self.device = torch.device(device)
         self.kernel = kernel or ("triton" if self.device.type == "cuda" else "torch")
         self.ranges: dict[tuple[int, str], list[tuple[int, int, torch.Tensor]]] = {}
         self.nbytes = 0
-        self._acc = torch.empty(0, dtype=torch.float32)
-        self._tmp = torch.empty(0, dtype=torch.float32)
+        self.workers = max(1, workers or os.cpu_count() or 1)
 
     def load(self, plan: MergePlan) -> None:
         """Copy the ranges `plan` reads that are not resident yet (a plan at weight 0 or 1 reads
@@ -131,6 +138,7 @@ class ResidentInputs:
         from lazymerge.kernels import triton as triton_kernels
 
         self.load(plan)
+        pieces = []  # (out, inputs, weights, divisor) of at most _CPU_PIECE elements, for the torch kernel
         for t in plan.tensors:
             target = targets.get(t.name)
             if target is None or not t.numel:
@@ -147,9 +155,12 @@ class ResidentInputs:
                 y = out.view(TORCH_DTYPES[t.dtype])
                 if self.kernel == "triton":
                     triton_kernels.linear_combine(xs, weights, y, t.divisor)
-                else:
-                    self._grow(seg.count)
-                    torch_kernels.linear_combine(xs, weights, y, t.divisor, acc=self._acc, tmp=self._tmp)
+                    continue
+                for a in range(0, seg.count, _CPU_PIECE):
+                    b = min(a + _CPU_PIECE, seg.count)
+                    pieces.append((y[a:b], [x[a:b] for x in xs], weights, t.divisor))
+        if pieces:
+            _torch_merge(pieces, self.workers)
 
     def _bytes(self, s: Source, count: int) -> torch.Tensor:
         data = self._find((s.checkpoint, s.file), s.offset, count * DTYPE_SIZES[s.dtype])
@@ -163,12 +174,6 @@ class ResidentInputs:
             return data.view(TORCH_DTYPES[s.dtype])
         except RuntimeError:  # an input tensor at an offset that is not a multiple of its item size
             return data.clone().view(TORCH_DTYPES[s.dtype])
-
-    def _grow(self, n: int) -> None:
-        block = min(n, torch_kernels.BLOCK)
-        if self._acc.numel() < block:
-            self._acc = torch.empty(block, dtype=torch.float32)
-            self._tmp = torch.empty(block, dtype=torch.float32)
 
     def close(self) -> None:
         """Free the resident bytes."""
@@ -184,3 +189,28 @@ def _pread_all(fd: int, buf: torch.Tensor, offset: int, path: object) -> None:
         if n == 0:
             raise HeaderError(path, "file ends before the tensor data its header promises: truncated?")
         done += n
+
+
+def _torch_merge(pieces: list, workers: int) -> None:
+    """The torch kernel over `pieces` on `workers` single-threaded threads: torch's own intra-op
+    threads spin at barriers when the machine is busy (10x slower here), one thread per core
+    does not (the streaming executor's CPU workers do the same)."""
+    local = threading.local()
+
+    def run(piece: tuple) -> None:
+        out, xs, weights, divisor = piece
+        acc = getattr(local, "acc", None)
+        if acc is None:
+            local.acc = acc = torch.empty(torch_kernels.BLOCK, dtype=torch.float32)
+            local.tmp = torch.empty(torch_kernels.BLOCK, dtype=torch.float32)
+        n = min(out.numel(), torch_kernels.BLOCK)
+        torch_kernels.linear_combine(xs, weights, out, divisor, acc=acc[:n], tmp=local.tmp[:n])
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lazymerge-remerge") as pool:
+            for _ in pool.map(run, pieces):
+                pass
+    finally:
+        torch.set_num_threads(previous)
