@@ -182,7 +182,7 @@ def test_the_cli_search_reports_every_weight_and_writes_only_the_best(
     code, out, err = cli(
         capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0:1:0.25",
         "--eval", tmp_path / "pairs.jsonl", "--eval-report", report, "--output", tmp_path / "best-{weight}", "-q",
-        "--workers", "1", "--eval-batch-size", "3",
+        "--workers", "1", "--eval-batch-size", "3", "--eval-resident",
     )  # fmt: skip
     assert code == 0, err
     data = json.loads(report.read_text())
@@ -196,7 +196,8 @@ def test_the_cli_search_reports_every_weight_and_writes_only_the_best(
         assert sum(s["correct"] for s in r["subsets"].values()) == r["correct"]
     assert "best weight:" in out and "accuracy" in out
 
-    # The same accuracies from the public API, one weight at a time.
+    # The same accuracies from the public API, one weight at a time, streamed (the CLI re-merged
+    # from resident inputs).
     pairs = load_pairs(tmp_path / "pairs.jsonl")
     for w, a in zip(weights, accs, strict=True):
         again = search(_dogerm(rm, sft, w), Sweep("weight", [w]), pairs, options=lazymerge.RunOptions(workers=1))
