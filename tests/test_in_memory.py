@@ -161,3 +161,52 @@ def test_the_fused_kernel_remerges_resident_inputs_bit_for_bit(tmp_path: Path, m
     inputs.merge_into(merged.plan, targets)
     for name, tensor in want.items():
         assert torch.equal(targets[name].cpu().view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+_MEMORY_CHILD = """
+import json, sys
+from pathlib import Path
+import lazymerge
+from lazymerge.tiny_models import build_llama_pair
+
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+tiny = build_llama_pair(Path(sys.argv[1]) / "tiny", sft_format="safetensors")
+lazymerge.load({"merge_method": "dogerm", "reward_model": str(tiny[0]), "domain_model": str(tiny[1]),
+                "weight": 0.5}, workers=1)  # imports and warms everything up
+big = Path(sys.argv[1]) / "big"
+# The high-water mark restarts here (ru_maxrss would keep the pytest parent's, inherited at fork).
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
+merged = lazymerge.load({"merge_method": "dogerm", "reward_model": str(big / "reward-model"),
+                         "domain_model": str(big / "domain-model"), "weight": 0.5}, workers=1)
+loaded = status("VmHWM")
+merged.remerge(0.25)
+remerged = status("VmHWM")
+model = sum(p.numel() * p.element_size() for p in merged.model.parameters())
+print(json.dumps({"before": before, "loaded": loaded, "remerged": remerged, "model": model}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc (VmHWM reset)")
+def test_peak_memory_is_the_model_plus_bounded_buffers(tmp_path: Path) -> None:
+    """RSS as `top` shows it, in a child: loading a ~170 MB model raises the high-water mark by
+    the model and the run's chunk buffers, not by a second copy; a re-merge adds nothing."""
+    import subprocess
+    import sys
+
+    build_llama_pair(tmp_path / "big", hidden=1024, layers=4, vocab=32000, inter=2816, sft_format="safetensors")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(lazymerge.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    grown = m["loaded"] - m["before"]
+    assert m["model"] > 150e6
+    assert 0.9 * m["model"] < grown < m["model"] + 120e6, m  # a second copy would add another model
+    assert m["remerged"] - m["loaded"] < 40e6, m
