@@ -12,6 +12,7 @@ from lazymerge.errors import LazyMergeError, PlanWarning
 from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.options import HubOptions, RunOptions
 from lazymerge.plan import MergePlan
+from lazymerge.search import search_weights
 from lazymerge.sweep import Sweep
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "merge",
     "open_model",
     "plan_merge",
+    "search_weights",
 ]

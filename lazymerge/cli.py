@@ -232,7 +232,7 @@ def _cmd_dogerm_search(args: argparse.Namespace) -> int:
     from lazymerge.api import dogerm
     from lazymerge.pairs import load_pairs
     from lazymerge.report import print_results, print_search
-    from lazymerge.search import search, write_plot
+    from lazymerge.search import search_weights, write_plot
     from lazymerge.sweep import Sweep
 
     if args.dry_run:
@@ -261,7 +261,7 @@ def _cmd_dogerm_search(args: argparse.Namespace) -> int:
     }
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     with _plan_warnings(shown=True):
-        result = search(
+        result = search_weights(
             recipe, Sweep("weight", args.weight), pairs, batch_size=args.eval_batch_size,
             max_length=args.eval_max_length, device="cuda" if on_gpu else "cpu", resident=args.eval_resident,
             options=replace(options, progress=False),

@@ -1,6 +1,6 @@
 """Which weight? A search that merges into memory and scores preference pairs, writing no model.
 
-DogeRM's result is a curve: reward accuracy against lambda. `search` loads the merged model once
+DogeRM's result is a curve: reward accuracy against lambda. `search_weights` loads the merged model once
 (`lazymerge.load`), tokenizes the pairs once, and for each value of the sweep re-merges the same
 parameters in place (`MergedModel.remerge`) and scores every pair. The best value is the one with
 the highest accuracy (the first of them, in the order given, on a tie). Writing or pushing the
@@ -21,7 +21,7 @@ from lazymerge.options import HubOptions, RunOptions
 from lazymerge.pairs import Pair
 from lazymerge.sweep import Sweep
 
-__all__ = ["SearchResult", "WeightResult", "search", "write_plot"]
+__all__ = ["SearchResult", "WeightResult", "search_weights", "write_plot"]
 
 
 @dataclass
@@ -82,10 +82,10 @@ class SearchResult:
         return path
 
 
-def search(
+def search_weights(
     recipe: str | os.PathLike[str] | dict,
     sweep: Sweep,
-    pairs: Sequence[Pair],
+    pairs: Sequence[Pair] | str | os.PathLike[str],
     *,
     batch_size: int = 8,
     max_length: int | None = None,
@@ -101,7 +101,8 @@ def search(
         recipe: as for `lazymerge.load` (DogeRM: `{"merge_method": "dogerm", ...}`; its `dtype`
             is the dtype the model scores in).
         sweep: the values to try, e.g. `Sweep("weight", [0, 0.05, ..., 1])`.
-        pairs: the preference pairs (`lazymerge.pairs.load_pairs`).
+        pairs: the preference pairs (`lazymerge.pairs.load_pairs`), or a file or Hub dataset id
+            to read them from with `load_pairs`'s defaults.
         batch_size: texts per forward pass. max_length: tokens kept per text (default: all).
         device: where the model lives ("cpu" or "cuda"). resident: see `lazymerge.load`.
         options, hub: as for `lazymerge.load`.
@@ -112,10 +113,20 @@ def search(
 
     Raises:
         LazyMergeError: as for `lazymerge.load`; EvalDataError when no pair is given.
+
+    Example:
+        >>> result = lazymerge.search_weights(
+        ...     {"merge_method": "dogerm", "reward_model": "rm", "domain_model": "sft", "weight": 0},
+        ...     lazymerge.Sweep("weight", [0, 0.25, 0.5, 0.75, 1]), "pairs.jsonl")
+        >>> result.best, result.to_json()["results"][0]["accuracy"]
     """
     from lazymerge.in_memory import load_model
     from lazymerge.scoring import accuracy, encode_pairs, score_texts
 
+    if isinstance(pairs, (str, os.PathLike)):
+        from lazymerge.pairs import load_pairs
+
+        pairs = load_pairs(pairs, token=(hub or HubOptions()).token)
     if not pairs:
         raise EvalDataError("no preference pairs to score")
     if batch_size < 1:

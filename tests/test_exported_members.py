@@ -21,6 +21,7 @@ EXPECTED = {
     "merge",
     "open_model",
     "plan_merge",
+    "search_weights",
 }
 
 

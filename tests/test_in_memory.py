@@ -210,3 +210,31 @@ def test_peak_memory_is_the_model_plus_bounded_buffers(tmp_path: Path) -> None:
     assert m["model"] > 150e6
     assert 0.9 * m["model"] < grown < m["model"] + 120e6, m  # a second copy would add another model
     assert m["remerged"] - m["loaded"] < 40e6, m
+
+
+def test_without_transformers_load_says_which_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from helpers import cli
+
+    from lazymerge.errors import MissingExtraError
+
+    rm, sft = build_llama_pair(tmp_path / "pair", sft_format="safetensors")
+    (tmp_path / "pairs.json").write_text(json.dumps([{"prompt": "w1", "chosen": "w2", "rejected": "w3"}]))
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # `import transformers` fails
+    with pytest.raises(MissingExtraError) as err:
+        lazymerge.load(_dogerm(rm, sft, 0.5))
+    assert "lazymerge[eval]" in err.value.hint
+    code, _, stderr = cli(
+        capsys,
+        "dogerm",
+        "--reward-model",
+        rm,
+        "--domain-model",
+        sft,
+        "--weight",
+        "0.5",
+        "--eval",
+        tmp_path / "pairs.json",
+    )
+    assert code == 2 and "transformers, which is not installed" in stderr and "lazymerge[eval]" in stderr

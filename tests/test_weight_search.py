@@ -21,7 +21,6 @@ import lazymerge  # noqa: E402
 from lazymerge.errors import EvalDataError, RecipeError  # noqa: E402
 from lazymerge.pairs import Pair, _split_of, load_pairs  # noqa: E402
 from lazymerge.scoring import accuracy, encode_pairs, format_text, score_texts  # noqa: E402
-from lazymerge.search import search  # noqa: E402
 from lazymerge.sweep import Sweep, parse_values  # noqa: E402
 from lazymerge.tiny_models import build_llama_pair  # noqa: E402
 
@@ -200,7 +199,9 @@ def test_the_cli_search_reports_every_weight_and_writes_only_the_best(
     # from resident inputs).
     pairs = load_pairs(tmp_path / "pairs.jsonl")
     for w, a in zip(weights, accs, strict=True):
-        again = search(_dogerm(rm, sft, w), Sweep("weight", [w]), pairs, options=lazymerge.RunOptions(workers=1))
+        again = lazymerge.search_weights(
+            _dogerm(rm, sft, w), Sweep("weight", [w]), pairs, options=lazymerge.RunOptions(workers=1)
+        )
         assert again.results[0].accuracy == a
 
     # Only the best model is written, and it is the ordinary merge at that weight.
