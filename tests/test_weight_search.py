@@ -269,3 +269,38 @@ def test_a_hub_dataset_reads_the_files_of_its_split(tmp_path: Path, monkeypatch:
     ]
     with pytest.raises(EvalDataError, match="no split 'test'"):
         load_pairs("allenai/reward-bench", split="test")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+def test_hub_inputs_in_memory_and_only_the_best_pushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Against tests/hub_server.py: models given as repo ids are merged in memory (bytes equal to
+    the local folders'), and a search with --push-to-hub pushes one repo: the best weight's."""
+    from hub_server import serving_hub
+    from test_hub import TOKEN, upload
+
+    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
+    serving = serving_hub(tmp_path, monkeypatch, TOKEN)
+    server = next(serving)
+    try:
+        rm, sft = build_llama_pair(tmp_path / "pair", sft_format="safetensors")
+        upload(server, rm, "alice/rm")
+        upload(server, sft, "alice/sft")
+        remote = lazymerge.load(_dogerm("alice/rm", "alice/sft", 0.5), workers=1)
+        local = lazymerge.load(_dogerm(rm, sft, 0.5), workers=1)
+        for (name, a), (_, b) in zip(remote.model.named_parameters(), local.model.named_parameters(), strict=True):
+            assert torch.equal(a, b), name
+        (tmp_path / "pairs.json").write_text(json.dumps(_pairs()))
+        code, out, err = cli(
+            capsys, "dogerm", "--reward-model", "alice/rm", "--domain-model", "alice/sft", "--weight", "0:1:0.5",
+            "--eval", tmp_path / "pairs.json", "--eval-report", tmp_path / "r.json", "--output",
+            tmp_path / "best-{weight}", "--push-to-hub", "alice/best-{weight}", "-q", "--workers", "1",
+        )  # fmt: skip
+        assert code == 0, err
+        best = json.loads((tmp_path / "r.json").read_text())["best"]
+        assert sorted(r for r in server.repos if r.startswith("alice/best")) == [f"alice/best-{best:g}"]
+        assert f"pushed to alice/best-{best:g}" in out
+    finally:
+        next(serving, None)  # runs the rest of the fixture body: the server stops
