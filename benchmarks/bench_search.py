@@ -99,7 +99,11 @@ def written_arm(
     rm: Path, sft: Path, weights: list[float], dtype: str, encoded, batch: int, work: Path, device: str
 ) -> dict:
     import torch
+    import transformers
     from transformers import AutoModelForSequenceClassification
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
     import lazymerge
     from lazymerge.scoring import score_texts
@@ -110,7 +114,11 @@ def written_arm(
         t0 = time.perf_counter()
         lazymerge.dogerm(rm, sft, w, out, dtype=dtype, overwrite=True)
         t1 = time.perf_counter()
-        model = AutoModelForSequenceClassification.from_pretrained(out, dtype=getattr(torch, dtype)).eval().to(device)
+        model = (
+            AutoModelForSequenceClassification.from_pretrained(out, **{dtype_key: getattr(torch, dtype)})
+            .eval()
+            .to(device)
+        )
         t2 = time.perf_counter()
         s = score_texts(model, encoded.ids, batch)
         t3 = time.perf_counter()

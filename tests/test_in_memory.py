@@ -23,13 +23,19 @@ IDS = torch.tensor([[1, 5, 6, 7, 8, 2], [1, 9, 10, 2, 0, 0]])
 MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 
 
+def _dtype(value: object) -> dict[str, object]:
+    """The dtype keyword of from_pretrained: `dtype` since transformers 4.56, `torch_dtype` before."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": value}
+
+
 def _dogerm(rm: Path, sft: Path, weight: float) -> dict:
     return {"merge_method": "dogerm", "reward_model": str(rm), "domain_model": str(sft), "weight": weight}
 
 
 def _written(recipe: dict, out: Path, cls: type, dtype: torch.dtype) -> torch.nn.Module:
     lazymerge.merge(recipe, out, overwrite=True)
-    return cls.from_pretrained(out, dtype=dtype).eval()
+    return cls.from_pretrained(out, **_dtype(dtype)).eval()
 
 
 def _assert_same_bytes(got: torch.nn.Module, want: torch.nn.Module) -> None:

@@ -27,6 +27,12 @@ from lazymerge.tiny_models import build_llama_pair  # noqa: E402
 PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w10", "w11 w12", "w13 w14 w15"]
 
 
+def _dtype(value: object) -> dict[str, object]:
+    """The dtype keyword of from_pretrained: `dtype` since transformers 4.56, `torch_dtype` before."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": value}
+
+
 def _pairs(n: int = 6) -> list[dict]:
     rows = []
     for i in range(n):
@@ -148,7 +154,7 @@ def test_scores_and_accuracy_equal_the_written_merge_scored_text_by_text(
     batched = score_texts(merged.model, encoded.ids, batch_size=4)
 
     lazymerge.dogerm(rm, sft, 0.4, tmp_path / "out")
-    written = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", dtype=torch.float16)
+    written = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", **_dtype(torch.float16))
     assert torch.equal(score_texts(written.eval(), encoded.ids, batch_size=4), batched)  # same bytes, same scores
 
     # By hand: the written model's own tokenizer, one text at a time, no padding.
