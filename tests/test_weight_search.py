@@ -310,3 +310,26 @@ def test_hub_inputs_in_memory_and_only_the_best_pushed(
         assert f"pushed to alice/best-{best:g}" in out
     finally:
         next(serving, None)  # runs the rest of the fixture body: the server stops
+
+
+def test_the_report_marks_the_first_best_weight_and_skips_absent_subsets(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from lazymerge.report import print_search
+    from lazymerge.search import SearchResult, WeightResult
+
+    result = SearchResult(
+        "weight",
+        [WeightResult(0.0, 0.5, 2, 4), WeightResult(0.5, 0.75, 3, 4), WeightResult(1.0, 0.75, 3, 4, {"math": (1, 2)})],
+    )
+    assert result.best == 0.5  # the first of the two best
+    console = Console(record=True, width=120)
+    print_search(console, result)
+    text = console.export_text()
+    assert "0.5 *" in text and "1 *" not in text and "best weight: 0.5" in text
+    assert "math" in text and " - " in text  # a weight without that subset shows a dash
+    data = json.loads(result.write_report(tmp_path / "r.json").read_text())
+    assert data["best"] == 0.5 and data["results"][2]["subsets"] == {
+        "math": {"accuracy": 0.5, "correct": 1, "pairs": 2}
+    }
+    assert [r["weight"] for r in data["results"]] == [0.0, 0.5, 1.0]
