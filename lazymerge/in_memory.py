@@ -6,7 +6,9 @@ device (no memory), allocates each parameter once in the plan's dtype (on the CP
 runs the plan with a `TensorSink`: each merged chunk is copied into its parameter's storage, so
 there is no output file and no second copy of the model. Peak memory is the model plus the run's
 bounded chunk buffers. `MergedModel.remerge(w)` plans the same recipe with another weight and
-refills the same parameters (the inputs are read again, from the page cache when they fit in RAM).
+refills the same parameters: the inputs are streamed again (from the page cache when they fit in
+RAM), or, with resident inputs (`lazymerge.resident`: by default on a GPU when both fit next to
+the model), merged from device memory by the fused kernel without reading a file.
 
 Buffers that are not in a checkpoint (the rotary embedding's `inv_freq`) are built by the model
 class itself on the CPU, as `from_pretrained` does; tied parameters stay one tensor.
