@@ -7,11 +7,12 @@ reached through its module.
 from __future__ import annotations
 
 from lazymerge._version import __version__
-from lazymerge.api import dogerm, finalize, merge, open_model, plan_merge
+from lazymerge.api import dogerm, finalize, load, merge, open_model, plan_merge
 from lazymerge.errors import LazyMergeError, PlanWarning
 from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.options import HubOptions, RunOptions
 from lazymerge.plan import MergePlan
+from lazymerge.search import search_weights
 from lazymerge.sweep import Sweep
 
 __all__ = [
@@ -26,7 +27,9 @@ __all__ = [
     "__version__",
     "dogerm",
     "finalize",
+    "load",
     "merge",
     "open_model",
     "plan_merge",
+    "search_weights",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from lazymerge.assemble import finalize
 from lazymerge.events import MergeStats
@@ -21,7 +21,10 @@ from lazymerge.options import HubOptions, RunOptions, split_settings
 from lazymerge.plan import MergePlan
 from lazymerge.sweep import Sweep
 
-__all__ = ["dogerm", "finalize", "merge", "open_model", "plan_merge"]
+if TYPE_CHECKING:
+    from lazymerge.in_memory import MergedModel
+
+__all__ = ["dogerm", "finalize", "load", "merge", "open_model", "plan_merge"]
 
 PathLike = str | os.PathLike[str]
 Recipe = PathLike | dict
@@ -196,3 +199,48 @@ def dogerm(
     )
     result: list[Any] = job.plans if dry_run else run_job(job)
     return result if sweep else result[0]
+
+
+def load(
+    recipe: Recipe,
+    *,
+    device: str = "cpu",
+    resident: bool | None = None,
+    options: RunOptions | None = None,
+    hub: HubOptions | None = None,
+    **settings: Any,
+) -> MergedModel:
+    """Merge into memory: a transformers model of the recipe's output class (for DogeRM, the reward
+    model's) whose parameters the streaming merge fills directly. No file is written; each
+    parameter is allocated once; peak memory is the model plus the merge's bounded buffers.
+
+    Args:
+        recipe: as for `merge`: a mergekit-style YAML/JSON path or dict, or DogeRM as
+            `{"merge_method": "dogerm", "reward_model": RM, "domain_model": SFT, "weight": w}`.
+        device: where the parameters live ("cpu" or "cuda"); `options.device` is where chunks are
+            merged.
+        resident: keep the inputs' bytes in `device` memory and re-merge from there with the fused
+            kernel (no file read per re-merge); None: on when `device` is CUDA, the merge is a
+            weighted sum (DogeRM, linear, task arithmetic) and the inputs fit in free GPU memory.
+        options, hub, settings: as for `merge` (`chunk_elements`, `device`, `workers`, `progress`,
+            `token`; nothing about output folders or pushes applies).
+
+    Returns:
+        A `MergedModel`: `.model` (eval mode), `.tokenizer`, `.plan`, `.stats`, and
+        `.remerge(value, key="weight")` / `.set_weight(w)`, which refill the same parameters.
+
+    Raises:
+        LazyMergeError: as for `merge`; MissingExtraError without transformers
+            (`pip install 'lazymerge[eval]'`); PlanError when the output class has a parameter
+            the merge does not make.
+
+    Example:
+        >>> merged = lazymerge.load({"merge_method": "dogerm", "reward_model": "rm",
+        ...                          "domain_model": "sft", "weight": 0.3})
+        >>> merged.model(**merged.tokenizer("1 + 1 = 2", return_tensors="pt")).logits
+        >>> merged.remerge(0.4)  # the same parameters, refilled
+    """
+    from lazymerge.in_memory import load_model
+
+    options, hub = split_settings(options, hub, settings)
+    return load_model(recipe, options, hub, device=device, resident=resident)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge._version import __version__
 from lazymerge.consoles import LogConsole
-from lazymerge.errors import LazyMergeError, PlanWarning
+from lazymerge.errors import LazyMergeError, PlanWarning, RecipeError
 from lazymerge.options import DEVICES, HubOptions, RunOptions
 from lazymerge.settings import debug_enabled, quiet_hub_logging
 
@@ -165,10 +165,12 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         type=_weights,
         metavar="LAMBDA",
-        help="lambda in [0, 1]; a list (0.1,0.2,0.3) sweeps in one read: --output 'out-{weight}'",
+        help="lambda in [0, 1]; a list (0.1,0.2,0.3) or range (0:1:0.05, stop included) sweeps in one read: "
+        "--output 'out-{weight}'",
     )
     d.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the RM's)")
-    _common_output_args(d)
+    _common_output_args(d, output_required=False)
+    _eval_args(d)
     d.set_defaults(func=_cmd_dogerm)
 
     m = sub.add_parser("merge", help="merge models as a mergekit YAML config describes")
@@ -210,8 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common_output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", required=True, type=Path, help="output folder")
+def _common_output_args(p: argparse.ArgumentParser, output_required: bool = True) -> None:
+    p.add_argument("--output", "-o", required=output_required, type=Path, help="output folder")
     p.add_argument("--max-shard-size", default="5GB", help="shard cap (default 5GB)")
     p.add_argument("--chunk-elements", default=None, type=int, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the plan and every check; read no tensor")
@@ -278,10 +280,40 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
     hub.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    e = p.add_argument_group("weight search (merged in memory, scored on preference pairs; needs lazymerge[eval])")
+    e.add_argument(
+        "--eval", metavar="PAIRS", help="JSON/JSONL/Parquet file or Hub dataset with prompt, chosen, rejected[, subset]"
+    )
+    e.add_argument("--eval-report", type=Path, metavar="REPORT.json", help="write every weight's accuracy as JSON")
+    e.add_argument(
+        "--eval-plot", type=Path, metavar="PNG", help="accuracy plot (default: REPORT.png; needs matplotlib)"
+    )
+    e.add_argument("--eval-split", metavar="SPLIT", help="Hub dataset split (default: its only split)")
+    e.add_argument("--eval-subset", metavar="A,B", help="score only the pairs of these subsets")
+    e.add_argument("--max-pairs", type=int, metavar="N", help="score the first N pairs")
+    e.add_argument("--eval-batch-size", type=int, default=8, metavar="N", help="texts per forward pass (default 8)")
+    e.add_argument(
+        "--eval-dtype", choices=["float32", "float16", "bfloat16"], help="dtype the model scores in (default: --dtype)"
+    )
+    e.add_argument("--eval-max-length", type=int, metavar="TOKENS", help="truncate each text to this many tokens")
+    e.add_argument(
+        "--eval-resident",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hold both inputs in memory and re-merge from there (default: on a GPU when they fit; "
+        "on the CPU it costs the two models' size in RAM and is ~3x faster per weight)",
+    )
+
+
 def _cmd_dogerm(args: argparse.Namespace) -> int:
     from lazymerge.api import dogerm
     from lazymerge.sweep import Sweep
 
+    if args.eval is not None:
+        return _cmd_dogerm_search(args)
+    if args.output is None:
+        raise RecipeError("dogerm needs --output (or --eval to search the weight)", hint="add --output FOLDER")
     options, hub = _options(args)
     sweep = Sweep("weight", args.weight) if len(args.weight) > 1 else None
     weight = args.weight if sweep is not None else args.weight[0]
@@ -291,6 +323,71 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
             options=options, hub=hub,
         )  # fmt: skip
     return _render(result, args, sweep, hub, options)
+
+
+def _cmd_dogerm_search(args: argparse.Namespace) -> int:
+    """`dogerm --eval`: score every weight in memory, then write/push the best one (if asked)."""
+    from dataclasses import replace
+
+    import torch
+
+    from lazymerge.api import dogerm
+    from lazymerge.pairs import load_pairs
+    from lazymerge.report import print_results, print_search
+    from lazymerge.search import search_weights, write_plot
+    from lazymerge.sweep import Sweep
+
+    if args.dry_run:
+        raise RecipeError("--dry-run plans a written merge; a weight search (--eval) has nothing to plan")
+    if args.push_to_hub is not None and args.output is None:
+        raise RecipeError("--push-to-hub needs --output: the best model is written there, then pushed")
+    for flag in ("max_pairs", "eval_batch_size", "eval_max_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise RecipeError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    options, hub = _options(args)
+    if args.output is not None:  # the output folder and the inputs checked now, not after the search
+        with _plan_warnings(shown=False):
+            dogerm(
+                args.reward_model, args.domain_model, args.weight[0], Sweep("weight", args.weight[:1]).outputs(args.output)[0],
+                dtype=args.dtype, dry_run=True, options=options, hub=hub,
+            )  # fmt: skip
+    subsets = [s.strip() for s in args.eval_subset.split(",") if s.strip()] if args.eval_subset else None
+    pairs = load_pairs(args.eval, split=args.eval_split, subsets=subsets, max_pairs=args.max_pairs, token=hub.token)
+    recipe = {
+        "merge_method": "dogerm",
+        "reward_model": args.reward_model,
+        "domain_model": args.domain_model,
+        "weight": args.weight[0],
+        "dtype": args.eval_dtype or args.dtype,
+    }
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    with _plan_warnings(shown=True):
+        result = search_weights(
+            recipe, Sweep("weight", args.weight), pairs, batch_size=args.eval_batch_size,
+            max_length=args.eval_max_length, device="cuda" if on_gpu else "cpu", resident=args.eval_resident,
+            options=replace(options, progress=False),
+        )  # fmt: skip
+    print_search(_stdout, result)
+    if args.eval_report is not None:
+        _line(f"report: {_escape(str(result.write_report(args.eval_report)))}")
+    plot = args.eval_plot or (args.eval_report.with_suffix(".png") if args.eval_report is not None else None)
+    if plot is not None:
+        written = write_plot(result, plot)
+        if written is None:
+            _line("[yellow]warning:[/] no plot: matplotlib is not installed (pip install 'lazymerge\\[bench]')")
+    if args.output is None:
+        return 0
+    best = Sweep("weight", [result.best])
+    output = best.outputs(args.output)[0]  # a {weight} template is filled with the best weight
+    if hub.push_to_hub is not None:
+        hub = replace(hub, push_to_hub=best.repos(hub.push_to_hub)[0])
+    with _plan_warnings(shown=False):  # shown once, by the search
+        stats = dogerm(
+            args.reward_model, args.domain_model, result.best, output, dtype=args.dtype, options=options, hub=hub
+        )
+    print_results(_stdout, [stats])
+    return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -61,12 +61,14 @@ def plan_recipe(
     overwrite: bool = False,
     low_disk: bool = False,
     token: str | bool | None = None,
+    opener: Callable[..., Checkpoint] | None = None,
 ) -> tuple[MergePlan, list[Checkpoint]]:
     """Plan the merge a recipe describes. Returns the plan and the opened checkpoints.
 
     A model may be a local folder/file or a Hub repo id (`owner/name[@revision]`, opened from
-    remote headers; `low_disk` and `token` apply to those)."""
-    opener = functools.partial(open_any, low_disk=low_disk, token=token)
+    remote headers; `low_disk` and `token` apply to those). `opener(model, label=...)` replaces
+    how models are opened (a re-merge in memory reuses the checkpoints it has open)."""
+    opener = opener or functools.partial(open_any, low_disk=low_disk, token=token)
     if spec.get("merge_method") == "dogerm":
         return _plan_dogerm(spec, output, max_shard_size, overwrite, opener)
     if isinstance(spec, dict) and "modules" in spec:

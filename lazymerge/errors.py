@@ -14,9 +14,11 @@ __all__ = [
     "CheckpointError",
     "ClusterError",
     "DiskSpaceError",
+    "EvalDataError",
     "HeaderError",
     "HubError",
     "LazyMergeError",
+    "MissingExtraError",
     "MissingTensorError",
     "OutputError",
     "PlanError",
@@ -119,6 +121,18 @@ class ClusterError(LazyMergeError, RuntimeError):
     """A split merge could not run on a cluster (Ray missing or unreachable, a part failed)."""
 
     hint = "pip install 'lazymerge[ray]' on the driver and every node, and check RAY_ADDRESS"
+
+
+class MissingExtraError(LazyMergeError, ImportError):
+    """An optional dependency (an extra of the lazymerge package) is not installed."""
+
+    hint = "pip install 'lazymerge[eval]'"
+
+
+class EvalDataError(LazyMergeError, ValueError):
+    """Preference pairs (--eval) that cannot be read or scored: a missing column, an empty file."""
+
+    hint = "give a JSON, JSONL or Parquet file (or a Hub dataset) with prompt, chosen and rejected columns"
 
 
 class PlanWarning(UserWarning):

@@ -12,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import OutputError
 from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import write_side_file
-from lazymerge.kernels.base import DeviceError
+from lazymerge.kernels.base import Backend, DeviceError
 from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.kernels.device import gpu_capable, select_backend
 from lazymerge.lock import OutputLock
@@ -31,7 +31,10 @@ from lazymerge.pipeline import MergeRun
 from lazymerge.plan import MergePlan
 from lazymerge.recompute import tensor_bytes
 
-__all__ = ["MergeStats", "ProgressEvent", "execute", "execute_sweep", "tensor_bytes"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["MergeStats", "ProgressEvent", "execute", "execute_into", "execute_sweep", "tensor_bytes"]
 
 
 def execute(plan: MergePlan, checkpoints: Sequence[Checkpoint], **options: Any) -> MergeStats:
@@ -110,20 +113,7 @@ def execute_sweep(
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create {out_dir}: {exc.strerror}") from exc
-    cpu_only = sorted(
-        {
-            t.method
-            for p in plans
-            for t in p.tensors
-            if not all(gpu_capable(t.method, len(seg.sources)) for seg in t.segments)
-        }
-    )
-    if cpu_only and device == "auto":
-        backend, reason = CpuBackend(), f"cpu: {', '.join(cpu_only)} run on the CPU backend"
-    elif cpu_only and device == "cuda":
-        raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
-    else:
-        backend, reason = select_backend(device)
+    backend, reason = _backend(plans, device)
     own = range(len(plans[0].shards)) if part is None else part.shards(plans)
     with contextlib.ExitStack() as stack:
         for out_dir in dirs:
@@ -210,6 +200,77 @@ def execute_sweep(
         )
         for p, (_, done) in zip(plans, states, strict=True)
     ]
+
+
+def execute_into(
+    plan: MergePlan,
+    checkpoints: Sequence[Checkpoint],
+    targets: Mapping[str, torch.Tensor],
+    *,
+    chunk_elements: int | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    device: str = "cpu",
+    workers: int | None = None,
+    unused: Collection[str] = (),
+) -> MergeStats:
+    """Merge `plan` into tensors in memory instead of files: every output tensor's bytes go into
+    `targets[name]` (preallocated, contiguous, of the plan's dtype and shape; CPU or CUDA), chunk by
+    chunk, with the same bounded buffers as a file run. Nothing is written to disk; the input pages
+    stay in the page cache, for a re-merge with another weight.
+
+    Args:
+        plan: the plan (its output folder and shard layout only name the byte ranges).
+        checkpoints: the opened inputs, in `plan.inputs` order.
+        targets: output tensor name -> tensor to fill.
+        unused: output tensors with no target, merged and discarded.
+        chunk_elements, progress, device, workers: as for `execute_sweep`.
+
+    Returns:
+        MergeStats (`bytes_written` is the tensor bytes filled, `files` is empty).
+
+    Raises:
+        PlanError: a plan tensor has no target or a mismatched one.
+    """
+    from lazymerge.io.sink import TensorSink
+
+    start = time.perf_counter()
+    _return_freed_buffers_to_the_os()
+    sink = TensorSink(plan, targets, unused)
+    backend, reason = _backend([plan], device)
+    with backend:
+        run = MergeRun(
+            [plan], checkpoints, chunk_elements, progress, backend, workers, list(range(len(plan.shards))), [],
+            lanes=1, sink=sink,
+        )  # fmt: skip
+        run.go()
+    return MergeStats(
+        tensors=len(plan.tensors),
+        bytes_read=run.bytes_read,
+        bytes_written=plan.total_size,
+        seconds=time.perf_counter() - start,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        device=reason,
+        files=[],
+        resumed_shards=0,
+        output_dir=None,
+    )
+
+
+def _backend(plans: Sequence[MergePlan], device: str) -> tuple[Backend, str]:
+    """The compute backend for `device` and why: methods without a GPU kernel keep "auto" on the CPU."""
+    cpu_only = sorted(
+        {
+            t.method
+            for p in plans
+            for t in p.tensors
+            if not all(gpu_capable(t.method, len(seg.sources)) for seg in t.segments)
+        }
+    )
+    if cpu_only and device == "auto":
+        return CpuBackend(), f"cpu: {', '.join(cpu_only)} run on the CPU backend"
+    if cpu_only and device == "cuda":
+        raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
+    return select_backend(device)
 
 
 def _return_freed_buffers_to_the_os() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,12 +28,26 @@ from lazymerge.plan import MergePlan
 from lazymerge.sweep import Sweep
 
 if TYPE_CHECKING:
+    import torch
+
     from lazymerge.execute import MergeStats
     from lazymerge.io.hub_upload import Pushes
 
-__all__ = ["MergeJob", "open_input", "plan_dogerm_job", "plan_recipe_job", "run_job", "run_part_job"]
+__all__ = [
+    "IN_MEMORY",
+    "MergeJob",
+    "open_input",
+    "plan_dogerm_job",
+    "plan_memory_job",
+    "plan_recipe_job",
+    "run_job",
+    "run_job_into",
+    "run_part_job",
+]
 
 PathLike = str | os.PathLike[str]
+# The output folder of a plan whose outputs are tensors in memory: it only names the plan.
+IN_MEMORY = Path("(in memory)")
 
 
 @dataclass
@@ -182,6 +196,40 @@ def run_part_job(
     """One part of a split merge on a cluster node (`options.part`): the inputs opened again where
     they are repo ids, then the ordinary `run_job` (no push: the node's uploads go to the driver)."""
     return run_job(MergeJob(plans, [open_input(c, hub) for c in inputs], None, options, hub))
+
+
+def plan_memory_job(
+    recipe: PathLike | dict, options: RunOptions, hub: HubOptions, opened: dict[str, Checkpoint] | None = None
+) -> MergeJob:
+    """Plan a recipe whose output is a model in memory (`lazymerge.load`): no output folder, so
+    none is checked. `opened` maps a model string to its already opened Checkpoint (a re-merge
+    with another weight reuses them); models opened now are added to it."""
+    from lazymerge.config import load_recipe, plan_recipe
+
+    opened = {} if opened is None else opened
+
+    def opener(model: str, label: str | None = None) -> Checkpoint:
+        if model not in opened:
+            opened[model] = open_any(model, label=label or model, low_disk=False, token=hub.token)
+        return opened[model]
+
+    spec = load_recipe(recipe)
+    plan, checkpoints = plan_recipe(spec, IN_MEMORY, max_shard_size=options.max_shard_size, opener=opener)
+    for warning in plan.warnings:
+        warnings.warn(warning, PlanWarning, stacklevel=4)
+    return MergeJob([plan], checkpoints, None, options, hub)
+
+
+def run_job_into(job: MergeJob, targets: Mapping[str, torch.Tensor], unused: Collection[str] = ()) -> MergeStats:
+    """Run a one-plan job into tensors in memory (`lazymerge.execute.execute_into`)."""
+    from lazymerge.execute import execute_into
+
+    options = job.options
+    with _progress(job.plans, options, None) as progress:
+        return execute_into(
+            job.plans[0], job.checkpoints, targets, chunk_elements=options.chunk_elements, progress=progress,
+            device=options.device, workers=options.workers, unused=unused,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager

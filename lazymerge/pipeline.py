@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,11 +28,10 @@ from lazymerge.derived import fill_source
 from lazymerge.errors import PlanError
 from lazymerge.events import ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
-from lazymerge.io.digest import hash_pool
-from lazymerge.io.direct import RING as DIRECT_RING
-from lazymerge.io.direct import DirectShardWriter, use_direct_writes
+from lazymerge.io.direct import use_direct_writes
 from lazymerge.io.reader import InputReader
-from lazymerge.io.writer import HashingWriter, ShardWriter
+from lazymerge.io.sink import FileSink, OutputSink
+from lazymerge.io.writer import ShardWriter
 from lazymerge.kernels.base import Backend
 from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.lanes import interleave_shards, write_lanes
@@ -98,7 +96,10 @@ class MergeRun:
         manifests: list[Manifest],
         lanes: int | None = None,
         sha256: bool = False,
+        sink: OutputSink | None = None,
     ) -> None:
+        """`sink`: where the outputs go (default: the plans' shard files, `FileSink`; a
+        `TensorSink` fills tensors in memory instead)."""
         self.plans = plans
         self.sha256 = sha256  # each shard's plain sha256 too, computed as written (a Hub push needs it)
         self.plan = plans[0]
@@ -142,16 +143,15 @@ class MergeRun:
         self.errors: list[BaseException] = []
         # Seconds each stage spent working (not waiting on queues): LAZYMERGE_PROFILE=1 prints them.
         self.busy = {"read": 0.0, "read wall": 0.0, "gpu wait": 0.0, "write": 0.0, "shard close": 0.0}
-        # Shard checksums are computed off the writer thread, several blocks at once.
-        self.hash_pool = hash_pool()
         self.reader = InputReader(checkpoints, self.tasks, self.busy)
         # Statistics of methods that need them, read before the chunks that use them.
         self.statistics = RunStatistics(plans, self.reader)
-        self.direct = use_direct_writes(backend, plans)
-        # Threads that hash and write the O_DIRECT writer's blocks: one per block in flight.
-        self.direct_pool = (
-            ThreadPoolExecutor(DIRECT_RING - 1, thread_name_prefix="lazymerge-direct") if self.direct else None
+        self.sink = (
+            sink
+            if sink is not None
+            else FileSink(plans, manifests, use_direct_writes(backend, plans), self.busy, sha256)
         )
+        self.reader.drop_pages = self.sink.drop_input_pages
 
     @property
     def bytes_written(self) -> int:
@@ -195,9 +195,7 @@ class MergeRun:
         finally:
             torch.set_num_threads(previous_threads)
             self.reader.close()
-            self.hash_pool.shutdown(cancel_futures=True)
-            if self.direct_pool is not None:
-                self.direct_pool.shutdown(cancel_futures=True)
+            self.sink.close()
         if profile_enabled():
             busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
             print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", file=sys.stderr, flush=True)
@@ -356,20 +354,10 @@ class MergeRun:
             with self.lock:
                 for v, plan in enumerate(self.plans):
                     self.written[v] += len(plan.shards[k].header)
-            if self.direct:
-                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool, self.sha256)]
-            return [HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.sha256) for plan in self.plans]
+            return self.sink.open_shard(k)
         assert writers is not None
-        for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):
-            shard = plan.shards[k]
-            began = time.perf_counter()
-            digest = writer.digest()
-            path = writer.finish()
-            with self.lock:
-                self.busy["shard close"] += time.perf_counter() - began
-                manifest.record(shard.name, shard.size, digest, writer.sha256())
-                manifest.save(plan.output_dir)
-            self.report("shard", shard.name, path)
+        for plan, path in zip(self.plans, self.sink.close_shard(k, writers), strict=True):
+            self.report("shard", plan.shards[k].name, path)
         return None
 
     def report(self, kind: str, shard: str, path: Path | None = None) -> None:

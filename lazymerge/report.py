@@ -25,6 +25,7 @@ from lazymerge.units import Throughput, duration_text, human, rate_text
 if TYPE_CHECKING:
     from lazymerge.assemble import FinalizeResult
     from lazymerge.execute import MergeStats
+    from lazymerge.search import SearchResult
     from lazymerge.verify import VerifyReport
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "print_parts",
     "print_plan",
     "print_results",
+    "print_search",
     "print_stats",
     "print_verify",
     "progress_bar",
@@ -217,6 +219,27 @@ def print_stats(console: Console, stats: MergeStats) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def print_search(console: Console, result: SearchResult) -> None:
+    """A weight search (`dogerm --eval`): accuracy per value, per subset when the data has them, the
+    time each re-merge and scoring took, and the best value."""
+    subsets = sorted({name for r in result.results for name in r.subsets})
+    best = result.best
+    table = _table(f"Accuracy on {result.results[0].pairs} preference pairs (chosen scored higher)")
+    table.add_column(escape(result.key), justify="right")
+    table.add_column("accuracy", justify="right")
+    for name in subsets:
+        table.add_column(escape(name), justify="right")
+    table.add_column("merge s", justify="right")
+    table.add_column("score s", justify="right")
+    for r in result.results:
+        cells = [f"{r.accuracy:.4f}"]
+        cells += [f"{r.subsets[n][0] / r.subsets[n][1]:.4f}" if n in r.subsets else "-" for n in subsets]
+        mark = " *" if r.weight == best else ""
+        table.add_row(f"{r.weight:g}{mark}", *cells, f"{r.merge_seconds:.2f}", f"{r.score_seconds:.2f}")
+    console.print(table)
+    console.print(f"best {escape(result.key)}: {best:g} (model built and first merge in {result.load_seconds:.1f} s)")
 
 
 def print_checkpoint(console: Console, ckpt: Checkpoint, list_tensors: bool = False) -> None:

@@ -11,6 +11,7 @@ one repo and one commit per output). This module is pure data: templates and con
 from __future__ import annotations
 
 import copy
+import math
 import os
 import string
 from collections.abc import Iterator, Sequence
@@ -75,15 +76,61 @@ def _shown(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+# A range longer than this is a typo (0:1:0.0001), not a sweep.
+MAX_RANGE_VALUES = 1000
+
+
 def parse_values(text: str) -> list[float]:
-    """'0.1,0.2,0.3' -> [0.1, 0.2, 0.3]."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise RecipeError(f"{text!r} is not a comma-separated list of numbers") from None
+    """'0.1,0.2,0.3' -> [0.1, 0.2, 0.3]; an item `a:b:step` is the range from a to b inclusive
+    (`0:1:0.05` -> 0, 0.05, ..., 1: 21 values), each rounded to the decimals written in a, b and
+    step, so 0.15 is 0.15 and not 0.15000000000000002. Items may be mixed: '0,0.5:1:0.25'.
+
+    Raises:
+        RecipeError: not numbers, an empty list, or a range with a step <= 0, b < a, or more
+            than MAX_RANGE_VALUES values.
+    """
+    values: list[float] = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        if ":" in item:
+            values += _range(item)
+            continue
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise RecipeError(f"{text!r} is not a comma-separated list of numbers or a:b:step ranges") from None
     if not values:
         raise RecipeError("a sweep needs at least one value")
     return values
+
+
+def _range(item: str) -> list[float]:
+    hint = "write a range as start:stop:step, e.g. 0:1:0.05 (stop included)"
+    parts = item.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        a, b, step = (float(p) for p in parts)
+    except ValueError:
+        raise RecipeError(f"{item!r} is not a range", hint=hint) from None
+    if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(step)) or step <= 0 or b < a:
+        raise RecipeError(f"{item!r}: a range needs finite start <= stop and a step > 0", hint=hint)
+    decimals = max(_decimals(p) for p in parts)
+    # The count from the decimal text: (1 - 0) / 0.05 is 20.000000000000004 in binary floats.
+    steps = (b - a) / step
+    n = math.floor(steps + 1e-9) + 1
+    if n > MAX_RANGE_VALUES:
+        raise RecipeError(f"{item!r} gives {n} values, more than {MAX_RANGE_VALUES}", hint=hint)
+    return [round(a + i * step, decimals) + 0.0 for i in range(n)]  # + 0.0: never -0.0
+
+
+def _decimals(number: str) -> int:
+    """Digits after the point of a decimal written in `number` ('0.05' -> 2, '1e-3' -> 3, '1' -> 0)."""
+    number = number.strip().lower()
+    mantissa, _, exponent = number.partition("e")
+    digits = len(mantissa.partition(".")[2])
+    return max(0, digits - int(exponent or 0))
 
 
 def _fill(template: str, key: str, values: Sequence[Any], what: str) -> list[str]:

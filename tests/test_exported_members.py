@@ -18,9 +18,11 @@ EXPECTED = {
     "__version__",
     "dogerm",
     "finalize",
+    "load",
     "merge",
     "open_model",
     "plan_merge",
+    "search_weights",
 }
 
 

@@ -67,6 +67,8 @@ class InputReader:
         # those copies would only take CPU from the merge workers.
         self.pool, self.threads = _read_pool()
         self.count_lock = threading.Lock()
+        # Consumed pages leave the page cache unless the same inputs are about to be read again.
+        self.drop_pages = True
 
     def read_all(self, reads: list[tuple[int, str, int, torch.Tensor]]) -> None:
         """Fill a chunk's input buffers; with a read pool, in pieces on several threads at once.
@@ -77,15 +79,15 @@ class InputReader:
         piece is one positional read: the order of pieces within a file does not matter."""
         if self.pool is None:
             for r in reads:
-                self.read_into(*r)
+                self.read_into(*r, drop=self.drop_pages)
             return
         pieces = []
         for checkpoint, file, offset, buf in reads:
             step = max(_READ_PIECE, -(-buf.numel() // self.threads))
             pieces += [(checkpoint, file, offset + a, buf[a : a + step]) for a in range(0, buf.numel(), step)]
-        pending = [self.pool.submit(self.read_into, *piece) for piece in pieces[1:]]
+        pending = [self.pool.submit(self.read_into, *piece, self.drop_pages) for piece in pieces[1:]]
         try:
-            self.read_into(*pieces[0])
+            self.read_into(*pieces[0], drop=self.drop_pages)
         finally:
             for f in pending:
                 f.result()  # every piece is waited for (and its error raised) before the slot moves on
