@@ -21,8 +21,7 @@ from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import write_side_file
 from lazymerge.kernels.base import DeviceError
-from lazymerge.kernels.cpu import CpuBackend
-from lazymerge.kernels.device import gpu_capable, select_backend
+from lazymerge.kernels.device import gpu_capable, numpy_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.output_folder import checkpoint_paths, prepare_output_folder
 from lazymerge.pipeline import MergeRun
@@ -107,12 +106,14 @@ def execute_sweep(
             if not all(gpu_capable(t.method, len(seg.sources)) for seg in t.segments)
         }
     )
+    # Weighted sums only (linear, DogeRM): the CPU backend is numpy's and torch is never imported.
+    numpy_ok = numpy_capable(plans)
     if cpu_only and device == "auto":
-        backend, reason = CpuBackend(), f"cpu: {', '.join(cpu_only)} run on the CPU backend"
+        backend, reason = select_backend("cpu", numpy_ok=numpy_ok)[0], f"cpu: {', '.join(cpu_only)} run on the CPU backend"
     elif cpu_only and device == "cuda":
         raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
     else:
-        backend, reason = select_backend(device)
+        backend, reason = select_backend(device, numpy_ok=numpy_ok)
     with contextlib.ExitStack() as stack:
         for out_dir in dirs:
             stack.enter_context(OutputLock(out_dir))

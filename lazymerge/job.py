@@ -2,14 +2,16 @@
 
 A job is K plans (K = 1 for a single merge: a single merge is a sweep of one), the opened inputs
 they share, and where each output goes on the Hub, if anywhere. Running it is always the same
-three steps: warm the page cache while torch is imported (`StartupPrefetch`), `execute_sweep`
-(every input chunk read once, merged K times), then one Hub commit per pushed output. Planning is
-torch-free; so is this module until the run imports the executor.
+three steps: warm the page cache while torch is imported (`StartupPrefetch`; only a run that
+needs torch imports it: a weighted-sum merge on the CPU runs on numpy), `execute_sweep` (every
+input chunk read once, merged K times), then one Hub commit per pushed output. Planning is
+torch-free, and so is this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -121,13 +123,17 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     """Run a planned job: one MergeStats per output, each with its Hub push (if any) in `.push`."""
     from lazymerge.io.hub_upload import Pushes
     from lazymerge.io.prefetch import StartupPrefetch
+    from lazymerge.kernels.device import needs_torch
 
     options = job.options
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
         with _progress(job.plans, options.progress, pushes) as progress:
-            with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume):
-                from lazymerge.execute import execute_sweep  # imports torch: seconds the disk need not sit idle
+            from lazymerge.execute import execute_sweep
+
+            if needs_torch(job.plans, options.device):
+                with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume):
+                    importlib.import_module("torch")  # seconds of import the disk need not sit idle
             lanes = 1 if pushes is not None and pushes.delete_after_upload else options.write_lanes
             stats = execute_sweep(
                 job.plans, job.checkpoints, chunk_elements=options.chunk_elements,

@@ -1,6 +1,8 @@
 """Read the first input ranges of a merge while the interpreter imports torch.
 
-A merge command plans from headers without torch, then imports it to execute: about 3 s of CPU
+A merge command plans from headers without torch. A weighted-sum merge on the CPU (linear,
+DogeRM) never imports it (numpy kernels) and starts reading at once: no window, no prefetch.
+Any other run imports torch before it executes (`lazymerge.job.run_job`): about 3 s of CPU
 on the 2-core CI machine even with the library files cached, during which a cold disk would sit
 idle. This module fills that window: a background thread reads the plan's first input ranges,
 in the order the executor will read them with one write lane (the CPU path's; with several,

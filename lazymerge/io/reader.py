@@ -16,12 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from lazymerge.errors import HeaderError
+from lazymerge.kernels.base import Buffer, host_bytes
 from lazymerge.plan import ChunkTask
 from lazymerge.settings import read_threads
 
 if TYPE_CHECKING:
-    import torch
-
     from lazymerge.io.checkpoint import Checkpoint
 
 __all__ = ["InputReader"]
@@ -64,7 +63,7 @@ class InputReader:
         self.pool, self.threads = _read_pool()
         self.count_lock = threading.Lock()
 
-    def read_all(self, reads: list[tuple[int, str, int, torch.Tensor]]) -> None:
+    def read_all(self, reads: list[tuple[int, str, int, Buffer]]) -> None:
         """Fill a chunk's input buffers; with a read pool, in pieces on several threads at once.
 
         One thread copies about 3 GB/s from the page cache into pinned memory (measured on an
@@ -77,8 +76,8 @@ class InputReader:
             return
         pieces = []
         for checkpoint, file, offset, buf in reads:
-            step = max(_READ_PIECE, -(-buf.numel() // self.threads))
-            pieces += [(checkpoint, file, offset + a, buf[a : a + step]) for a in range(0, buf.numel(), step)]
+            step = max(_READ_PIECE, -(-len(buf) // self.threads))
+            pieces += [(checkpoint, file, offset + a, buf[a : a + step]) for a in range(0, len(buf), step)]
         pending = [self.pool.submit(self.read_into, *piece) for piece in pieces[1:]]
         try:
             self.read_into(*pieces[0])
@@ -97,10 +96,10 @@ class InputReader:
                 self.fds[key] = fd
             return fd
 
-    def read_into(self, checkpoint: int, file: str, offset: int, buf: torch.Tensor, drop: bool = True) -> None:
+    def read_into(self, checkpoint: int, file: str, offset: int, buf: Buffer, drop: bool = True) -> None:
         began = time.perf_counter()
         fd = self.fd(checkpoint, file)
-        view = memoryview(buf.numpy())
+        view = host_bytes(buf)
         done = 0
         while done < len(view):
             n = os.preadv(fd, [view[done:]], offset + done)
