@@ -60,7 +60,8 @@ class NumpyBackend(Backend):
             raise ValueError(f"task has {len(task.sources)} sources but {len(inputs)} input buffers were given")
         if not methods.get(task.method).weighted_sum:
             raise ValueError(f"merge method {task.method!r} is not a weighted sum: it runs on the torch backend")
-        xs = [_typed(buf, task.count, s.dtype, f"inputs[{j}]") for j, (buf, s) in enumerate(zip(inputs, task.sources))]
+        sources = zip(inputs, task.sources, strict=True)
+        xs = [_typed(buf, task.count, s.dtype, f"inputs[{j}]") for j, (buf, s) in enumerate(sources)]
         y = _typed(out, task.count, task.out_dtype, "out")
         linear_combine(
             xs,
