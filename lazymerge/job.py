@@ -2,9 +2,9 @@
 
 A job is K plans (K = 1 for a single merge: a single merge is a sweep of one), the opened inputs
 they share, and where each output goes on the Hub, if anywhere. Running it is always the same
-three steps: warm the page cache while torch is imported (`StartupPrefetch`; only a run that
-needs torch imports it: a weighted-sum merge on the CPU runs on numpy), `execute_sweep` (every
-input chunk read once, merged K times), then one Hub commit per pushed output. Planning is
+three steps: warm the page cache while the compute library is imported (`StartupPrefetch`: torch,
+or only numpy for a weighted-sum merge on the CPU, which never imports torch), `execute_sweep`
+(every input chunk read once, merged K times), then one Hub commit per pushed output. Planning is
 torch-free, and so is this module.
 """
 
@@ -129,11 +129,10 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
         with _progress(job.plans, options.progress, pushes) as progress:
-            from lazymerge.execute import execute_sweep
-
-            if needs_torch(job.plans, options.device):
-                with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume):
-                    importlib.import_module("torch")  # seconds of import the disk need not sit idle
+            library = "torch" if needs_torch(job.plans, options.device) else "numpy"
+            with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume, module=library):
+                importlib.import_module(library)  # time the disk need not sit idle
+                from lazymerge.execute import execute_sweep
             lanes = 1 if pushes is not None and pushes.delete_after_upload else options.write_lanes
             stats = execute_sweep(
                 job.plans, job.checkpoints, chunk_elements=options.chunk_elements,
