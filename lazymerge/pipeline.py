@@ -100,8 +100,11 @@ class MergeRun:
         self.manifests = manifests
         if chunk_elements is None:
             # Larger chunks on the GPU path: the per-chunk host work (a kernel launch, events,
-            # several syscalls) is paid 4x less often; still bounded (see slots below).
-            chunk_elements = CUDA_CHUNK_ELEMENTS if backend.name == "cuda" else DEFAULT_CHUNK_ELEMENTS
+            # several syscalls) is paid 4x less often; still bounded (see slots below). A backend
+            # may ask for its own size (NumpyBackend: smaller, for a smaller peak RSS).
+            chunk_elements = backend.chunk_elements or (
+                CUDA_CHUNK_ELEMENTS if backend.name == "cuda" else DEFAULT_CHUNK_ELEMENTS
+            )
         variants = [list(iter_chunks(p, chunk_elements, shards)) for p in plans]
         _check_same_reads(variants)
         # Several shards written at once where one writer thread cannot keep up (the GPU path).

@@ -50,6 +50,8 @@ class Backend(ABC):
     """
 
     name: str
+    # Elements per chunk when the caller leaves it to the executor (None: the executor's default).
+    chunk_elements: int | None = None
 
     @abstractmethod
     def allocate(self, nbytes: int) -> Buffer:
