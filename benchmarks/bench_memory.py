@@ -52,6 +52,9 @@ def note(what):
         seen.add(what)
         with open(events, "a") as f:
             f.write(f"{what} {time.time() - t0:.4f}\n")
+            # CPU seconds of the process so far: about what the wall figure would be on an idle
+            # machine, less the interpreter's own start (which the wall figure includes).
+            f.write(f"{what}_cpu {time.process_time():.4f}\n")
 real_preadv = os.preadv
 def preadv(fd, buffers, offset, *rest):
     note("first_data_read")
@@ -103,7 +106,8 @@ def run_merge(pair: bm.Pair, work: Path, variant: str, cgroup_limit: int | None,
         key, _, value = line.partition(" ")
         row[key] = float(value) if key.startswith("first") else True
     row["torch_imported"] = row.pop("torch_imported", False)
-    row.pop("torch_not_imported", None)
+    for key in ("torch_not_imported", "torch_not_imported_cpu", "torch_imported_cpu"):
+        row.pop(key, None)
     if cg is not None:
         row.update({"cgroup": where, "cgroup_limit_mb": round(cg.limit / 1e6, 1)})
         row.update({"cgroup_peak_mb": round(cg.peak_bytes() / 1e6, 1), "oom_kill": cg.oom_kills()})
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         v: {
             k: median([r for r in rows if r["variant"] == v], k)
-            for k in ("wall_s", "peak_rss_mb", "first_data_read", "first_chunk_read")
+            for k in ("wall_s", "peak_rss_mb", "first_data_read", "first_data_read_cpu", "first_chunk_read")
         }
         for v in variants
     }
