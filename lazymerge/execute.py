@@ -109,10 +109,8 @@ def execute_sweep(
     # Weighted sums only (linear, DogeRM): the CPU backend is numpy's and torch is never imported.
     numpy_ok = numpy_capable(plans)
     if cpu_only and device == "auto":
-        backend, reason = (
-            select_backend("cpu", numpy_ok=numpy_ok)[0],
-            f"cpu: {', '.join(cpu_only)} run on the CPU backend",
-        )
+        backend = select_backend("cpu", numpy_ok=numpy_ok)[0]
+        reason = f"cpu: {', '.join(cpu_only)} run on the CPU backend"
     elif cpu_only and device == "cuda":
         raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
     else:
