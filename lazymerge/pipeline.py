@@ -3,8 +3,8 @@
 A reader thread fills buffers from the inputs (positional reads, in the write lanes' order),
 compute workers merge them (CPU: one single-threaded worker per core, numpy or torch, which
 stays fast when the machine is busy, unlike intra-op threads that spin at barriers; CUDA: one
-worker that enqueues the fused Triton kernel), and a writer thread per write lane (`lazymerge.lanes`) writes
-each result at its offset, in file order, hashing each shard as it goes. A fixed pool of buffer
+worker that enqueues the fused Triton kernel), and a writer thread per write lane
+(`lazymerge.lanes`) writes each result at its offset, in file order, hashing each shard as it goes. A fixed pool of buffer
 slots bounds memory: peak RSS depends on the chunk size, the number of inputs and workers, never
 on a tensor, shard or model size. The library never prints; progress goes to a callback.
 `lazymerge.execute` sets up a run (locks, resume, side files) and runs one `MergeRun` per group
