@@ -96,6 +96,22 @@ def test_narrowing_matches_torch_on_special_and_random_patterns(dtype: str) -> N
     assert np.array_equal(got[nan], want.astype(np.uint16))
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    src=st.sampled_from(["F32", "F16", "BF16"]),
+    dst=st.sampled_from(["F32", "F16", "BF16"]),
+    patterns=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=300),
+)
+def test_conversion_equals_torch_to(src: str, dst: str, patterns: list[int]) -> None:
+    # A one-input merge with weight 1 is a conversion: widening, then the round-to-nearest-even
+    # store, on any bit pattern (subnormals, inf, NaN payloads, overflow, -0.0).
+    bits = np.array(patterns, dtype=np.uint64) & (0xFFFFFFFF if src == "F32" else 0xFFFF)
+    x = _torch_of(src, bits)
+    got = np.empty(len(bits), dtype=NUMPY[dst])
+    nk.linear_combine([_patterns(x).view(NUMPY[src])], [1.0], got, dst)
+    _assert_same(got.view(UINT[dst]), x.to(TORCH[dst]))
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     dtypes=st.lists(st.sampled_from(["F32", "F16", "BF16"]), min_size=1, max_size=4),
@@ -158,6 +174,21 @@ def test_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kdev, "_gpu_may_be_present", lambda: False)
     backend, why = kdev.select_backend("auto", numpy_ok=True)
     assert isinstance(backend, nk.NumpyBackend) and why == "cpu: no CUDA device"
+
+
+def test_needs_torch_only_for_methods_that_need_it(llama_pair, tmp_path: Path, monkeypatch) -> None:
+    import lazymerge
+    from lazymerge.recipes.dogerm import plan_dogerm
+
+    rm, sft = (lazymerge.open_model(p) for p in llama_pair)
+    dogerm = plan_dogerm(rm, sft, 0.3, tmp_path / "out")
+    monkeypatch.setattr(kdev, "_gpu_may_be_present", lambda: False)
+    assert kdev.numpy_capable([dogerm]) and not kdev.needs_torch([dogerm], "auto")
+    assert kdev.needs_torch([dogerm], "cuda")  # asked for: torch says whether it can
+    monkeypatch.setattr(kdev, "_gpu_may_be_present", lambda: True)
+    assert kdev.needs_torch([dogerm], "auto") and not kdev.needs_torch([dogerm], "cpu")
+    monkeypatch.setenv("LAZYMERGE_CPU_KERNELS", "torch")
+    assert kdev.needs_torch([dogerm], "cpu") and not kdev.numpy_capable([dogerm])
 
 
 def _tiny_pair(tmp_path: Path) -> tuple[Path, Path]:

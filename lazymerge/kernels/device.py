@@ -45,7 +45,7 @@ def numpy_capable(plans: Sequence[MergePlan]) -> bool:
 def needs_torch(plans: Sequence[MergePlan], device: str) -> bool:
     """Whether running `plans` on `device` will import torch (a GPU may be used, or a method
     needs the torch kernels). Decided without importing torch."""
-    return not numpy_capable(plans) or (device != "cpu" and _gpu_may_be_present())
+    return not numpy_capable(plans) or device == "cuda" or (device == "auto" and _gpu_may_be_present())
 
 
 def select_backend(device: str = "auto", *, numpy_ok: bool = False) -> tuple[Backend, str]:
