@@ -96,7 +96,7 @@ def test_narrowing_matches_torch_on_special_and_random_patterns(dtype: str) -> N
     assert np.array_equal(got[nan], want.astype(np.uint16))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     src=st.sampled_from(["F32", "F16", "BF16"]),
     dst=st.sampled_from(["F32", "F16", "BF16"]),
@@ -112,7 +112,7 @@ def test_conversion_equals_torch_to(src: str, dst: str, patterns: list[int]) -> 
     _assert_same(got.view(UINT[dst]), x.to(TORCH[dst]))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     dtypes=st.lists(st.sampled_from(["F32", "F16", "BF16"]), min_size=1, max_size=4),
     out_dtype=st.sampled_from(["F32", "F16", "BF16"]),
