@@ -131,7 +131,8 @@ def run_job(job: MergeJob) -> list[MergeStats]:
         with _progress(job.plans, options.progress, pushes) as progress:
             library = "torch" if needs_torch(job.plans, options.device) else "numpy"
             with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume, module=library):
-                importlib.import_module(library)  # time the disk need not sit idle
+                with contextlib.suppress(ImportError):  # not installed: the executor says so, in one line
+                    importlib.import_module(library)  # time the disk need not sit idle
                 from lazymerge.execute import execute_sweep
             lanes = 1 if pushes is not None and pushes.delete_after_upload else options.write_lanes
             stats = execute_sweep(

@@ -212,10 +212,11 @@ sys.exit(code)
 """
 
 
-def _run_without_torch(args: list[str], env: dict[str, str] | None = None) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+def _run_without_torch(args: list[str], code: int = 0) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == code, done.stdout + done.stderr
+    return done.stderr
 
 
 @pytest.mark.slow
@@ -248,3 +249,17 @@ def test_dogerm_and_linear_run_without_torch_and_write_the_torch_bytes(
             assert (tmp_path / f"{name}-numpy" / f).read_bytes() == (tmp_path / f"{name}-torch" / f).read_bytes(), f
         # verify --recompute recomputes on numpy too: no torch needed to check a merge.
         _run_without_torch(["verify", str(tmp_path / f"{name}-numpy"), "--recompute", "2"])
+
+
+@pytest.mark.slow
+def test_without_torch_other_methods_fail_in_one_line(tmp_path: Path) -> None:
+    a, b = _tiny_pair(tmp_path)
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 1}}\n")
+    err = _run_without_torch(["merge", str(recipe), "-q", "-o", str(tmp_path / "ties")], code=2)
+    assert err.startswith("error: this merge method needs torch") and "pip install torch" in err
+    assert "Traceback" not in err
+    args = ["merge", str(recipe).replace("ties", "x"), "-o", str(tmp_path / "cuda"), "--device", "cuda"]
+    recipe.with_name("x.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n  - model: {b}\n")
+    err = _run_without_torch(args, code=2)
+    assert "--device cuda: torch is not installed" in err and "Traceback" not in err

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lazymerge import methods
 from lazymerge.kernels.base import Backend, DeviceError
@@ -64,7 +64,7 @@ def select_backend(device: str = "auto", *, numpy_ok: bool = False) -> tuple[Bac
         return _cpu(numpy_ok), "cpu: requested"
     why_not = _gpu_problem(numpy_ok and device == "auto")
     if why_not is None:
-        import torch
+        torch = _import_torch("the CUDA backend")
 
         from lazymerge.kernels.cuda import CudaBackend  # imports Triton: only when a GPU is there
 
@@ -80,9 +80,22 @@ def _cpu(numpy_ok: bool) -> Backend:
         from lazymerge.kernels.numpy_cpu import NumpyBackend
 
         return NumpyBackend()
-    from lazymerge.kernels.cpu import CpuBackend  # imports torch
+    _import_torch("this merge method")
+    from lazymerge.kernels.cpu import CpuBackend
 
     return CpuBackend()
+
+
+def _import_torch(who: str) -> Any:
+    """torch, or a one-line DeviceError when it is not installed (only numpy merges run then)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise DeviceError(
+            f"{who} needs torch, which cannot be imported here ({exc})",
+            hint="pip install torch (weighted-sum merges such as linear and DogeRM run on the CPU without it)",
+        ) from None
+    return torch
 
 
 def _gpu_may_be_present() -> bool:
@@ -98,8 +111,10 @@ def _gpu_problem(avoid_torch: bool) -> str | None:
     checks come first, so that a machine without a GPU never imports torch."""
     if avoid_torch and not _gpu_may_be_present():
         return "no CUDA device"
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
     if not torch.cuda.is_available():
         return "no CUDA device"
     return _triton_problem()
