@@ -9,26 +9,29 @@ in the source's dtype. Such rows are one embedding row each, so their reads stay
 from __future__ import annotations
 
 from collections.abc import Callable
-
-import torch
+from typing import Any
 
 from lazymerge.constants import DTYPE_SIZES
-from lazymerge.kernels.base import TORCH_DTYPES
 from lazymerge.plan import Source
 
 __all__ = ["fill_source"]
 
 
-def fill_source(
-    read: Callable[[int, str, int, torch.Tensor], None], source: Source, count: int, buf: torch.Tensor
-) -> None:
-    """Put `count` elements of `source` at the start of the uint8 buffer `buf`.
+def fill_source(read: Callable[[int, str, int, Any], None], source: Source, count: int, buf: Any) -> None:
+    """Put `count` elements of `source` at the start of the uint8 buffer `buf` (a torch tensor, or
+    for a plain source any backend's buffer).
 
-    `read(checkpoint, file, offset, view)` fills `view` with the bytes at `offset`."""
+    `read(checkpoint, file, offset, view)` fills `view` with the bytes at `offset`. Derived rows
+    use torch (mergekit's arithmetic); a plan with them never runs on the torch-free numpy backend
+    (`lazymerge.kernels.device.numpy_capable`)."""
     nbytes = count * DTYPE_SIZES[source.dtype]
     if not source.derived:
         read(source.checkpoint, source.file, source.offset, buf[:nbytes])
         return
+    import torch
+
+    from lazymerge.kernels.torch import TORCH_DTYPES
+
     out = buf[:nbytes].view(TORCH_DTYPES[source.dtype])
     out.zero_()
     if source.derived == "zero":

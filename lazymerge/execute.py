@@ -21,8 +21,7 @@ from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.writer import write_side_file
 from lazymerge.kernels.base import Backend, DeviceError
-from lazymerge.kernels.cpu import CpuBackend
-from lazymerge.kernels.device import gpu_capable, select_backend
+from lazymerge.kernels.device import gpu_capable, numpy_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.output_folder import checkpoint_paths, prepare_output_folder
 from lazymerge.part_folder import part_lock_name, prepare_part_folder, stage_side_files
@@ -231,7 +230,7 @@ def execute_into(
     Raises:
         PlanError: a plan tensor has no target or a mismatched one.
     """
-    from lazymerge.io.sink import TensorSink
+    from lazymerge.io.tensor_sink import TensorSink
 
     start = time.perf_counter()
     _return_freed_buffers_to_the_os()
@@ -257,7 +256,8 @@ def execute_into(
 
 
 def _backend(plans: Sequence[MergePlan], device: str) -> tuple[Backend, str]:
-    """The compute backend for `device` and why: methods without a GPU kernel keep "auto" on the CPU."""
+    """The compute backend for `device` and why: methods without a GPU kernel keep "auto" on the
+    CPU; weighted sums only (linear, DogeRM) run on numpy's CPU backend, never importing torch."""
     cpu_only = sorted(
         {
             t.method
@@ -266,11 +266,12 @@ def _backend(plans: Sequence[MergePlan], device: str) -> tuple[Backend, str]:
             if not all(gpu_capable(t.method, len(seg.sources)) for seg in t.segments)
         }
     )
+    numpy_ok = numpy_capable(plans)
     if cpu_only and device == "auto":
-        return CpuBackend(), f"cpu: {', '.join(cpu_only)} run on the CPU backend"
+        return select_backend("cpu", numpy_ok=numpy_ok)[0], f"cpu: {', '.join(cpu_only)} run on the CPU backend"
     if cpu_only and device == "cuda":
         raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
-    return select_backend(device)
+    return select_backend(device, numpy_ok=numpy_ok)
 
 
 def _return_freed_buffers_to_the_os() -> None:

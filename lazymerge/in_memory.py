@@ -31,7 +31,7 @@ import torch
 from lazymerge.errors import MissingExtraError, PlanError
 from lazymerge.events import MergeStats
 from lazymerge.io.checkpoint import Checkpoint
-from lazymerge.io.sink import STORAGE_DTYPES
+from lazymerge.io.tensor_sink import STORAGE_DTYPES
 from lazymerge.job import MergeJob, plan_memory_job, run_job_into
 from lazymerge.options import HubOptions, RunOptions
 from lazymerge.plan import MergePlan

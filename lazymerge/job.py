@@ -2,14 +2,16 @@
 
 A job is K plans (K = 1 for a single merge: a single merge is a sweep of one), the opened inputs
 they share, and where each output goes on the Hub, if anywhere. Running it is always the same
-three steps: warm the page cache while torch is imported (`StartupPrefetch`), `execute_sweep`
+three steps: warm the page cache while the compute library is imported (`StartupPrefetch`: torch,
+or only numpy for a weighted-sum merge on the CPU, which never imports torch), `execute_sweep`
 (every input chunk read once, merged K times), then one Hub commit per pushed output. Planning is
-torch-free; so is this module until the run imports the executor.
+torch-free, and so is this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -151,6 +153,7 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     """Run a planned job: one MergeStats per output, each with its Hub push (if any) in `.push`."""
     from lazymerge.io.hub_upload import Pushes
     from lazymerge.io.prefetch import StartupPrefetch
+    from lazymerge.kernels.device import needs_torch
 
     options = job.options
     if options.device == "cuda":  # asked for explicitly: refused before any folder is made or bar drawn
@@ -172,9 +175,14 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
         with _progress(job.plans, options, pushes) as progress:
+            library = "torch" if needs_torch(job.plans, options.device) else "numpy"
             # A part's first shard is not the plan's: no prefetch of a guess (it is what resume does).
-            with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume or options.part is not None):
-                from lazymerge.execute import execute_sweep  # imports torch: seconds the disk need not sit idle
+            with StartupPrefetch(
+                job.plans[0], job.checkpoints, resume=options.resume or options.part is not None, module=library
+            ):
+                with contextlib.suppress(ImportError):  # not installed: the executor says so, in one line
+                    importlib.import_module(library)  # time the disk need not sit idle
+                from lazymerge.execute import execute_sweep
             lanes = 1 if pushes is not None and pushes.delete_after_upload else options.write_lanes
             stats = execute_sweep(
                 job.plans, job.checkpoints, chunk_elements=options.chunk_elements,

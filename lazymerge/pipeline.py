@@ -1,10 +1,10 @@
 """The streaming pipeline of a merge run: read chunk -> merge chunk -> write chunk, overlapping.
 
 A reader thread fills buffers from the inputs (positional reads, in the write lanes' order),
-compute workers merge them (CPU: one single-threaded torch worker per core, which stays fast
-when the machine is busy, unlike intra-op threads that spin at barriers; CUDA: one worker that
-enqueues the fused Triton kernel), and a writer thread per write lane (`lazymerge.lanes`) writes
-each result at its offset, in file order, hashing each shard as it goes. A fixed pool of buffer
+compute workers merge them (CPU: one single-threaded worker per core, numpy or torch, which
+stays fast when the machine is busy, unlike intra-op threads that spin at barriers; CUDA: one
+worker that enqueues the fused Triton kernel), and a writer thread per write lane
+(`lazymerge.lanes`) writes each result at its offset, in file order, hashing each shard as it goes. A fixed pool of buffer
 slots bounds memory: peak RSS depends on the chunk size, the number of inputs and workers, never
 on a tensor, shard or model size. The library never prints; progress goes to a callback.
 `lazymerge.execute` sets up a run (locks, resume, side files) and runs one `MergeRun` per group
@@ -21,8 +21,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.derived import fill_source
 from lazymerge.errors import PlanError
@@ -32,8 +30,7 @@ from lazymerge.io.direct import use_direct_writes
 from lazymerge.io.reader import InputReader
 from lazymerge.io.sink import FileSink, OutputSink
 from lazymerge.io.writer import ShardWriter
-from lazymerge.kernels.base import Backend
-from lazymerge.kernels.cpu import CpuBackend
+from lazymerge.kernels.base import Backend, Buffer, host_bytes
 from lazymerge.lanes import interleave_shards, write_lanes
 from lazymerge.manifest import Manifest
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
@@ -59,24 +56,24 @@ class _Slot:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.inputs: list[torch.Tensor] = []
-        self.outs: list[torch.Tensor] = [backend.allocate(0)]  # one per output of a sweep
+        self.inputs: list[Buffer] = []
+        self.outs: list[Buffer] = [backend.allocate(0)]  # one per output of a sweep
 
-    def input(self, i: int, nbytes: int = 0) -> torch.Tensor:
+    def input(self, i: int, nbytes: int = 0) -> Buffer:
         return self._grown(self.inputs, i, nbytes)
 
     @property
-    def out(self) -> torch.Tensor:
+    def out(self) -> Buffer:
         return self.outs[0]
 
-    def output(self, nbytes: int, k: int = 0) -> torch.Tensor:
+    def output(self, nbytes: int, k: int = 0) -> Buffer:
         return self._grown(self.outs, k, nbytes)
 
-    def _grown(self, bufs: list[torch.Tensor], i: int, nbytes: int) -> torch.Tensor:
+    def _grown(self, bufs: list[Buffer], i: int, nbytes: int) -> Buffer:
         """bufs[i], created or replaced by a larger allocation when it holds fewer than nbytes."""
         while len(bufs) <= i:
             bufs.append(self.backend.allocate(0))
-        if bufs[i].numel() < nbytes:
+        if len(bufs[i]) < nbytes:
             bufs[i] = self.backend.allocate(nbytes)
         return bufs[i]
 
@@ -109,8 +106,11 @@ class MergeRun:
         self.manifests = manifests
         if chunk_elements is None:
             # Larger chunks on the GPU path: the per-chunk host work (a kernel launch, events,
-            # several syscalls) is paid 4x less often; still bounded (see slots below).
-            chunk_elements = CUDA_CHUNK_ELEMENTS if backend.name == "cuda" else DEFAULT_CHUNK_ELEMENTS
+            # several syscalls) is paid 4x less often; still bounded (see slots below). A backend
+            # may ask for its own size (NumpyBackend: smaller, for a smaller peak RSS).
+            chunk_elements = backend.chunk_elements or (
+                CUDA_CHUNK_ELEMENTS if backend.name == "cuda" else DEFAULT_CHUNK_ELEMENTS
+            )
         variants = [list(iter_chunks(p, chunk_elements, shards)) for p in plans]
         _check_same_reads(variants)
         # Several shards written at once where one writer thread cannot keep up (the GPU path).
@@ -124,7 +124,7 @@ class MergeRun:
         self.written = [sum(s.size for k, s in enumerate(p.shards) if k not in shards) for p in plans]
         if backend.name == "cpu":
             # At least one worker: with none, the reader fills every slot and waits forever.
-            self.workers = [CpuBackend() for _ in range(max(1, workers or os.cpu_count() or 1))]
+            self.workers = [backend.new_worker() for _ in range(max(1, workers or os.cpu_count() or 1))]
         else:
             self.workers = [backend]  # one thread enqueues; the GPU overlaps the chunks itself
         # Enough slots for every worker to hold one chunk, plus one being read and one written.
@@ -171,31 +171,29 @@ class MergeRun:
             threading.Thread(target=self._guard, args=(self._write_stage, lane), name=f"lazymerge-write-{lane}")
             for lane in range(self.lanes)
         ]
-        previous_threads = torch.get_num_threads()
-        if self.backend.name == "cpu":
-            torch.set_num_threads(1)  # parallelism comes from the workers
-        try:
-            self.statistics.global_statistics()
-            for t in [*threads, *writers]:
-                t.daemon = True
-                t.start()
-            for t in threads:
-                t.join()
-            for q in self.to_write:
-                self._put(q, _DONE, force=True)
-            for t in writers:
-                t.join()
-        except BaseException as exc:  # KeyboardInterrupt in the calling thread
-            self._fail(exc)
-            for checkpoint in self.checkpoints:  # a thread waiting on a stalled download gives up now
-                checkpoint.cancel()
-            for t in [*threads, *writers]:
-                if t.is_alive() or t.ident is not None:
+        # torch single-threaded on its CPU backend: the workers are the parallelism.
+        with self.backend.run_scope():
+            try:
+                self.statistics.global_statistics()
+                for t in [*threads, *writers]:
+                    t.daemon = True
+                    t.start()
+                for t in threads:
                     t.join()
-        finally:
-            torch.set_num_threads(previous_threads)
-            self.reader.close()
-            self.sink.close()
+                for q in self.to_write:
+                    self._put(q, _DONE, force=True)
+                for t in writers:
+                    t.join()
+            except BaseException as exc:  # KeyboardInterrupt in the calling thread
+                self._fail(exc)
+                for checkpoint in self.checkpoints:  # a thread waiting on a stalled download gives up now
+                    checkpoint.cancel()
+                for t in [*threads, *writers]:
+                    if t.is_alive() or t.ident is not None:
+                        t.join()
+            finally:
+                self.reader.close()
+                self.sink.close()
         if profile_enabled():
             busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
             print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", file=sys.stderr, flush=True)
@@ -329,7 +327,7 @@ class MergeRun:
                 began = time.perf_counter()
                 self.backend.wait(handle)
                 waited = time.perf_counter()
-                writer.write(memoryview(slot.outs[k][: task.out_nbytes].numpy()), task.out_offset)
+                writer.write(host_bytes(slot.outs[k][: task.out_nbytes]), task.out_offset)
                 with self.lock:
                     self.busy["gpu wait"] += waited - began
                     self.busy["write"] += time.perf_counter() - waited

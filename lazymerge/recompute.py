@@ -1,7 +1,8 @@
 """One output tensor computed in memory, the way the executor computes it (`verify --recompute`).
 
-Same chunk tasks, same statistics passes, same CPU kernel, torch single-threaded like the
-executor's workers: the bytes must equal what the merge wrote.
+Same chunk tasks, same statistics passes, same CPU kernels (numpy for weighted sums, torch
+single-threaded like the executor's workers otherwise): the bytes must equal what the merge
+wrote. Torch is imported only for a method that needs it.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
-
 from lazymerge import methods
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.derived import fill_source
+from lazymerge.errors import HeaderError
 from lazymerge.io.checkpoint import Checkpoint
-from lazymerge.kernels.cpu import CpuBackend
+from lazymerge.kernels.base import Buffer, host_bytes
+from lazymerge.kernels.device import select_backend
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor, iter_chunks
+from lazymerge.settings import cpu_kernels
 from lazymerge.statistics import statistics_group, statistics_passes
 
 __all__ = ["tensor_bytes"]
@@ -27,44 +29,47 @@ def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: Out
     """Compute one output tensor in memory (for `verify --recompute`): same tasks, same kernel."""
     out = bytearray(tensor.nbytes)
     base = tensor.offset
-    backend = CpuBackend()
+    method = methods.get(tensor.method) if tensor.segments else None
+    # numpy and torch give the same bytes for a weighted sum; numpy spares the torch import.
+    numpy_ok = method is None or (method.weighted_sum and cpu_kernels() != "torch")
+    backend, _ = select_backend("cpu", numpy_ok=numpy_ok)
     fds: dict[tuple[int, str], int] = {}
 
-    def read(checkpoint: int, file: str, offset: int, buf: torch.Tensor) -> None:
+    def read(checkpoint: int, file: str, offset: int, buf: Buffer) -> None:
         key = (checkpoint, file)
         if key not in fds:
             fds[key] = os.open(checkpoints[checkpoint].local_file(file), os.O_RDONLY)
-        data = os.pread(fds[key], buf.numel(), offset)
-        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        view = host_bytes(buf)
+        data = os.pread(fds[key], len(view), offset)
+        if len(data) != len(view):
+            path = checkpoints[checkpoint].local_file(file)
+            raise HeaderError(path, "file ends before the tensor data its header promises: truncated?")
+        view[:] = data
 
-    # The merge's workers run torch single-threaded, and some reductions (slerp's norms above
-    # 32k elements) take their order from the thread count: recompute the same way.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        statistics = None
-        if tensor.segments and (method := methods.get(tensor.method)).needs_statistics:
-            group = statistics_group(plan, tensor)
-            acc = method.new_statistics(group[0].params, sum(t.numel for t in group))
-            statistics_passes(group, acc, read)
-            statistics = acc.result()
-        for task in _tensor_tasks(plan, tensor):
-            if statistics is not None:
-                task = replace(task, statistics=statistics)
-            buffers = []
-            for s in task.sources:
-                buf = torch.empty(task.count * DTYPE_SIZES[s.dtype], dtype=torch.uint8)
-                fill_source(read, s, task.count, buf)
-                buffers.append(buf)
-            start = task.out_offset - base
-            if task.copy:
-                out[start : start + task.out_nbytes] = buffers[0].numpy().tobytes()
-                continue
-            result = torch.empty(task.out_nbytes, dtype=torch.uint8)
-            backend.submit(task, buffers, result)
-            out[start : start + task.out_nbytes] = result.numpy().tobytes()
+        with backend.run_scope():  # torch single-threaded, as in the merge's workers
+            statistics = None
+            if method is not None and method.needs_statistics:
+                group = statistics_group(plan, tensor)
+                acc = method.new_statistics(group[0].params, sum(t.numel for t in group))
+                statistics_passes(group, acc, read)
+                statistics = acc.result()
+            for task in _tensor_tasks(plan, tensor):
+                if statistics is not None:
+                    task = replace(task, statistics=statistics)
+                buffers = []
+                for s in task.sources:
+                    buf = backend.allocate(task.count * DTYPE_SIZES[s.dtype])
+                    fill_source(read, s, task.count, buf)
+                    buffers.append(buf)
+                start = task.out_offset - base
+                if task.copy:
+                    out[start : start + task.out_nbytes] = host_bytes(buffers[0])[: task.out_nbytes]
+                    continue
+                result = backend.allocate(task.out_nbytes)
+                backend.submit(task, buffers, result)
+                out[start : start + task.out_nbytes] = host_bytes(result)
     finally:
-        torch.set_num_threads(threads)
         for fd in fds.values():
             os.close(fd)
     return bytes(out)

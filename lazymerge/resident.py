@@ -24,7 +24,7 @@ from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES
 from lazymerge.errors import HeaderError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.kernels import torch as torch_kernels
-from lazymerge.kernels.base import TORCH_DTYPES
+from lazymerge.kernels.torch import TORCH_DTYPES
 from lazymerge.plan import MergePlan, Source
 
 __all__ = ["ResidentInputs", "fits_on_device", "supports"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "CPU_KERNELS_ENV",
     "CUDA_SYNC_ENV",
     "DEBUG_ENV",
     "DIRECT_WRITE_ENV",
@@ -19,6 +20,7 @@ __all__ = [
     "PROFILE_ENV",
     "READ_THREADS_ENV",
     "WRITE_LANES_ENV",
+    "cpu_kernels",
     "cuda_sync",
     "debug_enabled",
     "direct_write",
@@ -40,6 +42,7 @@ WRITE_LANES_ENV = "LAZYMERGE_WRITE_LANES"  # output shards written at once, when
 PROFILE_ENV = "LAZYMERGE_PROFILE"  # 1: print where a run's time went
 HUB_TIMEOUT_ENV = "LAZYMERGE_HUB_TIMEOUT"  # seconds a Hub connection or read may stall
 CUDA_SYNC_ENV = "LAZYMERGE_CUDA_SYNC"  # 1: no pipelining on the GPU path (one chunk at a time)
+CPU_KERNELS_ENV = "LAZYMERGE_CPU_KERNELS"  # torch: weighted sums on the torch kernels, not numpy
 
 
 def debug_enabled() -> bool:
@@ -68,6 +71,12 @@ def direct_write() -> bool | None:
 
 def profile_enabled() -> bool:
     return os.environ.get(PROFILE_ENV) == "1"
+
+
+def cpu_kernels() -> str:
+    """LAZYMERGE_CPU_KERNELS: "torch" makes the CPU path use the torch kernels for weighted sums
+    too (for comparisons); anything else (the default, "numpy") lets them run on numpy."""
+    return "torch" if os.environ.get(CPU_KERNELS_ENV) == "torch" else "numpy"
 
 
 def cuda_sync() -> bool:

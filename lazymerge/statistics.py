@@ -6,6 +6,7 @@ fixed-size chunks, pass after pass; `RunStatistics` keeps a run's statistics: mo
 computed before any chunk, per-tensor ones when the reader first meets the tensor.
 `verify --recompute` uses the same passes (`lazymerge.recompute`), so both compute the same
 numbers. ("Statistics" here always means these; a run's figures are `execute.MergeStats`.)
+Torch is imported only when a method needs statistics: a weighted-sum run never does.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import torch
-
 from lazymerge import methods
 from lazymerge.constants import DTYPE_SIZES
 from lazymerge.derived import fill_source
-from lazymerge.kernels.base import TORCH_DTYPES
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor
 
 if TYPE_CHECKING:
+    import torch
+
     from lazymerge.io.reader import InputReader
 
 __all__ = ["RunStatistics", "statistics_group", "statistics_passes"]
@@ -39,6 +39,10 @@ def statistics_passes(
     The chunking of these passes is fixed (not the run's chunk size), so statistics that are
     floating-point reductions do not depend on the run's settings.
     """
+    import torch
+
+    from lazymerge.kernels.torch import TORCH_DTYPES
+
     step = methods.STATISTICS_CHUNK
     bufs = [] if bufs is None else bufs
     while acc.needs_pass():

@@ -180,7 +180,9 @@ def test_device_cuda_merge_equals_cpu_merge(method: str, tmp_path, monkeypatch: 
     if not HAS_CUDA:
         real = ex.select_backend
         monkeypatch.setattr(
-            ex, "select_backend", lambda d="auto": (kc.CudaBackend(), "cuda: interpreter") if d == "cuda" else real(d)
+            ex,
+            "select_backend",
+            lambda d="auto", **kw: (kc.CudaBackend(), "cuda: interpreter") if d == "cuda" else real(d, **kw),
         )
     outs = {}
     for dev in ("cpu", "cuda"):

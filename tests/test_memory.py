@@ -75,6 +75,8 @@ def test_dogerm_peak_rss_bounded_for_1gb_pair(tmp_path: Path) -> None:
     stderr = proc.stderr.read().decode()
     assert proc.returncode == 0, stderr
     peak_mb = peak_kb / 1024
-    assert 100 < peak_mb <= 700, f"peak RSS {peak_mb:.0f} MB for a {pair_bytes / 1e9:.2f} GB pair"
+    # A CPU DogeRM merge runs on numpy and never imports torch (whose import alone costs 200-600
+    # MB, by build): the bound is the buffers' (about 150 MB), whatever torch is installed.
+    assert 100 < peak_mb <= 220, f"peak RSS {peak_mb:.0f} MB for a {pair_bytes / 1e9:.2f} GB pair"
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert written > 0.7e9

@@ -6,6 +6,7 @@ the same with it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ def test_ranges_follow_the_executors_reads(llama_pair, tmp_path: Path, monkeypat
     original = InputReader.read_into
 
     def record(self, checkpoint, file, offset, buf, drop=True):  # type: ignore[no-untyped-def]
-        seen.append((self.checkpoints[checkpoint].local_file(file), offset, buf.numel()))
+        seen.append((self.checkpoints[checkpoint].local_file(file), offset, len(buf)))
         original(self, checkpoint, file, offset, buf, drop)
 
     monkeypatch.setattr(InputReader, "read_into", record)
@@ -106,7 +107,9 @@ def test_budget_is_a_quarter_of_the_free_memory_and_the_cgroup_headroom(monkeypa
 
 @pytest.mark.parametrize("entry", ["cli", "api"])
 def test_prefetches_before_torch_and_writes_the_same_bytes(llama_pair, tmp_path: Path, entry: str) -> None:
-    # The CLI and a Python user's `lazymerge.dogerm` run the same path, prefetch included.
+    # The CLI and a Python user's `lazymerge.dogerm` run the same path, prefetch included. A
+    # DogeRM merge on the CPU runs on numpy and imports no torch (nothing to overlap: see the
+    # next test); LAZYMERGE_CPU_KERNELS=torch makes it a run that imports torch.
     rm, sft = llama_pair
     args = ["dogerm", "--reward-model", str(rm), "--domain-model", str(sft), "--weight", "0.3", "-q"]
     args += ["--device", "cpu", "--max-shard-size", "60kB"]
@@ -134,7 +137,8 @@ code = {call}
 print(json.dumps([code, seen]))
 """
     with_prefetch = tmp_path / "with"
-    done = subprocess.run([sys.executable, "-c", script, str(with_prefetch)], capture_output=True, text=True)
+    env = {**os.environ, "LAZYMERGE_CPU_KERNELS": "torch"}
+    done = subprocess.run([sys.executable, "-c", script, str(with_prefetch)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     code, seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert code == 0
@@ -147,6 +151,30 @@ print(json.dumps([code, seen]))
     assert lazymerge.cli.main([*args, "-o", str(reference)]) == 0
     for f in sorted(reference.iterdir()):
         assert (with_prefetch / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_numpy_path_prefetches_while_numpy_imports_and_never_imports_torch(llama_pair, tmp_path: Path) -> None:
+    # A DogeRM merge on the CPU imports numpy, not torch: the warm-up fills that (shorter) window.
+    rm, sft = llama_pair
+    script = f"""
+import sys
+import lazymerge
+from lazymerge.io import prefetch
+assert "numpy" not in sys.modules and "torch" not in sys.modules
+windows = []
+enter = prefetch.StartupPrefetch.__enter__
+def record(self):
+    windows.append(self._enabled)
+    assert "numpy" not in sys.modules
+    return enter(self)
+prefetch.StartupPrefetch.__enter__ = record
+lazymerge.dogerm({str(rm)!r}, {str(sft)!r}, 0.3, sys.argv[1], device="cpu", max_shard_size="60kB")
+assert "torch" not in sys.modules, "torch was imported"
+assert windows == [True], windows
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "out").glob("model-*.safetensors"))
 
 
 def test_thread_is_joined_on_exit(llama_pair, tmp_path: Path, monkeypatch) -> None:

@@ -40,8 +40,10 @@ _ALIGN = 4096  # O_DIRECT offset, length and address alignment that every common
 # Block buffers per writer: one filling, the others being hashed and written, each by its own
 # thread of the pool the executor passes (RING - 1 threads). At 7B on the CI machine, 6 against 3
 # (on the 2 hash threads) took the writer stage from ~40 s busy to ~9 s and the merge from 59.7-73.1
-# to 53.0-62.4 s in 3 back-to-back pairs; it costs 96 MB of buffers instead of 48.
-RING = 6
+# to 53.0-62.4 s in 3 back-to-back pairs; it costs 96 MB of buffers instead of 48. 4 (64 MB) keeps
+# a CPU merge without torch under 160 MB peak RSS; on the 1B pair (2 loaded cores) 4 and 6 took the
+# same time within noise (15.2 and 34.2 s against 20.0 and 31.7 s, back to back). 7B not re-measured.
+RING = 4
 
 
 def direct_io_supported(directory: Path) -> bool:

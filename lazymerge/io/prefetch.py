@@ -1,15 +1,18 @@
-"""Read the first input ranges of a merge while the interpreter imports torch.
+"""Read the first input ranges of a merge while the interpreter imports its compute library.
 
-A merge command plans from headers without torch, then imports it to execute: about 3 s of CPU
+A merge command plans from headers without torch or numpy, then imports the library its chunks
+need (`lazymerge.job.run_job`): torch for most methods or the GPU, about 3 s of CPU
 on the 2-core CI machine even with the library files cached, during which a cold disk would sit
 idle. This module fills that window: a background thread reads the plan's first input ranges,
 in the order the executor will read them with one write lane (the CPU path's; with several,
 as on the GPU path, the first lane's reads), so that they are in the page cache when it starts
 (the executor then drops them once consumed, as it does for every range it reads). The thread
 stops as soon as the import is done, or at a byte budget that keeps the page cache it fills far
-below the memory the machine (or the memory cgroup the run is in) has free.
+below the memory the machine (or the memory cgroup the run is in) has free. A weighted-sum merge
+on the CPU (linear, DogeRM) imports only numpy (`lazymerge.kernels.numpy_cpu`): a window of
+0.05-0.3 s, which the same warm-up fills so that the disk starts right after planning.
 
-Torch-free, like the planner: it must run before torch is imported.
+Torch- and numpy-free, like the planner: it must run before they are imported.
 """
 
 from __future__ import annotations
@@ -32,21 +35,23 @@ _PIECE = 8 << 20  # bytes per read: large enough for the disk, small enough to s
 
 
 class StartupPrefetch:
-    """Context manager: `with StartupPrefetch(plan, checkpoints): import torch-heavy module`.
+    """Context manager: `with StartupPrefetch(plan, checkpoints, module=name): import name`.
 
-    Does nothing when torch is already imported (no window to fill), when an input is remote
+    Does nothing when `module` (default torch) is already imported (no window to fill), when an input is remote
     (reading it would start a download), when resuming (the first shards may be kept), or when
     LAZYMERGE_PREFETCH=0.
     """
 
-    def __init__(self, plan: MergePlan, checkpoints: Sequence[Checkpoint], *, resume: bool = False) -> None:
+    def __init__(
+        self, plan: MergePlan, checkpoints: Sequence[Checkpoint], *, resume: bool = False, module: str = "torch"
+    ) -> None:
         self._plan = plan
         self._checkpoints = checkpoints
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.bytes_read = 0
         self._enabled = (
-            "torch" not in sys.modules and not resume and prefetch_enabled() and all(not c.remote for c in checkpoints)
+            module not in sys.modules and not resume and prefetch_enabled() and all(not c.remote for c in checkpoints)
         )
 
     def __enter__(self) -> StartupPrefetch:

@@ -5,10 +5,16 @@ The executor's three stages stay the same on every backend: the reader fills hos
 the compute stage hands a filled chunk to `Backend.submit`, and the writer calls
 `Backend.wait(handle)` before it writes the output buffer. Implementations:
 
+- `lazymerge.kernels.numpy_cpu.NumpyBackend` merges weighted sums (linear, DogeRM) with numpy,
+  synchronously: the CPU path that never imports torch.
 - `lazymerge.kernels.cpu.CpuBackend` merges synchronously with the torch reference kernel;
   `wait` has nothing to do.
 - `lazymerge.kernels.cuda.CudaBackend` enqueues uploads, the fused Triton kernel and the
   download on CUDA streams, and `wait` waits for that chunk's download.
+
+Buffers are 1-D uint8 host arrays, a torch tensor or a numpy array (NumpyBackend's); the
+executor only slices them, takes their `len` and reads their bytes through `host_bytes`.
+Torch-free, so that a run on NumpyBackend never imports torch.
 
 Buffer contract (every backend): the host buffers passed to `submit` belong to the backend
 until `wait(handle)` returns; only then may the caller refill the inputs or read `out`.
@@ -19,18 +25,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-import torch
-
-from lazymerge.constants import DTYPE_SIZES
 from lazymerge.errors import LazyMergeError
 from lazymerge.plan import ChunkTask
 
-__all__ = ["TORCH_DTYPES", "Backend", "DeviceError", "Handle", "typed_inputs", "typed_view"]
+__all__ = ["Backend", "Buffer", "DeviceError", "Handle", "host_bytes"]
 
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 Handle = Any  # opaque: whatever `submit` returned, handed back to `wait`
+Buffer = Any  # a 1-D uint8 host array: torch.Tensor (torch backends) or numpy.ndarray (NumpyBackend)
 
 
 class DeviceError(LazyMergeError, RuntimeError):
@@ -46,13 +50,15 @@ class Backend(ABC):
     """
 
     name: str
+    # Elements per chunk when the caller leaves it to the executor (None: the executor's default).
+    chunk_elements: int | None = None
 
     @abstractmethod
-    def allocate(self, nbytes: int) -> torch.Tensor:
+    def allocate(self, nbytes: int) -> Buffer:
         """A 1-D uint8 CPU buffer of `nbytes` suited to this backend (pinned for CUDA)."""
 
     @abstractmethod
-    def submit(self, task: ChunkTask, inputs: Sequence[torch.Tensor], out: torch.Tensor) -> Handle:
+    def submit(self, task: ChunkTask, inputs: Sequence[Buffer], out: Buffer) -> Handle:
         """Start merging `task`: `inputs[j]` holds source j's bytes, the result goes to `out`.
 
         `inputs[j]` and `out` are uint8 CPU views of at least `task.count * itemsize` bytes
@@ -66,6 +72,14 @@ class Backend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release on CPU
         """Finish outstanding work and release device memory."""
 
+    def new_worker(self) -> Backend:
+        """Another instance for one more CPU worker thread (each keeps its own scratch)."""
+        return type(self)()
+
+    def run_scope(self) -> AbstractContextManager[object]:
+        """Held around a run (the torch CPU backend runs torch single-threaded in it)."""
+        return nullcontext()
+
     def __enter__(self) -> Backend:
         return self
 
@@ -73,25 +87,7 @@ class Backend(ABC):
         self.close()
 
 
-def typed_view(buf: torch.Tensor, count: int, dtype: str, what: str) -> torch.Tensor:
-    """The first `count` elements of a uint8 buffer, viewed as `dtype` (no copy)."""
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"{what}: dtype {dtype} is not mergeable (F32, F16, BF16)")
-    nbytes = count * DTYPE_SIZES[dtype]
-    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < nbytes:
-        raise ValueError(
-            f"{what}: need a 1-D uint8 buffer of at least {nbytes} bytes, got {buf.dtype} {tuple(buf.shape)}"
-        )
-    return buf[:nbytes].view(TORCH_DTYPES[dtype])
-
-
-def typed_inputs(task: ChunkTask, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Checked typed views of the input buffers, one per source of `task`."""
-    if task.copy:
-        raise ValueError("copy tasks are byte copies; they never reach a compute backend")
-    if len(inputs) != len(task.sources):
-        raise ValueError(f"task has {len(task.sources)} sources but {len(inputs)} input buffers were given")
-    return [
-        typed_view(buf, task.count, src.dtype, f"inputs[{j}]")
-        for j, (buf, src) in enumerate(zip(inputs, task.sources, strict=True))
-    ]
+def host_bytes(buf: Buffer) -> memoryview:
+    """The bytes of a host buffer (torch tensor or numpy array), without a copy."""
+    to_numpy = getattr(buf, "numpy", None)  # a torch tensor; a numpy array is one already
+    return memoryview(to_numpy() if to_numpy is not None else buf)

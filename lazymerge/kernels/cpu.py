@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
 from lazymerge import methods
 from lazymerge.kernels import torch as torch_kernels
-from lazymerge.kernels.base import Backend, Handle, typed_inputs, typed_view
+from lazymerge.kernels.base import Backend, Handle
+from lazymerge.kernels.torch import typed_inputs, typed_view
 from lazymerge.plan import ChunkTask
 
 __all__ = ["CpuBackend"]
@@ -45,3 +47,9 @@ class CpuBackend(Backend):
 
     def wait(self, handle: Handle) -> None:
         return None
+
+    def run_scope(self) -> AbstractContextManager[object]:
+        # The executor's workers are the parallelism (one per core: intra-op threads spin at
+        # barriers on a busy machine), and some reductions (slerp's norms) take their order
+        # from the thread count: one torch thread, as `verify --recompute` runs too.
+        return torch_kernels.single_threaded()

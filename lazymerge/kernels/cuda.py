@@ -23,7 +23,8 @@ import torch
 
 from lazymerge import methods
 from lazymerge.constants import DTYPE_SIZES
-from lazymerge.kernels.base import Backend, DeviceError, Handle, typed_inputs, typed_view
+from lazymerge.kernels.base import Backend, DeviceError, Handle
+from lazymerge.kernels.torch import typed_inputs, typed_view
 from lazymerge.plan import ChunkTask
 from lazymerge.settings import CUDA_SYNC_ENV, cuda_sync
 

@@ -1,4 +1,4 @@
-"""Reference chunk kernels on torch. The Triton kernels must agree with these bit for bit.
+"""Reference chunk kernels on torch, and the typed views of byte buffers the torch backends use. The Triton kernels must agree with these bit for bit.
 
 Arithmetic contract (every backend): each input is widened to fp32 (exact for F16/BF16), then
     acc = x0 * w0;  acc = acc + xi * wi  (i = 1..n-1, in order);  if divisor: acc = acc / divisor
@@ -9,9 +9,13 @@ on CPU, so the multiply and the add are separate calls here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
+
+from lazymerge.constants import DTYPE_SIZES
+from lazymerge.plan import ChunkTask
 
 # Elements per inner block: 256 Ki fp32 = 1 MiB of accumulator, small enough for L2.
 BLOCK = 256 * 1024
@@ -87,3 +91,41 @@ def _scratch(buf: torch.Tensor | None, n: int) -> torch.Tensor:
     if buf is None:
         return torch.empty(n, dtype=torch.float32)
     return buf[:n]
+
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """torch with one intra-op thread, restored after: the executor's workers are the parallelism."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def typed_view(buf: torch.Tensor, count: int, dtype: str, what: str) -> torch.Tensor:
+    """The first `count` elements of a uint8 buffer, viewed as `dtype` (no copy)."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"{what}: dtype {dtype} is not mergeable (F32, F16, BF16)")
+    nbytes = count * DTYPE_SIZES[dtype]
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() < nbytes:
+        raise ValueError(
+            f"{what}: need a 1-D uint8 buffer of at least {nbytes} bytes, got {buf.dtype} {tuple(buf.shape)}"
+        )
+    return buf[:nbytes].view(TORCH_DTYPES[dtype])
+
+
+def typed_inputs(task: ChunkTask, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Checked typed views of the input buffers, one per source of `task`."""
+    if task.copy:
+        raise ValueError("copy tasks are byte copies; they never reach a compute backend")
+    if len(inputs) != len(task.sources):
+        raise ValueError(f"task has {len(task.sources)} sources but {len(inputs)} input buffers were given")
+    return [
+        typed_view(buf, task.count, src.dtype, f"inputs[{j}]")
+        for j, (buf, src) in enumerate(zip(inputs, task.sources, strict=True))
+    ]
