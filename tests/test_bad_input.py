@@ -481,7 +481,7 @@ def test_input_truncated_after_planning_cli(
 RECIPES: dict[str, tuple[Callable[[Path, Path], dict | str], str]] = {
     "yaml syntax": (lambda a, b: "merge_method: linear\nmodels: [\n  - model: : x\n", "is not valid YAML/JSON"),
     "not a mapping": (lambda a, b: "- 1\n- 2\n", "a recipe is a mapping"),
-    "unknown key": (lambda a, b: _linear(a, b, slices=[]), "unsupported key(s): slices"),
+    "unknown key": (lambda a, b: _linear(a, b, frobnicate=[]), "unsupported key(s): frobnicate"),
     "unknown model key": (
         lambda a, b: {"merge_method": "linear", "models": [{"model": str(a), "density": 0.5}, {"model": str(b)}]},
         "models[0] has unsupported key(s): density",
