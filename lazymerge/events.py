@@ -37,7 +37,7 @@ class MergeStats:
     bytes_read: int
     bytes_written: int
     seconds: float
-    peak_rss_bytes: int
+    peak_rss_bytes: int | None  # None where the platform cannot measure it
     device: str
     files: list[Path] = field(default_factory=list)
     resumed_shards: int = 0

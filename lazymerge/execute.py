@@ -10,12 +10,12 @@ never prints; progress goes to a callback.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from lazymerge._platform import peak_rss_bytes, tune_allocator
 from lazymerge.errors import OutputError
 from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
@@ -89,7 +89,7 @@ def execute_sweep(
         PlanError: the plans do not read the same input ranges.
     """
     start = time.perf_counter()
-    _return_freed_buffers_to_the_os()
+    tune_allocator()
     plans = list(plans)
     dirs = [p.output_dir for p in plans]
     if len({d.resolve() for d in dirs}) != len(dirs):
@@ -170,7 +170,7 @@ def execute_sweep(
     if progress:
         progress(ProgressEvent("done", "", written, total, read))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return [
         MergeStats(
             tensors=len(p.tensors),
@@ -185,16 +185,3 @@ def execute_sweep(
         )
         for p, (_, done) in zip(plans, states, strict=True)
     ]
-
-
-def _return_freed_buffers_to_the_os() -> None:
-    # glibc raises its mmap threshold each time a large block is freed, after which buffers of
-    # that size come from the heap and stay in RSS once freed (about 100 MB here). A fixed
-    # threshold keeps every multi-MB buffer in its own mapping, returned on free.
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from lazymerge.constants import PARTIAL_SUFFIX, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
 from lazymerge.errors import DiskSpaceError, OutputError
-from lazymerge.lock import LOCK_NAME, lock_holder
+from lazymerge.lock import LOCK_NAMES, lock_holder
 from lazymerge.manifest import MANIFEST_NAME, Manifest, plan_fingerprint
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ __all__ = [
 
 DIRECT_PROBE_NAME = ".lazymerge-direct-probe" + PARTIAL_SUFFIX
 # Entries a run creates before its manifest exists (or while it replaces it): never the user's.
-_OWN_NAMES = frozenset({LOCK_NAME, DIRECT_PROBE_NAME, MANIFEST_NAME + PARTIAL_SUFFIX})
+_OWN_NAMES = frozenset({*LOCK_NAMES, DIRECT_PROBE_NAME, MANIFEST_NAME + PARTIAL_SUFFIX})
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".index.json")
 _TEMPLATE_FIELD = re.compile(r"\{[^{}]*\}")
 

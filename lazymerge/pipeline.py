@@ -13,7 +13,6 @@ of shards.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lazymerge._platform import usable_cpu_count
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.errors import PlanError
 from lazymerge.events import ProgressEvent
@@ -118,7 +118,7 @@ class MergeRun:
         self.written = [sum(s.size for k, s in enumerate(p.shards) if k not in shards) for p in plans]
         if backend.name == "cpu":
             # At least one worker: with none, the reader fills every slot and waits forever.
-            self.workers = [CpuBackend() for _ in range(max(1, workers or os.cpu_count() or 1))]
+            self.workers = [CpuBackend() for _ in range(max(1, workers or usable_cpu_count()))]
         else:
             self.workers = [backend]  # one thread enqueues; the GPU overlaps the chunks itself
         # Enough slots for every worker to hold one chunk, plus one being read and one written.

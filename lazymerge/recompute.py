@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from lazymerge import methods
+from lazymerge._platform import open_flags, pread
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.kernels.cpu import CpuBackend
@@ -32,8 +33,8 @@ def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: Out
     def read(checkpoint: int, file: str, offset: int, buf: torch.Tensor) -> None:
         key = (checkpoint, file)
         if key not in fds:
-            fds[key] = os.open(checkpoints[checkpoint].local_file(file), os.O_RDONLY)
-        data = os.pread(fds[key], buf.numel(), offset)
+            fds[key] = os.open(checkpoints[checkpoint].local_file(file), open_flags(os.O_RDONLY))
+        data = pread(fds[key], buf.numel(), offset)
         buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
     # The merge's workers run torch single-threaded, and some reductions (slerp's norms above
@@ -54,8 +55,8 @@ def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: Out
             for s in task.sources:
                 key = (s.checkpoint, s.file)
                 if key not in fds:
-                    fds[key] = os.open(checkpoints[s.checkpoint].local_file(s.file), os.O_RDONLY)
-                data = os.pread(fds[key], task.count * DTYPE_SIZES[s.dtype], s.offset)
+                    fds[key] = os.open(checkpoints[s.checkpoint].local_file(s.file), open_flags(os.O_RDONLY))
+                data = pread(fds[key], task.count * DTYPE_SIZES[s.dtype], s.offset)
                 buffers.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             start = task.out_offset - base
             if task.copy:

@@ -22,6 +22,7 @@ mapping never adds more than a few blocks to the resident set.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -30,6 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
+
+from lazymerge._platform import can_drop_mapped_pages, drop_mapped_pages, map_readonly, pread, usable_cpu_count
 
 __all__ = [
     "ALGORITHM",
@@ -60,7 +63,7 @@ def known_algorithm(name: object) -> bool:
 
 def hash_pool(workers: int | None = None) -> ThreadPoolExecutor:
     """A thread pool for block hashing: a few threads are enough to outrun one disk or writer."""
-    n = workers or max(1, min(8, os.cpu_count() or 1))
+    n = workers or max(1, min(8, usable_cpu_count()))
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-hash")
 
 
@@ -76,8 +79,11 @@ class BlockHasher:
         self._pool = pool
         self._hash = BLOCK_HASHES[algorithm]
         # The file is already reserved at its final size (fallocate / ftruncate), so mapping it
-        # whole is valid; only written ranges are ever touched.
-        self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+        # whole is valid; only written ranges are ever touched. Where hashed pages cannot be
+        # dropped from the map (Windows), blocks are read into memory instead, so the resident
+        # set still does not grow with the file.
+        self._fd = fd
+        self._map = map_readonly(fd, size) if size and can_drop_mapped_pages() else None
         self._futures: list[Future[bytes]] = []
         self._submitted = 0  # bytes handed to the pool
 
@@ -107,8 +113,10 @@ class BlockHasher:
             self._map = None
 
     def _submit(self, start: int, n: int) -> None:
-        assert self._map is not None
-        self._futures.append(self._pool.submit(_hash_mapped, self._map, start, n, self._hash))
+        if self._map is not None:
+            self._futures.append(self._pool.submit(_hash_mapped, self._map, start, n, self._hash))
+        else:
+            self._futures.append(self._pool.submit(_hash_read, self._fd, start, n, self._hash))
         self._submitted = start + n
 
 
@@ -120,8 +128,15 @@ def _hash_mapped(mapped: mmap.mmap, start: int, n: int, block_hash: Callable[[me
         view.release()  # the mapping can only be closed once no view of it is left
     # Drop the pages from this process's mapping (the page cache keeps them): the resident set
     # must not grow with the shard.
-    mapped.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE, n + start % mmap.PAGESIZE)
+    drop_mapped_pages(mapped, start, n)
     return digest
+
+
+def _hash_read(fd: int, start: int, n: int, block_hash: Callable[[memoryview], bytes]) -> bytes:
+    data = pread(fd, n, start)
+    if len(data) != n:
+        raise OSError(errno.EIO, f"file ended at {start + len(data)} while hashing a block of {n} bytes at {start}")
+    return block_hash(memoryview(data))
 
 
 def block_digest(block: memoryview | bytes) -> bytes:

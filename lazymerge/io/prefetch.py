@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lazymerge._platform import open_flags, pread_into
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
@@ -70,12 +71,12 @@ class StartupPrefetch:
             for path, offset, nbytes in _ranges(self._plan, self._checkpoints):
                 fd = fds.get(path)
                 if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY)
+                    fd = fds[path] = os.open(path, open_flags(os.O_RDONLY))
                 done = 0
                 while done < nbytes:
                     if self._stop.is_set() or self.bytes_read >= budget:
                         return
-                    n = os.preadv(fd, [memoryview(buf)[: min(_PIECE, nbytes - done)]], offset + done)
+                    n = pread_into(fd, memoryview(buf)[: min(_PIECE, nbytes - done)], offset + done)
                     if n <= 0:
                         break  # a truncated input: the executor reports it
                     done += n

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from lazymerge._platform import advise_sequential, drop_cached, open_flags, pread_into, usable_cpu_count
 from lazymerge.errors import HeaderError
 from lazymerge.plan import ChunkTask
 from lazymerge.settings import read_threads
@@ -36,7 +37,7 @@ def _read_pool() -> tuple[ThreadPoolExecutor | None, int]:
     copies would only take CPU from the merge workers. LAZYMERGE_READ_THREADS overrides (0 or
     1: the reader thread alone)."""
     env = read_threads()
-    cores = os.cpu_count() or 1
+    cores = usable_cpu_count()
     n = env if env is not None else (min(8, cores // 2) if cores >= 4 else 0)
     if n <= 1:
         return None, 1
@@ -92,8 +93,8 @@ class InputReader:
             fd = self.fds.get(key)
             if fd is None:
                 path = self.checkpoints[checkpoint].local_file(file)
-                fd = os.open(path, os.O_RDONLY)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                fd = os.open(path, open_flags(os.O_RDONLY))
+                advise_sequential(fd)
                 self.fds[key] = fd
             return fd
 
@@ -103,14 +104,14 @@ class InputReader:
         view = memoryview(buf.numpy())
         done = 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = pread_into(fd, view[done:], offset + done)
             if n == 0:
                 path = self.checkpoints[checkpoint].local_file(file)
                 raise HeaderError(path, "file ends before the tensor data its header promises: truncated?")
             done += n
         if drop:
             # Consumed input pages leave the page cache, so a merge does not evict everything else.
-            os.posix_fadvise(fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+            drop_cached(fd, offset, len(view))
         self.count(len(view), time.perf_counter() - began)
 
     def count(self, nbytes: int, seconds: float = 0.0) -> None:
