@@ -138,13 +138,18 @@ class OutputLock:
             return
         self.path.unlink(missing_ok=True)
         try:
-            # Unlinked while still held (see __enter__); Windows refuses to delete an open file,
-            # and filelock deletes it there on release.
+            # Unlinked while still held (see __enter__).
             self._flock_path.unlink(missing_ok=True)
+            unlinked = True
         except OSError:
-            pass
+            unlinked = False  # Windows refuses to delete an open file: after the release, then
         self._lock.release()
         self._lock = None
+        if not unlinked:
+            try:
+                self._flock_path.unlink(missing_ok=True)
+            except OSError:
+                pass  # another run holds it already
 
 
 def _holds_the_file_in_place(lock: object, path: Path) -> bool:
