@@ -172,6 +172,7 @@ print(json.dumps(facts))
 """
 
 
+@pytest.mark.slow  # three interpreters start
 def test_the_simulated_platforms_lack_what_they_should(tmp_path: Path) -> None:
     facts = {}
     for flavour in ("linux", *SIMULATED):
