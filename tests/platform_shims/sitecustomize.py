@@ -54,6 +54,9 @@ def _remove(module: object, names: tuple[str, ...]) -> None:
     for name in names:
         if hasattr(module, name):
             delattr(module, name)
+    if module is os and hasattr(os, "process_cpu_count"):
+        # 3.13's os.process_cpu_count calls sched_getaffinity on Linux; elsewhere it is cpu_count.
+        os.process_cpu_count = os.cpu_count
 
 
 def _tell_lazymerge(system: str) -> None:
