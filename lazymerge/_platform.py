@@ -30,10 +30,12 @@ __all__ = [
     "NOFOLLOW",
     "advise_sequential",
     "can_drop_mapped_pages",
+    "cgroup_memory_headroom",
     "copy_file_range",
     "drop_cached",
     "drop_mapped_pages",
     "map_readonly",
+    "memory_available",
     "open_direct",
     "open_flags",
     "peak_rss_bytes",
@@ -327,3 +329,44 @@ def _cgroup_cpu_quota(root: Path) -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+# -- memory available (the start-up prefetch's budget) --------------------------------------------
+
+
+def memory_available() -> int:
+    """Bytes of memory available without swapping (Linux MemAvailable); 0 where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def cgroup_memory_headroom() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2 or v1), or None without a limit (or
+    off Linux)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            limit, usage = base / "memory.max", base / "memory.current"
+        elif "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            limit, usage = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            cap = limit.read_text().strip()
+            if cap == "max" or int(cap) >= 1 << 60:  # v1 says "no limit" with a huge number
+                continue
+            return max(0, int(cap) - int(usage.read_text()))
+        except (OSError, ValueError):
+            continue
+    return None
