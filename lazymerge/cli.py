@@ -16,9 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-
 from lazymerge._version import __version__
+from lazymerge.consoles import LogConsole
 from lazymerge.errors import LazyMergeError, PlanWarning
 from lazymerge.options import DEVICES, HubOptions, RunOptions
 from lazymerge.settings import debug_enabled, quiet_hub_logging
@@ -28,8 +27,9 @@ if TYPE_CHECKING:
 
 EXIT_USER_ERROR = 2
 
-_stdout = Console(highlight=False)
-_stderr = Console(stderr=True, highlight=False)
+# Never wrapped when the stream is a file or a pipe (`--dry-run > plan.txt`, a batch log).
+_stdout = LogConsole(highlight=False)
+_stderr = LogConsole(stderr=True, highlight=False)
 
 
 def run() -> None:
@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     quiet_hub_logging()
+    as_json = getattr(args, "json", False)
     try:
         return args.func(args) or 0
     except LazyMergeError as exc:
@@ -63,22 +64,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         _line(f"[bold red]error:[/] {_escape(exc.message)}")
         if exc.hint:
             _line(f"[dim]hint: {_escape(exc.hint)}[/]")
-        return EXIT_USER_ERROR
+        return _failed(as_json, type(exc).__name__, exc.message, exc.hint, EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        _line("[bold red]interrupted[/]: no output file that looks complete was left behind")
-        return 130
+        message = "no output file that looks complete was left behind"
+        _line(f"[bold red]interrupted[/]: {message}")
+        return _failed(as_json, "KeyboardInterrupt", f"interrupted: {message}", None, 130)
     except OSError as exc:  # an environment problem we did not anticipate: still one line
         if debug_enabled():
             raise
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         _line(f"[bold red]error:[/] {_escape(exc.strerror or str(exc))}{_escape(where)}")
-        return EXIT_USER_ERROR
+        return _failed(as_json, type(exc).__name__, f"{exc.strerror or exc}{where}", None, EXIT_USER_ERROR)
     except Exception as exc:
         if debug_enabled():
             raise
+        hint = "rerun with LAZYMERGE_DEBUG=1 for a traceback and report it"
         _line(f"[bold red]internal error:[/] {type(exc).__name__}: {_escape(str(exc))}")
-        _line("[dim]hint: rerun with LAZYMERGE_DEBUG=1 for a traceback and report it[/]")
-        return 1
+        _line(f"[dim]hint: {hint}[/]")
+        return _failed(as_json, type(exc).__name__, f"internal error: {exc}", hint, 1)
+
+
+def _failed(as_json: bool, kind: str, message: str, hint: str | None, code: int) -> int:
+    """The exit code of a failed command; with --json, the error as a JSON document on stdout too
+    (the one-line message is already on stderr)."""
+    if as_json:
+        from lazymerge.json_report import error_document, print_document
+        from lazymerge.text import one_line
+
+        print_document(error_document(kind, one_line(message), hint and one_line(hint), code))
+    return code
 
 
 def _line(markup: str) -> None:
@@ -136,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a merged model: headers, index, sizes, checksums, recomputed tensors")
     v.add_argument("path", type=Path, help="merged model folder")
     v.add_argument("--recompute", type=int, default=0, metavar="N", help="recompute N sampled tensors from the inputs")
+    _json_arg(v, "the checks")
     v.set_defaults(func=_cmd_verify)
 
     demo = sub.add_parser("demo", help="build a small RM + SFT pair and DogeRM-merge them (offline)")
@@ -150,13 +165,37 @@ def _common_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-elements", default=None, type=int, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true", help="print the plan and every check; read no tensor")
     p.add_argument("--overwrite", action="store_true", help="allow an output folder that holds a model")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or progress lines")
+    p.add_argument(
+        "--progress-interval",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="when stderr is not a terminal: a progress line every SECONDS (default 10; 0: per shard only)",
+    )
+    _json_arg(p, "the plan (with --dry-run) or what the run did")
     p.add_argument(
         "--resume", action="store_true", help="keep shards a killed run of the same command finished; redo the rest"
     )
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to merge (default auto)")
     p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     _hub_args(p)
+
+
+def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--json", action="store_true", help=f"print {what} as one JSON document on stdout (progress stays on stderr)"
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _hub_args(p: argparse.ArgumentParser) -> None:
@@ -188,7 +227,7 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
             args.reward_model, args.domain_model, weight, args.output, dtype=args.dtype, dry_run=args.dry_run,
             options=options, hub=hub,
         )  # fmt: skip
-    return _render(result, args.dry_run, sweep, hub)
+    return _render(result, args, sweep, hub)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -200,7 +239,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     with _plan_warnings(shown=not args.dry_run):
         verb = plan_merge if args.dry_run else merge
         result = verb(args.config, args.output, sweep=sweep, options=options, hub=hub)
-    return _render(result, args.dry_run, sweep, hub)
+    return _render(result, args, sweep, hub)
 
 
 def _options(args: argparse.Namespace) -> tuple[RunOptions, HubOptions]:
@@ -229,14 +268,18 @@ def _plan_warnings(shown: bool) -> Iterator[None]:
         yield
 
 
-def _render(result: Any, dry_run: bool, sweep: Sweep | None, hub: HubOptions) -> int:
+def _render(result: Any, args: argparse.Namespace, sweep: Sweep | None, hub: HubOptions) -> int:
+    from lazymerge.json_report import plan_document, print_document, results_document
     from lazymerge.report import print_plan, print_results
 
     results = result if isinstance(result, list) else [result]
-    if not dry_run:
+    labels, repos = sweep.labels() if sweep is not None else [], hub.repo_ids(sweep) or []
+    if args.json:
+        print_document(plan_document(results, labels, repos) if args.dry_run else results_document(results))
+    elif args.dry_run:
+        print_plan(_stdout, results, labels, repos)
+    else:
         print_results(_stdout, results)
-        return 0
-    print_plan(_stdout, results, sweep.labels() if sweep is not None else [], hub.repo_ids(sweep) or [])
     return 0
 
 
@@ -262,7 +305,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from lazymerge.verify import verify
 
     report = verify(args.path, recompute=args.recompute)
-    print_verify(_stdout, report)
+    if args.json:
+        from lazymerge.json_report import print_document, verify_document
+
+        print_document(verify_document(report))
+    else:
+        print_verify(_stdout, report)
     if not report.ok:
         failed = [c.name for c in report.checks if not c.ok]
         _line(f"[bold red]error:[/] {_escape(str(args.path))} failed verification: {_escape(', '.join(failed))}")

@@ -125,7 +125,7 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     options = job.options
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
-        with _progress(job.plans, options.progress, pushes) as progress:
+        with _progress(job.plans, options, pushes) as progress:
             with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume):
                 from lazymerge.execute import execute_sweep  # imports torch: seconds the disk need not sit idle
             lanes = 1 if pushes is not None and pushes.delete_after_upload else options.write_lanes
@@ -143,21 +143,20 @@ def run_job(job: MergeJob) -> list[MergeStats]:
 
 
 @contextlib.contextmanager
-def _progress(
-    plans: list[MergePlan], progress: bool | ProgressCallback, pushes: Pushes | None
-) -> Iterator[ProgressCallback | None]:
-    """The executor's callback: the user's, a rich progress bar (True), or none (False)."""
-    if progress is False:
+def _progress(plans: list[MergePlan], options: RunOptions, pushes: Pushes | None) -> Iterator[ProgressCallback | None]:
+    """The executor's callback: the user's, progress on stderr (True: a bar where someone watches,
+    plain lines in a log), or none (False)."""
+    if options.progress is False:
         yield None
         return
-    if progress is not True:
-        yield progress
+    if options.progress is not True:
+        yield options.progress
         return
-    from rich.console import Console
+    from lazymerge.consoles import LogConsole
+    from lazymerge.progress_lines import progress_display
 
-    from lazymerge.report import progress_bar
-
-    with progress_bar(Console(stderr=True, highlight=False), plans, upload=pushes is not None) as callback:
+    console = LogConsole(stderr=True, highlight=False)
+    with progress_display(console, plans, upload=pushes is not None, interval=options.progress_interval) as callback:
         if pushes is not None:
             pushes.report_uploads(callback.upload)
         yield callback

@@ -40,8 +40,11 @@ class RunOptions:
         device: "auto" (CUDA when a GPU and Triton are usable), "cpu" or "cuda".
         workers: CPU merge threads (default: the cores this process may use).
         write_lanes: output shards written at once (default 3 on CUDA, 1 on CPU).
-        progress: True for a progress bar (terminal or notebook), or a callback that receives
-            each `ProgressEvent`; False for none.
+        progress: True to show progress on stderr (a bar in a terminal or a notebook; plain
+            lines, flushed as they happen, in a file, a pipe or a batch log), or a callback that
+            receives each `ProgressEvent`; False for none.
+        progress_interval: seconds between the plain status lines of a log (0: only a line per
+            shard closed and at the start and end). The bar ignores it.
 
     Raises:
         RecipeError: a value out of range (the message gives the range).
@@ -55,6 +58,7 @@ class RunOptions:
     workers: int | None = None
     write_lanes: int | None = None
     progress: bool | ProgressCallback = False
+    progress_interval: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size, "max_shard_size"))
@@ -64,6 +68,9 @@ class RunOptions:
             raise RecipeError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not (isinstance(self.progress, bool) or callable(self.progress)):
             raise RecipeError(f"progress must be True, False or a callback, got {self.progress!r}")
+        interval = self.progress_interval
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < float("inf"):
+            raise RecipeError(f"progress_interval must be a number of seconds >= 0, got {interval!r}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ of shards.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -195,7 +196,7 @@ class MergeRun:
                 self.direct_pool.shutdown(cancel_futures=True)
         if profile_enabled():
             busy = ", ".join(f"{k} {v:.2f}" for k, v in self.busy.items())
-            print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", flush=True)
+            print(f"lazymerge profile (busy s): {busy}; {self.lanes} write lane(s)", file=sys.stderr, flush=True)
         if self.errors:  # an interruption wins over what it made other threads fail with
             raise next((e for e in self.errors if isinstance(e, KeyboardInterrupt)), self.errors[0])
 

@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
 from lazymerge.errors import PlanError
@@ -141,6 +142,66 @@ class MergePlan:
         return sum(
             seg.count * DTYPE_SIZES[src.dtype] for t in self.tensors for seg in t.segments for src in seg.sources
         )
+
+    def checks(self) -> list[dict[str, Any]]:
+        """The checks the plan passed, each `{"name", "ok", "detail"}` (as `lazymerge verify`
+        reports its own). Planning raises on a failed one, so each is ok; free space is known once
+        the output folder was checked (`lazymerge.output_folder.check_plan_output`)."""
+        checks: list[dict[str, Any]] = [
+            {"name": "shapes and dtypes", "ok": True, "detail": "consistent across the inputs"},
+            {"name": "tensors", "ok": True, "detail": "every tensor present"},
+        ]
+        if self.free_bytes is not None:
+            ok = self.free_bytes >= self.bytes_on_disk
+            detail = f"{self.free_bytes} bytes free, {self.bytes_on_disk} needed"
+            checks.append({"name": "free space", "ok": ok, "detail": detail})
+        return checks
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (what `lazymerge ... --dry-run --json` prints per output).
+
+        Keys: `output_dir`, `method`, `recipe`, `inputs`, `reads` (bytes read from each input),
+        `input_bytes`, `total_size` (tensor bytes), `bytes_on_disk`, `free_bytes` (or null),
+        `shards` (`name`, `size`, `tensors`: a count), `tensors` in file order (`name`, `dtype`,
+        `shape`, `how`, `shard`: the file name, `nbytes`), `side_files`, `dropped`, `warnings`
+        and `checks` (see `checks`). Sizes are bytes."""
+        reads = [0] * len(self.inputs)
+        for t in self.tensors:
+            for seg in t.segments:
+                for src in seg.sources:
+                    reads[src.checkpoint] += seg.count * DTYPE_SIZES[src.dtype]
+        ordered = sorted(self.tensors, key=lambda t: (t.shard, t.offset))
+        return {
+            "output_dir": str(self.output_dir),
+            "method": self.recipe.get("merge_method"),
+            "recipe": self.recipe,
+            "inputs": list(self.inputs),
+            "reads": [{"input": name, "bytes": n} for name, n in zip(self.inputs, reads, strict=True)],
+            "input_bytes": sum(reads),
+            "total_size": self.total_size,
+            "bytes_on_disk": self.bytes_on_disk,
+            "free_bytes": self.free_bytes,
+            "shards": [{"name": s.name, "size": s.size, "tensors": len(s.tensors)} for s in self.shards],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "how": t.how,
+                    "shard": self.shards[t.shard].name if t.shard >= 0 else None,
+                    "nbytes": t.nbytes,
+                }
+                for t in ordered
+            ],
+            "side_files": sorted(self.side_files),
+            "dropped": list(self.dropped),
+            "warnings": list(self.warnings),
+            "checks": self.checks(),
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """`to_dict()` as a JSON document."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=str)
 
     def index_json(self) -> bytes | None:
         """The `model.safetensors.index.json` content, or None for a single-file output."""

@@ -6,7 +6,6 @@ Rendering only; the CLI decides when. Everything goes to the Console it is given
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,19 +13,14 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape as _markup_escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.plan import MergePlan
 from lazymerge.text import printable
+from lazymerge.units import Throughput, duration_text, human, rate_text
 
 if TYPE_CHECKING:
     from lazymerge.execute import MergeStats
@@ -40,16 +34,11 @@ def escape(text: str) -> str:
     return _markup_escape(printable(text))
 
 
-def human(n: float) -> str:
-    """Bytes as a short decimal size: 13.48 GB, 512.0 MB, 812 B."""
-    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= factor:
-            return f"{n / factor:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def _table(title: str) -> Table:
-    return Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    # The title (a folder path, often) is never wrapped to the table's width: one line, whole.
+    heading = Text.from_markup(title, style="table.title", overflow="ignore")
+    heading.no_wrap = True
+    return Table(title=heading, title_justify="left", show_edge=False, pad_edge=False)
 
 
 def print_plan(
@@ -99,36 +88,50 @@ def _print_one_plan(console: Console, plan: MergePlan, repo: str | None) -> None
 def progress_bar(
     console: Console, plans: Sequence[MergePlan], disable: bool = False, upload: bool = False
 ) -> Iterator[Callable]:
-    """A rich progress bar (bytes written by all `plans`, speed, ETA, current shard) fed by executor
-    events; in a terminal or a notebook (rich draws a widget there).
+    """A rich progress bar (bytes written by all `plans`, the input read rate, ETA, current shard)
+    fed by executor events; for a terminal or a notebook (rich draws a widget there). Until the
+    first bytes are merged (the merge backend loads) it says "starting…" and pulses.
 
     With `upload`, a second line shows the bytes pushed to the Hub; the yielded callback then has
     an `upload(done, total)` attribute for the pusher to call (from its own thread)."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[sizes]}"),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[eta]}"),
         console=console,
         disable=disable,
         transient=False,
     )
     total = sum(s.size for p in plans for s in p.shards)
-    task = progress.add_task("merging", total=total)
+    meter = Throughput()
+    task = progress.add_task("starting…", total=None, sizes=f"0 B/{human(total)} written", rate="", eta="")
 
     def callback(event) -> None:
-        description = f"merging {event.shard}" if event.kind == "chunk" else event.kind
-        if event.kind == "shard":
-            description = f"closed {event.shard}"
-        progress.update(task, completed=event.bytes_written, description=description)
+        fields: dict = {
+            "completed": event.bytes_written,
+            "sizes": f"{human(event.bytes_written)}/{human(total)} written",
+        }
+        if event.kind == "skip":
+            fields["description"] = f"kept {escape(event.shard)}"
+        else:  # a kept shard moved no byte: it stays out of the rate
+            meter.add(event.bytes_read, event.bytes_written)
+            fields["rate"] = rate_text(meter.read_rate())
+            fields["eta"] = f"ETA {duration_text(meter.eta(total - event.bytes_written))}"
+            fields["description"] = {"chunk": "merging", "shard": "closed", "done": "done"}.get(event.kind, event.kind)
+            if event.shard:
+                fields["description"] += f" {escape(event.shard)}"
+        progress.update(task, total=total, **fields)
 
     if upload:
-        up = progress.add_task("uploading (waits for the first shard)", total=total)
+        up = progress.add_task("uploading (waits for the first shard)", total=total, sizes="", rate="", eta="")
 
         def on_upload(done: int, upload_total: int) -> None:
             label = "uploaded, committing" if done >= upload_total else "uploading to the Hub"
-            progress.update(up, completed=done, total=upload_total or total, description=label)
+            upload_total = upload_total or total
+            sizes = f"{human(done)}/{human(upload_total)} uploaded"
+            progress.update(up, completed=done, total=upload_total, description=label, sizes=sizes)
 
         callback.upload = on_upload  # type: ignore[attr-defined]
 
@@ -176,7 +179,10 @@ def print_results(console: Console, stats: Sequence[MergeStats]) -> None:
             console.print(f"pushed to {escape(where)}{reused}: {escape(one.push.commit_url)}", soft_wrap=True)
     if len(stats) > 1:
         first = stats[0]
-        console.print(f"{len(stats)} models from one read of {human(first.bytes_read)} in {first.seconds:.1f} s")
+        console.print(
+            f"{len(stats)} models from one read of {human(first.bytes_read)} in {first.seconds:.1f} s "
+            f"({rate_text(first.read_rate)})"
+        )
 
 
 def print_stats(console: Console, stats: MergeStats) -> None:
@@ -184,7 +190,6 @@ def print_stats(console: Console, stats: MergeStats) -> None:
     table = _table("Merged")
     table.add_column("what")
     table.add_column("value", justify="right")
-    rate = stats.bytes_read / stats.seconds / 1e9 if stats.seconds > 0 else math.inf
     rows = [
         ("output", escape(str(stats.output_dir))),
         ("tensors", str(stats.tensors)),
@@ -192,7 +197,7 @@ def print_stats(console: Console, stats: MergeStats) -> None:
         ("read", human(stats.bytes_read)),
         ("written", human(stats.bytes_written)),
         ("wall time", f"{stats.seconds:.2f} s"),
-        ("input throughput", f"{rate:.2f} GB/s"),
+        ("read rate", rate_text(stats.read_rate)),
         ("peak RSS", "not measured" if stats.peak_rss_bytes is None else human(stats.peak_rss_bytes)),
         ("device", stats.device),
     ]

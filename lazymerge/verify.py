@@ -9,10 +9,12 @@ vouches for the shards' bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lazymerge.constants import SAFE_INDEX_NAME
 from lazymerge.errors import LazyMergeError
@@ -41,6 +43,15 @@ class VerifyReport:
 
     def add(self, name: str, ok: bool, detail: str) -> None:
         self.checks.append(Check(name, ok, detail))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (what `lazymerge verify --json` prints): `folder`, `ok`
+        and `checks`, each `{"name", "ok", "detail"}`."""
+        return {"folder": str(self.folder), "ok": self.ok, "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """`to_dict()` as a JSON document."""
+        return json.dumps(self.to_dict(), indent=indent)
 
 
 def verify(folder: str | Path, *, recompute: int = 0, seed: int = 0) -> VerifyReport:

@@ -196,4 +196,3 @@ def test_lock_holder_takes_no_lock_and_creates_nothing(tmp_path: Path) -> None:
         assert lock_holder(out) == str(os.getpid())
     assert lock_holder(out) is None
     assert list(out.iterdir()) == [], "a finished run leaves no lock file"
-

@@ -164,7 +164,7 @@ def test_out_of_range_and_non_finite_are_refused(
     tmp_path: Path, three: list[Path], method: str, model_params: dict, top: dict, needle: str
 ) -> None:
     with pytest.raises(RecipeError) as info:
-        lazymerge.plan(_ties(three, model_params, top, method), tmp_path / "out")
+        lazymerge.plan_merge(_ties(three, model_params, top, method), tmp_path / "out")
     text = f"{info.value} hint: {info.value.hint}"
     assert re.search(needle, text), text
 
@@ -182,7 +182,7 @@ def test_other_methods_check_their_ranges(tmp_path: Path, three: list[Path], con
     models = [{"model": str(a)}] if config["merge_method"] == "slerp" else [{"model": str(a)}, {"model": str(b)}]
     spec = {**config, "base_model": str(base), "models": models}
     with pytest.raises(RecipeError, match=needle):
-        lazymerge.plan(spec, tmp_path / "out")
+        lazymerge.plan_merge(spec, tmp_path / "out")
 
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "'1e309'", "1e309"])
@@ -228,14 +228,10 @@ def test_dogerm_recipe_weight_is_finite_and_in_unit_range(tmp_path: Path, three:
 
 
 def test_dogerm_sweep_weights_are_checked(tmp_path: Path, three: list[Path]) -> None:
-    from lazymerge.io.checkpoint import open_checkpoint
-    from lazymerge.sweep import dogerm_plans
-
     _, a, b = three
-    rm, sft = open_checkpoint(a), open_checkpoint(b)
     for bad in (float("nan"), float("inf"), 1.5):
         with pytest.raises(RecipeError, match="between 0 and 1"):
-            dogerm_plans(rm, sft, [0.5, bad], tmp_path / "out-{weight}")
+            lazymerge.dogerm(a, b, [0.5, bad], tmp_path / "out-{weight}", dry_run=True)
 
 
 # -- DogeRM's lambda at its ends: select, don't multiply ------------------------------------------

@@ -119,9 +119,10 @@ def test_merge_sweep_dry_run_and_progress_bar(tmp_path: Path, capsys: pytest.Cap
     code, out, err = cli(capsys, *base, "--dry-run")
     assert code == 0, err
     assert "models.0.parameters.weight=0.5" in out and "w-1" in out and not list(tmp_path.glob("w-*"))
-    code, out, err = cli(capsys, *base, "--device", "cpu")  # no --quiet: the bar, on stderr
+    code, out, err = cli(capsys, *base, "--device", "cpu")  # no --quiet: progress lines on stderr (not a terminal)
     assert code == 0, err
-    assert "done" in err and "━" in err and "2 models from one read" in out
+    assert "] done: " in err and "2 models from one read" in out
+    assert err.count("] closed ") == 2 * len(list((tmp_path / "w-1").glob("*.safetensors")))  # each shard of each
     code, out, err = cli(capsys, *base, "--device", "cpu", "--resume", "-q")
     assert code == 0 and err == "", err
     assert out.count("shard(s) kept from the earlier run") == 2
