@@ -134,6 +134,45 @@ def test_cpu_count_follows_affinity_and_cgroup_quota(tmp_path: Path, monkeypatch
     assert _platform.usable_cpu_count(root) == 64
 
 
+def _open_or_mapped_inodes() -> set[int]:
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            inodes.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+        except OSError:
+            continue
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[4] != "0":
+            inodes.add(int(fields[4]))
+    return inodes
+
+
+@pytest.mark.parametrize("direct", ["0", "1"], ids=["hashing-writer", "direct-writer"])
+def test_a_shard_is_never_renamed_while_open_or_mapped(
+    capsys, llama_pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: str
+) -> None:
+    # Windows refuses to rename a file with an open handle or map. Here, with the maps Linux
+    # uses (the hashing writer maps each shard), every rename must find its file closed.
+    from helpers import cli
+
+    monkeypatch.setenv("LAZYMERGE_DIRECT_WRITE", direct)
+    real_replace = os.replace
+    renamed = []
+
+    def replace(src, dst, **kwargs):
+        assert os.stat(src).st_ino not in _open_or_mapped_inodes(), f"{src} renamed while open or mapped"
+        renamed.append(Path(dst).name)
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rm, sft = llama_pair
+    code, _, err = cli(capsys, "dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.3",
+                       "-o", tmp_path / "out", "--device", "cpu", "--max-shard-size", "60kB", "-q")  # fmt: skip
+    assert code == 0, err
+    assert sum(n.endswith(".safetensors") for n in renamed) >= 2, renamed
+
+
 # -- the simulated platforms themselves --------------------------------------------------------------
 
 
