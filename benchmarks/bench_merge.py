@@ -56,6 +56,8 @@ ALL_CONTENDERS = (
     "lazymerge-dogerm",
     "lazymerge-linear",
     "mergekit",
+    "lazymerge-stack",
+    "mergekit-stack",
     "lazymerge-sweep5",
     "lazymerge-dogerm-x5",
 )
@@ -465,6 +467,19 @@ def load_pair(size: str, dtype: str, kind: str, cache: Path) -> Pair:
     return Pair(kind, first, second, files)
 
 
+def stack_yaml(a: Path, b: Path, dtype: str, layers: int) -> str:
+    """mergekit YAML for a depth up-scaling stack (passthrough): the first 3/4 of `a`'s layers, then
+    the last 3/4 of `b`'s (a 2 x 1B pair of 22 layers gives 32 layers, about 1.6B)."""
+    keep = (3 * layers) // 4
+    return (
+        "merge_method: passthrough\n"
+        "slices:\n"
+        f"  - sources:\n      - model: {json.dumps(str(a))}\n        layer_range: [0, {keep}]\n"
+        f"  - sources:\n      - model: {json.dumps(str(b))}\n        layer_range: [{layers - keep}, {layers}]\n"
+        f"dtype: {dtype}\n"
+    )
+
+
 def linear_yaml(a: Path, b: Path, dtype: str) -> str:
     """mergekit YAML for a 0.5/0.5 linear merge (json.dumps quotes paths as valid YAML)."""
     return (
@@ -553,6 +568,22 @@ def build_contenders(
             if exe is None:
                 c.skip = "mergekit-yaml is not on PATH (pip install mergekit to compare)"
             else:
+                c.steps = [Step(name, [exe, str(cfg), str(o), "--lazy-unpickle"], o)]
+            out.append(c)
+        elif name in ("lazymerge-stack", "mergekit-stack"):
+            p = pairs["causal"]
+            o, cfg = work / name, work / f"{name}.yaml"
+            cfg.write_text(stack_yaml(p.first, p.second, torch_dtype, synthetic.SIZES[args.size].layers))
+            if name == "lazymerge-stack":
+                argv = [py, "-m", "lazymerge", "merge", str(cfg), "--output", str(o), *extra]
+                out.append(Contender(name, "causal", [Step(name, argv, o)], p.input_bytes, in_cgroup=True))
+                continue
+            exe = shutil.which("mergekit-yaml") or shutil.which("mergekit-yaml", path=str(Path(py).parent))
+            c = Contender(name, "causal", [], p.input_bytes)
+            if exe is None:
+                c.skip = "mergekit-yaml is not on PATH (pip install mergekit to compare)"
+            else:
+                CODE_INTERPRETERS.add(_script_interpreter(exe))
                 c.steps = [Step(name, [exe, str(cfg), str(o), "--lazy-unpickle"], o)]
             out.append(c)
         elif name in ("naive", "naive-dogerm"):
@@ -765,11 +796,20 @@ def summarize(contenders: list[Contender], results: list[RunResult]) -> list[dic
             if row["pair"] in floors:
                 read, write = floors[str(row["pair"])]
                 row["ratio_to_floor"] = wall / (read + int(row.get("outputs", 1)) * write)
+
     # Against mergekit on the same pair: its time (sync included, as it leaves dirty pages
     # behind) over this contender's, and its peak RSS over this one's.
-    mergekit = {r["pair"]: r for r in rows if r["contender"] == "mergekit" and isinstance(r.get("wall_s"), float)}
+    # A stack is compared with mergekit's stack, every other merge with mergekit's linear merge.
+    def job(contender: object) -> str:
+        return "stack" if str(contender).endswith("-stack") else "merge"
+
+    mergekit = {
+        (r["pair"], job(r["contender"])): r
+        for r in rows
+        if r["contender"] in ("mergekit", "mergekit-stack") and isinstance(r.get("wall_s"), float)
+    }
     for row in rows:
-        mk = mergekit.get(row["pair"])
+        mk = mergekit.get((row["pair"], job(row["contender"])))
         if mk is None or row is mk or str(row["contender"]).startswith("floor") or "wall_s" not in row:
             continue
         row["mergekit_speedup"] = (mk["wall_s"] + mk["sync_s"]) / (row["wall_s"] + row.get("sync_s", 0.0))
@@ -1129,7 +1169,7 @@ def kinds_needed(names: list[str]) -> set[str]:
     for n in names:
         if n in ("lazymerge-dogerm", "naive-dogerm"):
             need.add("dogerm")
-        elif n in ("lazymerge-linear", "mergekit", "naive"):
+        elif n in ("lazymerge-linear", "mergekit", "naive", "lazymerge-stack", "mergekit-stack"):
             need.add("causal")
     if not need and "floor" in names:
         need.add("dogerm")

@@ -7,7 +7,7 @@ reached through its module.
 from __future__ import annotations
 
 from lazymerge._version import __version__
-from lazymerge.api import dogerm, merge, open_model, plan_merge
+from lazymerge.api import dogerm, finalize, merge, open_model, plan_merge
 from lazymerge.errors import LazyMergeError, PlanWarning
 from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.options import HubOptions, RunOptions
@@ -25,6 +25,7 @@ __all__ = [
     "Sweep",
     "__version__",
     "dogerm",
+    "finalize",
     "merge",
     "open_model",
     "plan_merge",

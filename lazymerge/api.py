@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal, overload
 
+from lazymerge.assemble import finalize
 from lazymerge.events import MergeStats
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.job import open_input, plan_dogerm_job, plan_recipe_job, run_job
@@ -20,7 +21,7 @@ from lazymerge.options import HubOptions, RunOptions, split_settings
 from lazymerge.plan import MergePlan
 from lazymerge.sweep import Sweep
 
-__all__ = ["dogerm", "merge", "open_model", "plan_merge"]
+__all__ = ["dogerm", "finalize", "merge", "open_model", "plan_merge"]
 
 PathLike = str | os.PathLike[str]
 Recipe = PathLike | dict
@@ -31,7 +32,7 @@ def open_model(model: PathLike | Checkpoint, *, low_disk: bool = False, token: s
 
     A Hub repo id (`owner/name` or `owner/name@revision`, when no such local path exists) is
     opened from remote metadata alone; its weight files are downloaded when the merge reads them
-    (`low_disk`: into a private folder, each deleted once consumed). `token`: a Hub token
+    (`low_disk`: streamed with range requests instead, nothing on disk). `token`: a Hub token
     (default HF_TOKEN or the stored login)."""
     return open_input(model, HubOptions(low_disk=low_disk, token=token))
 

@@ -150,8 +150,15 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check a merged model: headers, index, sizes, checksums, recomputed tensors")
     v.add_argument("path", type=Path, help="merged model folder")
     v.add_argument("--recompute", type=int, default=0, metavar="N", help="recompute N sampled tensors from the inputs")
+    v.add_argument("--hub", metavar="REPO", help="also check the shards pushed to REPO[@rev] against the manifest")
+    v.add_argument("--token", metavar="TOKEN", help="Hub token for --hub (default: HF_TOKEN or `hf auth login`)")
     _json_arg(v, "the checks")
     v.set_defaults(func=_cmd_verify)
+
+    f = sub.add_parser("finalize", help="assemble the parts of a split merge (--part I/N): check them, write the index")
+    f.add_argument("paths", type=Path, nargs="+", metavar="OUT", help="output folder(s) the parts wrote into")
+    f.add_argument("--sizes-only", action="store_true", help="check shard sizes, not checksums (no read of the shards)")
+    f.set_defaults(func=_cmd_finalize)
 
     demo = sub.add_parser("demo", help="build a small RM + SFT pair and DogeRM-merge them (offline)")
     demo.add_argument("--output", type=Path, default=Path("lazymerge-demo"), help="work folder")
@@ -179,6 +186,7 @@ def _common_output_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to merge (default auto)")
     p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+    _cluster_args(p)
     _hub_args(p)
 
 
@@ -198,6 +206,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    split = p.add_argument_group("Split over machines (whole shards per part; `lazymerge finalize OUT` assembles)")
+    split.add_argument(
+        "--part", metavar="I/N", help="write part I of N (0 <= I < N), e.g. --part $SLURM_ARRAY_TASK_ID/16"
+    )
+    split.add_argument("--parts", type=int, metavar="N", help="number of parts for --ray (or --dry-run)")
+    split.add_argument(
+        "--ray", action="store_true", help="run the parts as Ray tasks (RAY_ADDRESS, else a local cluster); finalize"
+    )
+
+
 def _hub_args(p: argparse.ArgumentParser) -> None:
     hub = p.add_argument_group("Hugging Face Hub (models may also be given as owner/name[@revision])")
     hub.add_argument(
@@ -207,10 +226,10 @@ def _hub_args(p: argparse.ArgumentParser) -> None:
     hub.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing; default main)")
     hub.add_argument("--commit-message", metavar="MSG", help="message of the one commit")
     hub.add_argument(
-        "--delete-after-upload", action="store_true", help="delete each local shard once uploaded (about one on disk)"
+        "--delete-after-upload", action="store_true", help="delete each local shard once uploaded (at most two on disk)"
     )
     hub.add_argument(
-        "--low-disk", action="store_true", help="download Hub inputs to a private folder; delete each shard once read"
+        "--low-disk", action="store_true", help="stream Hub inputs with range requests (no input weight on disk)"
     )
     hub.add_argument("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed")
 
@@ -227,7 +246,7 @@ def _cmd_dogerm(args: argparse.Namespace) -> int:
             args.reward_model, args.domain_model, weight, args.output, dtype=args.dtype, dry_run=args.dry_run,
             options=options, hub=hub,
         )  # fmt: skip
-    return _render(result, args, sweep, hub)
+    return _render(result, args, sweep, hub, options)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -239,7 +258,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     with _plan_warnings(shown=not args.dry_run):
         verb = plan_merge if args.dry_run else merge
         result = verb(args.config, args.output, sweep=sweep, options=options, hub=hub)
-    return _render(result, args, sweep, hub)
+    return _render(result, args, sweep, hub, options)
 
 
 def _options(args: argparse.Namespace) -> tuple[RunOptions, HubOptions]:
@@ -268,18 +287,23 @@ def _plan_warnings(shown: bool) -> Iterator[None]:
         yield
 
 
-def _render(result: Any, args: argparse.Namespace, sweep: Sweep | None, hub: HubOptions) -> int:
+def _render(result: Any, args: argparse.Namespace, sweep: Sweep | None, hub: HubOptions, options: RunOptions) -> int:
     from lazymerge.json_report import plan_document, print_document, results_document
-    from lazymerge.report import print_plan, print_results
+    from lazymerge.report import print_parts, print_plan, print_results
 
     results = result if isinstance(result, list) else [result]
     labels, repos = sweep.labels() if sweep is not None else [], hub.repo_ids(sweep) or []
     if args.json:
         print_document(plan_document(results, labels, repos) if args.dry_run else results_document(results))
-    elif args.dry_run:
-        print_plan(_stdout, results, labels, repos)
-    else:
+        return 0
+    if not args.dry_run:
         print_results(_stdout, results)
+        return 0
+    print_plan(_stdout, results, labels, repos)
+    part = options.part if not isinstance(options.part, str) else None
+    count = part.count if part is not None else options.parts
+    if count is not None:
+        print_parts(_stdout, results, count, part.index if part is not None else None)
     return 0
 
 
@@ -304,7 +328,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from lazymerge.report import print_verify
     from lazymerge.verify import verify
 
-    report = verify(args.path, recompute=args.recompute)
+    report = verify(args.path, recompute=args.recompute, hub=args.hub, token=args.token)
     if args.json:
         from lazymerge.json_report import print_document, verify_document
 
@@ -315,6 +339,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         failed = [c.name for c in report.checks if not c.ok]
         _line(f"[bold red]error:[/] {_escape(str(args.path))} failed verification: {_escape(', '.join(failed))}")
         return EXIT_USER_ERROR
+    return 0
+
+
+def _cmd_finalize(args: argparse.Namespace) -> int:
+    from lazymerge.api import finalize
+    from lazymerge.report import print_finalized
+
+    for path in args.paths:
+        print_finalized(_stdout, finalize(path, checksums=not args.sizes_only))
     return 0
 
 

@@ -19,6 +19,8 @@ from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.hub import open_any
 from lazymerge.methods_config import plan_method, reject_unknown_keys
 from lazymerge.plan import MergePlan
+from lazymerge.recipes.slice_config import needs_slice_planner
+from lazymerge.recipes.slices import plan_slices
 
 __all__ = ["load_recipe", "plan_recipe"]
 
@@ -54,6 +56,13 @@ def plan_recipe(
     opener = functools.partial(open_any, low_disk=low_disk, token=token)
     if spec.get("merge_method") == "dogerm":
         return _plan_dogerm(spec, output, max_shard_size, overwrite, opener)
+    if isinstance(spec, dict) and "modules" in spec:
+        raise RecipeError(
+            "`modules` (per-module configs of multi-module models) is not supported",
+            hint="give `slices` or `models` for a text model",
+        )
+    if needs_slice_planner(spec):
+        return plan_slices(spec, output, max_shard_size, overwrite, opener)
     return plan_method(spec, output, max_shard_size, overwrite, opener)
 
 

@@ -12,6 +12,7 @@ from lazymerge.text import one_line
 
 __all__ = [
     "CheckpointError",
+    "ClusterError",
     "DiskSpaceError",
     "HeaderError",
     "HubError",
@@ -112,6 +113,12 @@ class HubError(LazyMergeError, RuntimeError):
     """A Hugging Face Hub call failed (bad token, missing repo, network)."""
 
     hint = "check the repo id and your token (HF_TOKEN or `hf auth login`)"
+
+
+class ClusterError(LazyMergeError, RuntimeError):
+    """A split merge could not run on a cluster (Ray missing or unreachable, a part failed)."""
+
+    hint = "pip install 'lazymerge[ray]' on the driver and every node, and check RAY_ADDRESS"
 
 
 class PlanWarning(UserWarning):

@@ -25,6 +25,8 @@ from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.kernels.device import gpu_capable, select_backend
 from lazymerge.lock import OutputLock
 from lazymerge.output_folder import checkpoint_paths, prepare_output_folder
+from lazymerge.part_folder import part_lock_name, prepare_part_folder, stage_side_files
+from lazymerge.parts import Part
 from lazymerge.pipeline import MergeRun
 from lazymerge.plan import MergePlan
 from lazymerge.recompute import tensor_bytes
@@ -57,6 +59,9 @@ def execute_sweep(
     device: str = "cpu",
     workers: int | None = None,
     write_lanes: int | None = None,
+    part: Part | None = None,
+    sha256: bool = False,
+    uploaded: Sequence[Callable[[str, dict], bool]] | None = None,
 ) -> list[MergeStats]:
     """Write K merged models that read the same input ranges (a parameter sweep) in one pass; K = 1
     for a single merge.
@@ -79,6 +84,12 @@ def execute_sweep(
         write_lanes: output shards written at once (`lazymerge.lanes.write_lanes`; default 3 on
             CUDA, 1 on CPU; always 1 with low-disk Hub inputs, and the pusher asks for 1 when
             shards are deleted once uploaded).
+        part: write only this part's shards (`lazymerge.parts`), with the part's own lock and
+            manifest, side files staged for `lazymerge finalize` (`lazymerge.part_folder`).
+        sha256: also compute each shard's plain sha256 while writing it and record it in the
+            manifest (a Hub push uses it as the LFS object id instead of reading the shard again).
+        uploaded: per plan, with `resume`: whether a shard deleted once uploaded is held by the
+            Hub (then it is kept, not merged again; `Pushes.held_checks`).
 
     Returns:
         One MergeStats per plan (`bytes_read` is the shared read).
@@ -113,26 +124,39 @@ def execute_sweep(
         raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
     else:
         backend, reason = select_backend(device)
+    own = range(len(plans[0].shards)) if part is None else part.shards(plans)
     with contextlib.ExitStack() as stack:
         for out_dir in dirs:
-            stack.enter_context(OutputLock(out_dir))
+            stack.enter_context(OutputLock(out_dir) if part is None else OutputLock(out_dir, part_lock_name(part)))
         stack.enter_context(backend)
         # Checked again under the lock; the earlier output cleared, the new manifest written first.
-        states = [prepare_output_folder(p, checkpoint_paths(checkpoints), resume=resume) for p in plans]
+        if part is None:
+            states = [
+                prepare_output_folder(
+                    p, checkpoint_paths(checkpoints), resume=resume, uploaded=uploaded[v] if uploaded else None
+                )
+                for v, p in enumerate(plans)
+            ]
+        else:
+            states = [prepare_part_folder(p, part, own, checkpoint_paths(checkpoints), resume=resume) for p in plans]
         # Side files first: none of them makes the folder look like a finished model; the index
-        # does, so it goes last.
+        # does, so it goes last. A split merge's go to `finalize`, staged by part 0.
         for p in plans:
+            if part is not None:
+                if part.index == 0:
+                    stage_side_files(p)
+                continue
             for name, data in p.side_files.items():
                 if not name.endswith(".index.json"):
                     write_side_file(p.output_dir, name, data)
         # Shards grouped by which outputs still need them (one group unless the outputs of a
         # resumed sweep kept different shards): one pass per group, so each range is read once.
         groups: dict[tuple[int, ...], list[int]] = {}
-        for k in range(len(plans[0].shards)):
+        for k in own:
             who = tuple(v for v, (_, done) in enumerate(states) if k not in done)
             if who:
                 groups.setdefault(who, []).append(k)
-        total = sum(s.size for p in plans for s in p.shards)
+        total = sum(p.shards[k].size for p in plans for k in own)
         written = sum(p.shards[k].size for p, (_, done) in zip(plans, states, strict=True) for k in done)
         read = 0
         for v, (_, done) in enumerate(states):
@@ -152,6 +176,7 @@ def execute_sweep(
                 shards,
                 manifests,
                 lanes=write_lanes,
+                sha256=sha256,
             )
             begun = run.bytes_written  # a run counts its plans' other shards as written: report sweep totals
             if progress is not None:
@@ -163,7 +188,7 @@ def execute_sweep(
             run.go()
             written += run.bytes_written - begun
             read += run.bytes_read
-        for p in plans:
+        for p in plans if part is None else ():
             for name, data in p.side_files.items():
                 if name.endswith(".index.json"):
                     write_side_file(p.output_dir, name, data)
@@ -175,11 +200,11 @@ def execute_sweep(
         MergeStats(
             tensors=len(p.tensors),
             bytes_read=read,
-            bytes_written=sum(s.size for s in p.shards),
+            bytes_written=sum(p.shards[k].size for k in own),
             seconds=seconds,
             peak_rss_bytes=peak,
             device=reason,
-            files=[p.output_dir / s.name for s in p.shards],
+            files=[p.output_dir / p.shards[k].name for k in own],
             resumed_shards=len(done),
             output_dir=p.output_dir,
         )

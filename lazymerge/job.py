@@ -22,6 +22,8 @@ from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.hub import open_any
 from lazymerge.options import HubOptions, ProgressCallback, RunOptions
 from lazymerge.output_folder import check_plan_output
+from lazymerge.part_folder import check_part_output
+from lazymerge.parts import Part
 from lazymerge.plan import MergePlan
 from lazymerge.sweep import Sweep
 
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
     from lazymerge.execute import MergeStats
     from lazymerge.io.hub_upload import Pushes
 
-__all__ = ["MergeJob", "open_input", "plan_dogerm_job", "plan_recipe_job", "run_job"]
+__all__ = ["MergeJob", "open_input", "plan_dogerm_job", "plan_recipe_job", "run_job", "run_part_job"]
 
 PathLike = str | os.PathLike[str]
 
@@ -63,8 +65,20 @@ def _outputs(output: PathLike, sweep: Sweep | None, hub: HubOptions) -> tuple[li
 def _finish(
     plans: list[MergePlan], checkpoints: list[Checkpoint], repos: list[str] | None, options: RunOptions, hub: HubOptions
 ) -> MergeJob:
-    for plan in plans:
-        check_plan_output(plan, checkpoints, resume=options.resume)  # build_plan touched no file
+    part = options.part
+    if part is not None and repos is not None:
+        raise RecipeError(
+            "--push-to-hub does not combine with --part: one part cannot make the one commit",
+            hint="use --ray --push-to-hub (each task uploads its shards), or push the folder after finalize",
+        )
+    # Ray's default number of parts is known once the cluster is reached: checked again there.
+    split = [part] if isinstance(part, Part) else [Part(i, options.parts or 1) for i in range(options.parts or 1)]
+    for plan in plans:  # build_plan touched no file
+        if isinstance(part, Part) or options.ray:
+            for one in split:
+                check_part_output(plan, one, one.shards(plans), checkpoints, resume=options.resume)
+        else:
+            check_plan_output(plan, checkpoints, resume=options.resume)
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
         warnings.warn(warning, PlanWarning, stacklevel=4)  # at the caller of lazymerge.merge/plan_merge/dogerm
     return MergeJob(plans, checkpoints, repos, options, hub)
@@ -123,16 +137,27 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     from lazymerge.io.prefetch import StartupPrefetch
 
     options = job.options
+    if options.ray:
+        from lazymerge.cluster import run_job_on_ray
+
+        return run_job_on_ray(job, run_part_job)
+    if options.parts is not None and options.part is None:
+        raise RecipeError(
+            "--parts N splits a merge for --ray (or --dry-run)",
+            hint="add --ray, or run each part with --part I/N (a job array), then `lazymerge finalize`",
+        )
     pushes = Pushes(job.plans, job.repos, job.hub) if job.repos is not None else None  # a bad token fails here
     try:
         with _progress(job.plans, options, pushes) as progress:
-            with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume):
+            # A part's first shard is not the plan's: no prefetch of a guess (it is what resume does).
+            with StartupPrefetch(job.plans[0], job.checkpoints, resume=options.resume or options.part is not None):
                 from lazymerge.execute import execute_sweep  # imports torch: seconds the disk need not sit idle
             lanes = 1 if pushes is not None and pushes.delete_after_upload else options.write_lanes
             stats = execute_sweep(
                 job.plans, job.checkpoints, chunk_elements=options.chunk_elements,
                 progress=pushes.wrap(progress) if pushes is not None else progress, resume=options.resume,
-                device=options.device, workers=options.workers, write_lanes=lanes,
+                device=options.device, workers=options.workers, write_lanes=lanes, part=options.part,
+                sha256=pushes is not None, uploaded=pushes.held_checks() if pushes is not None and options.resume else None,
             )  # fmt: skip
             if pushes is None:
                 return stats
@@ -140,6 +165,14 @@ def run_job(job: MergeJob) -> list[MergeStats]:
     finally:
         if pushes is not None:
             pushes.close()
+
+
+def run_part_job(
+    plans: list[MergePlan], inputs: Sequence[Checkpoint | str], options: RunOptions, hub: HubOptions
+) -> list[MergeStats]:
+    """One part of a split merge on a cluster node (`options.part`): the inputs opened again where
+    they are repo ids, then the ordinary `run_job` (no push: the node's uploads go to the driver)."""
+    return run_job(MergeJob(plans, [open_input(c, hub) for c in inputs], None, options, hub))
 
 
 @contextlib.contextmanager

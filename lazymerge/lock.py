@@ -23,36 +23,36 @@ from lazymerge.errors import OutputError
 __all__ = ["LOCK_NAME", "LOCK_NAMES", "OutputLock", "lock_holder"]
 
 LOCK_NAME = ".lazymerge.lock"  # the holder's pid, while a run holds the folder
-_FLOCK_NAME = ".lazymerge.lock.os"  # the file the OS lock is taken on
-LOCK_NAMES = (LOCK_NAME, _FLOCK_NAME)  # both files a run (or a killed run) leaves in the folder
+_OS_SUFFIX = ".os"  # `<lock name>.os`: the file the OS lock is taken on
+LOCK_NAMES = (LOCK_NAME, LOCK_NAME + _OS_SUFFIX)  # both files a run (or a killed run) leaves in the folder
 # How long a run waits for the lock before calling the folder busy: long enough to ride over
 # another process's `lock_holder` probe, which holds the lock for an instant.
 _WAIT_SECONDS = 0.5
 
 
-def lock_holder(directory: Path) -> str | None:
-    """The pid (as text) of a live run holding `directory`'s lock, or None; takes the lock for an
-    instant at most, creates nothing. Files left by a dead process are not held: its OS lock
-    died with it."""
+def lock_holder(directory: Path, name: str = LOCK_NAME) -> str | None:
+    """The pid (as text) of a live run holding `directory`'s lock (`name`: a part's own lock), or
+    None; takes the lock for an instant at most, creates nothing. Files left by a dead process
+    are not held: its OS lock died with it."""
     from filelock import FileLock, Timeout
 
-    path = directory / _FLOCK_NAME
+    path = directory / (name + _OS_SUFFIX)
     if not path.is_file() or path.is_symlink():
         return None
     probe = FileLock(str(path), thread_local=False)
     try:
         probe.acquire(timeout=0)
     except Timeout:
-        return _recorded_pid(directory)
+        return _recorded_pid(directory / name)
     except OSError:
         return None
     probe.release()
     return None
 
 
-def _recorded_pid(directory: Path) -> str:
+def _recorded_pid(path: Path) -> str:
     try:
-        fd = os.open(directory / LOCK_NAME, open_flags(os.O_RDONLY | NOFOLLOW))
+        fd = os.open(path, open_flags(os.O_RDONLY | NOFOLLOW))
     except OSError:
         return "another process"
     try:
@@ -71,11 +71,14 @@ def _busy(directory: Path, holder: str) -> OutputError:
 
 
 class OutputLock:
-    """Context manager holding the output folder's lock for the duration of a run."""
+    """Context manager holding the output folder's lock for the duration of a run.
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / LOCK_NAME
-        self._flock_path = directory / _FLOCK_NAME
+    `name`: the lock's pid file (the OS lock is on `<name>.os`); each part of a split merge
+    (`lazymerge.part_folder`) holds its own, so that the parts share the folder."""
+
+    def __init__(self, directory: Path, name: str = LOCK_NAME) -> None:
+        self.path = directory / name
+        self._flock_path = directory / (name + _OS_SUFFIX)
         self._lock = None
         self._previous_sigterm: object = None
 
@@ -97,7 +100,7 @@ class OutputLock:
             try:
                 lock.acquire(timeout=_WAIT_SECONDS)
             except Timeout:
-                raise _busy(directory, _recorded_pid(directory)) from None
+                raise _busy(directory, _recorded_pid(self.path)) from None
             except OSError as exc:
                 raise OutputError(f"cannot create {self._flock_path}: {exc.strerror}") from exc
             # A finishing run unlinks the file before it lets go of it: a lock won on that

@@ -20,7 +20,7 @@ from lazymerge.io.writer import write_side_file
 if TYPE_CHECKING:  # the plan imports the output-folder checks, which read manifests
     from lazymerge.plan import MergePlan
 
-__all__ = ["MANIFEST_NAME", "Manifest", "plan_fingerprint"]
+__all__ = ["MANIFEST_NAME", "Manifest", "load_json_object", "plan_fingerprint"]
 
 MANIFEST_NAME = "lazymerge_manifest.json"
 
@@ -36,16 +36,33 @@ def plan_fingerprint(plan: MergePlan) -> str:
         for seg in t.segments:
             for s in seg.sources:
                 h.update(f"{seg.start}|{seg.count}|{s.checkpoint}|{s.file}|{s.offset}|{s.dtype}|{s.weight!r}".encode())
+                if s.derived:
+                    h.update(f"{s.derived}|{[(p.checkpoint, p.file, p.offset, p.dtype) for p in s.parts]}".encode())
     for shard in plan.shards:
         h.update(shard.name.encode())
         h.update(shard.header)
     return h.hexdigest()
 
 
+def load_json_object(text: str) -> dict:
+    """A JSON object from `text`.
+
+    Raises:
+        ValueError: not JSON, or not an object.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    return obj
+
+
 @dataclass
 class Manifest:
-    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ...}},
-    "files": [side file names]}`.
+    """`{"fingerprint": ..., "shards": {name: {"size": n, "digest": hex, "algorithm": ..., "sha256": hex}},
+    "files": [side file names]}`; `sha256` (the plain one, the Hub's LFS id) only for pushed runs.
 
     The digest is `lazymerge.io.digest`'s block digest (sha256 of parallel XXH3-128 block
     digests), not a plain sha256. `files` lists every file the run writes (shards, config,
@@ -71,12 +88,17 @@ class Manifest:
         Raises:
             OSError: it is absent or unreadable. ValueError: it is not a manifest (the message says why).
         """
-        text = (directory / MANIFEST_NAME).read_text(encoding="utf-8")
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            raise ValueError(f"not valid JSON ({exc})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("fingerprint"), str):
+        return cls.parse((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+
+    @classmethod
+    def parse(cls, text: str) -> Manifest:
+        """A manifest from its JSON text.
+
+        Raises:
+            ValueError: it is not a manifest (the message says why).
+        """
+        obj = load_json_object(text)
+        if not isinstance(obj.get("fingerprint"), str):
             raise ValueError("no fingerprint")
         shards, files = obj.get("shards"), obj.get("files")
         if not isinstance(shards, dict) or not all(isinstance(v, dict) for v in shards.values()):
@@ -85,14 +107,28 @@ class Manifest:
             raise ValueError("files is not a list of names")
         return cls(obj["fingerprint"], {str(k): dict(v) for k, v in shards.items()}, files)
 
-    def save(self, directory: Path) -> None:
+    @property
+    def file_name(self) -> str:
+        """The name the manifest is saved under (a part of a split merge has its own)."""
+        return MANIFEST_NAME
+
+    def body(self) -> dict:
+        """The JSON object saved."""
         body: dict = {"fingerprint": self.fingerprint, "shards": dict(sorted(self.shards.items()))}
         if self.files is not None:
             body["files"] = sorted(self.files)
-        write_side_file(directory, MANIFEST_NAME, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+        return body
 
-    def record(self, name: str, size: int, digest: str) -> None:
-        self.shards[name] = {"size": size, "digest": digest, "algorithm": ALGORITHM}
+    def save(self, directory: Path) -> None:
+        data = (json.dumps(self.body(), indent=2, sort_keys=True) + "\n").encode()
+        write_side_file(directory, self.file_name, data)
+
+    def record(self, name: str, size: int, digest: str, sha256: str | None = None) -> None:
+        """A finished shard; `sha256`: its plain sha256 (the Hub's LFS object id), when computed."""
+        entry = {"size": size, "digest": digest, "algorithm": ALGORITHM}
+        if sha256 is not None:
+            entry["sha256"] = sha256
+        self.shards[name] = entry
 
     def matches(self, path: Path, entry: dict) -> bool:
         """Whether the file at `path` has the size and digest recorded in `entry`."""

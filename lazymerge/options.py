@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge.constants import DEFAULT_MAX_SHARD_SIZE, parse_size
 from lazymerge.errors import RecipeError
+from lazymerge.parts import Part
 
 if TYPE_CHECKING:
     from lazymerge.events import ProgressEvent
@@ -45,6 +46,12 @@ class RunOptions:
             receives each `ProgressEvent`; False for none.
         progress_interval: seconds between the plain status lines of a log (0: only a line per
             shard closed and at the start and end). The bar ignores it.
+        part: run one part of a split merge, `"I/N"` or a `Part` (0 <= I < N): its whole output
+            shards only, balanced by bytes; `lazymerge.finalize` assembles the N parts.
+        parts: the number of parts `ray` splits the merge into (default: one per Ray node, or
+            per group of CPUs); `--dry-run` shows what each reads and writes.
+        ray: run the parts as Ray tasks (cluster from RAY_ADDRESS, else a local one) and
+            finalize on the driver (`pip install lazymerge[ray]`).
 
     Raises:
         RecipeError: a value out of range (the message gives the range).
@@ -59,8 +66,26 @@ class RunOptions:
     write_lanes: int | None = None
     progress: bool | ProgressCallback = False
     progress_interval: float = 10.0
+    part: Part | str | None = None
+    parts: int | None = None
+    ray: bool = False
 
     def __post_init__(self) -> None:
+        if self.part is not None:
+            object.__setattr__(self, "part", Part.parse(self.part))
+            if self.overwrite:
+                raise RecipeError(
+                    "--overwrite does not combine with --part: the parts share the output folder",
+                    hint="give the parts an empty folder (or --resume to continue them)",
+                )
+            if self.ray:
+                raise RecipeError("--part runs one part here; --ray runs them all", hint="use one of them")
+        if self.ray and self.overwrite:
+            raise RecipeError(
+                "--overwrite does not combine with --ray: the parts share the output folder",
+                hint="give the parts an empty folder (or --resume to continue them)",
+            )
+        _at_least_one("parts", self.parts)
         object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size, "max_shard_size"))
         for name in ("chunk_elements", "workers", "write_lanes"):
             _at_least_one(name, getattr(self, name))
@@ -83,9 +108,10 @@ class HubOptions:
             `owner/name-{weight}` (one repo and one commit per output).
         private: create the pushed repo private. revision: the branch to commit to.
         commit_message: for the one commit.
-        delete_after_upload: delete each local shard once uploaded (at most one output shard on
-            disk; the merge waits for each upload). Needs `push_to_hub`.
-        low_disk: Hub inputs are downloaded to a private folder and each shard deleted once read.
+        delete_after_upload: delete each local shard once uploaded (at most two output shards on
+            disk: one uploads while the next merges). Needs `push_to_hub`.
+        low_disk: Hub inputs are streamed with HTTP range requests into the merge (no input
+            weight byte on disk; nothing cached for a later run).
         token: Hub token (default HF_TOKEN or the stored login); never shown in a repr or a log.
 
     Raises:

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,10 +37,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIRECT_PROBE_NAME",
+    "PART_MANIFEST_PREFIX",
+    "STAGED_SIDE_FILES",
     "check_output_folder",
     "check_plan_output",
     "checkpoint_paths",
+    "folder_entries",
     "free_space",
+    "is_part_file",
+    "is_part_lock",
     "plan_writes",
     "prepare_output_folder",
     "reusable_bytes",
@@ -51,6 +56,10 @@ DIRECT_PROBE_NAME = ".lazymerge-direct-probe" + PARTIAL_SUFFIX
 _OWN_NAMES = frozenset({*LOCK_NAMES, DIRECT_PROBE_NAME, MANIFEST_NAME + PARTIAL_SUFFIX})
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".index.json")
 _TEMPLATE_FIELD = re.compile(r"\{[^{}]*\}")
+PART_MANIFEST_PREFIX = "lazymerge_manifest.part-"
+STAGED_SIDE_FILES = "lazymerge_side_files.json"
+_PART_LOCK = re.compile(r"^\.lazymerge\.part-\d+-of-\d+\.lock(\.os)?$")  # pid file, OS lock file
+_PART_FILE = re.compile(r"^(lazymerge_manifest\.part-\d+-of-\d+\.json|lazymerge_side_files\.json)(\.partial)?$")
 
 
 def plan_writes(plan: MergePlan) -> list[str]:
@@ -133,22 +142,16 @@ def _check(
 ) -> Manifest | None:
     """The checks of `check_output_folder` but the lock; returns the earlier run's manifest."""
     writes = tuple(writes)
-    if field := next(filter(None, (_TEMPLATE_FIELD.search(part) for part in out.parts)), None):
-        raise OutputError(
-            f"the output folder {out} contains {field.group()}, a sweep template, but this is a single merge",
-            hint="give several values to sweep (--weight 0.1,0.2 or --sweep KEY=V1,V2), or name the folder",
-        )
-    real = Path(os.path.realpath(out))
-    _check_inputs(out, real, input_paths)
-    if os.path.lexists(real) and not real.is_dir():
-        raise OutputError(f"{out} exists and is not a folder")
-    if not real.is_dir():
+    entries = folder_entries(out, input_paths)
+    if entries is None:
         return None
-    try:
-        entries = sorted(name for name in os.listdir(real) if name not in _OWN_NAMES)
-    except OSError as exc:
-        raise OutputError(f"cannot list {out}: {exc.strerror}") from exc
+    real = Path(os.path.realpath(out))
     manifest = Manifest.load(real) if MANIFEST_NAME in entries else None
+    if manifest is None and not overwrite and (parts := [n for n in entries if is_part_file(n)]):
+        raise OutputError(
+            f"{out} holds the parts of a split merge ({parts[0]})",
+            hint=f"finish it with `lazymerge finalize {out}`, or choose an empty --output",
+        )
     if overwrite:
         return manifest
     if manifest is None:
@@ -183,6 +186,37 @@ def _check(
     return manifest
 
 
+def folder_entries(out: Path, input_paths: Iterable[str | os.PathLike[str]]) -> list[str] | None:
+    """The checks every run makes of its destination (not a sweep template, no input in it, a
+    folder), then the entries it holds but lazymerge's own lock and temporary files; None when
+    the folder does not exist yet."""
+    if field := next(filter(None, (_TEMPLATE_FIELD.search(part) for part in out.parts)), None):
+        raise OutputError(
+            f"the output folder {out} contains {field.group()}, a sweep template, but this is a single merge",
+            hint="give several values to sweep (--weight 0.1,0.2 or --sweep KEY=V1,V2), or name the folder",
+        )
+    real = Path(os.path.realpath(out))
+    _check_inputs(out, real, input_paths)
+    if os.path.lexists(real) and not real.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if not real.is_dir():
+        return None
+    try:
+        return sorted(name for name in os.listdir(real) if name not in _OWN_NAMES and not is_part_lock(name))
+    except OSError as exc:
+        raise OutputError(f"cannot list {out}: {exc.strerror}") from exc
+
+
+def is_part_lock(name: str) -> bool:
+    """A part's lock files (`.lazymerge.part-3-of-16.lock`, and `.lock.os` its OS lock's)."""
+    return _PART_LOCK.match(name) is not None
+
+
+def is_part_file(name: str) -> bool:
+    """A part's manifest, or the side files a split merge keeps for `finalize` (or their `.partial`)."""
+    return _PART_FILE.match(name) is not None
+
+
 def _check_inputs(out: Path, real: Path, input_paths: Iterable[str | os.PathLike[str]]) -> None:
     for path in input_paths:
         resolved = Path(os.path.realpath(path))
@@ -208,9 +242,26 @@ def _previous_output(real: Path, manifest: Manifest | None, *, overwrite: bool, 
     every name this run writes."""
     names = set(manifest.shards) | set(manifest.files or ()) if manifest is not None else set()
     if overwrite:
-        names |= {SAFE_INDEX_NAME, SAFE_SINGLE_NAME, *_index_shards(real / SAFE_INDEX_NAME)}
+        names |= {SAFE_INDEX_NAME, SAFE_SINGLE_NAME, *_index_shards(real / SAFE_INDEX_NAME), *_part_files(real)}
     names |= {n + PARTIAL_SUFFIX for n in {*names, *writes}}
     return {n for n in names if _plain_name(n)}
+
+
+def _part_files(real: Path) -> set[str]:
+    """The files of an unfinished split merge: the parts' manifests, what they record, the staged side files."""
+    try:
+        found = {n for n in os.listdir(real) if is_part_file(n)}
+    except OSError:
+        return set()
+    names = set(found)
+    for name in found:
+        if name.startswith(PART_MANIFEST_PREFIX) and name.endswith(".json"):
+            try:
+                part = Manifest.parse((real / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # unreadable: its shards stay (named by the index, they go anyway)
+            names |= set(part.shards) | set(part.files or ())
+    return names
 
 
 def _index_shards(index: Path) -> list[str]:
@@ -255,7 +306,11 @@ def _file_size(path: Path) -> int:
 
 
 def prepare_output_folder(
-    plan: MergePlan, input_paths: Iterable[str | os.PathLike[str]], *, resume: bool
+    plan: MergePlan,
+    input_paths: Iterable[str | os.PathLike[str]],
+    *,
+    resume: bool,
+    uploaded: Callable[[str, dict], bool] | None = None,
 ) -> tuple[Manifest, set[int]]:
     """Make `plan.output_dir` ready for the run; call it holding the folder's lock, before any write.
 
@@ -264,8 +319,11 @@ def prepare_output_folder(
     file this run will write and, with `resume`, the shards kept from the earlier run of the
     same plan.
 
+    `uploaded(name, entry)`: with `resume` and a Hub push, whether a shard recorded with its
+    sha256 but deleted locally (--delete-after-upload) is held by the Hub: then it is kept too.
+
     Returns:
-        The run's manifest and the indexes of the shards kept (checksums verified).
+        The run's manifest and the indexes of the shards kept (checksums verified, or held by the Hub).
 
     Raises:
         OutputError: the folder may not be written, or (`resume`) holds a different merge.
@@ -285,6 +343,13 @@ def prepare_output_folder(
                 hint="run the same command as before with --resume, or choose an empty --output",
             )
         done = {k for k, s in enumerate(plan.shards) if previous.finished(real, s.name, s.size)}
+        if uploaded is not None:
+            for k, s in enumerate(plan.shards):
+                entry = previous.shards.get(s.name)
+                if k in done or entry is None or entry.get("size") != s.size or not entry.get("sha256"):
+                    continue
+                if not os.path.lexists(real / s.name) and uploaded(s.name, entry):
+                    done.add(k)
         kept = {plan.shards[k].name: previous.shards[plan.shards[k].name] for k in done}
     for name in sorted(_previous_output(real, previous, overwrite=overwrite, writes=writes) - set(kept)):
         _remove_entry(real / name)

@@ -25,6 +25,7 @@ import torch
 
 from lazymerge._platform import usable_cpu_count
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
+from lazymerge.derived import fill_source
 from lazymerge.errors import PlanError
 from lazymerge.events import ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
@@ -44,6 +45,7 @@ from lazymerge.statistics import RunStatistics
 __all__ = ["MergeRun", "ProgressEvent"]
 
 _DONE = object()
+_COPY_PIECE = 8 << 20  # bytes of a copied tensor held at once when its input is streamed
 
 
 # The GPU path's chunk size (when the caller left the default) and number of host slots.
@@ -95,8 +97,10 @@ class MergeRun:
         shards: list[int],
         manifests: list[Manifest],
         lanes: int | None = None,
+        sha256: bool = False,
     ) -> None:
         self.plans = plans
+        self.sha256 = sha256  # each shard's plain sha256 too, computed as written (a Hub push needs it)
         self.plan = plans[0]
         self.checkpoints = checkpoints
         self.progress = progress
@@ -246,12 +250,16 @@ class MergeRun:
                 reads = [
                     (s.checkpoint, s.file, s.offset, buf[: task.count * DTYPE_SIZES[s.dtype]])
                     for s, buf in zip(task.sources, bufs, strict=True)
+                    if not s.derived
                 ]
                 began = time.perf_counter()
                 self.reader.read_all(reads)
+                for s, buf in zip(task.sources, bufs, strict=True):
+                    if s.derived:
+                        fill_source(self.reader.read_into, s, task.count, buf)
                 self.busy["read wall"] += time.perf_counter() - began
-                for s in task.sources:
-                    self.reader.used(s.checkpoint, s.file)
+                for leaf in (p for s in task.sources for p in s.leaves()):
+                    self.reader.used(leaf.checkpoint, leaf.file)
                 if not self._put(self.to_compute, (i, tasks, slot)):
                     return
         finally:
@@ -304,10 +312,12 @@ class MergeRun:
         first = tasks[0]
         if slot is None:
             src = first.sources[0]
-            source = self.checkpoints[src.checkpoint].local_file(src.file)
-            writers[0].copy_from(
-                self.reader.fd(src.checkpoint, src.file), src.offset, first.out_nbytes, first.out_offset, source
-            )
+            fd = self.reader.fd(src.checkpoint, src.file)
+            if fd is None:  # a streamed input: its bytes pass through memory, a piece at a time
+                self._copy_streamed(writers[0], src, first.out_nbytes, first.out_offset)
+            else:
+                source = self.checkpoints[src.checkpoint].local_file(src.file)
+                writers[0].copy_from(fd, src.offset, first.out_nbytes, first.out_offset, source)
             # The other outputs copy from the first one's (cached) file: the input is read once.
             for writer, task in zip(writers[1:], tasks[1:], strict=True):
                 writer.copy_from(
@@ -332,6 +342,14 @@ class MergeRun:
         self.report("chunk", writers[0].shard.name)
         return writers
 
+    def _copy_streamed(self, writer: ShardWriter, src, nbytes: int, out_offset: int) -> None:
+        buf = bytearray(min(nbytes, _COPY_PIECE))
+        source = self.reader.source(src.checkpoint, src.file)
+        for done in range(0, nbytes, _COPY_PIECE):
+            view = memoryview(buf)[: min(_COPY_PIECE, nbytes - done)]
+            source.read_into(src.offset + done, view)
+            writer.write(view, out_offset + done)
+
     def _shard_boundary(self, marker: tuple[str, int], writers: list[ShardWriter] | None) -> list[ShardWriter] | None:
         kind, k = marker
         if kind == "start":
@@ -339,8 +357,8 @@ class MergeRun:
                 for v, plan in enumerate(self.plans):
                     self.written[v] += len(plan.shards[k].header)
             if self.direct:
-                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool)]
-            return [HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool) for plan in self.plans]
+                return [DirectShardWriter(self.plan.output_dir, self.plan.shards[k], self.direct_pool, self.sha256)]
+            return [HashingWriter(plan.output_dir, plan.shards[k], self.hash_pool, self.sha256) for plan in self.plans]
         assert writers is not None
         for plan, manifest, writer in zip(self.plans, self.manifests, writers, strict=True):
             shard = plan.shards[k]
@@ -349,7 +367,7 @@ class MergeRun:
             path = writer.finish()
             with self.lock:
                 self.busy["shard close"] += time.perf_counter() - began
-                manifest.record(shard.name, shard.size, digest)
+                manifest.record(shard.name, shard.size, digest, writer.sha256())
                 manifest.save(plan.output_dir)
             self.report("shard", shard.name, path)
         return None

@@ -43,6 +43,27 @@ class Source:
     offset: int
     dtype: str
     weight: float = 1.0
+    # A derived row (mergekit's vocabulary fallbacks, `lazymerge.recipes.tokenizer_union`): "zero",
+    # or the "mean" of `parts` (plain Sources) computed in `dtype` as mergekit computes it. A
+    # derived source has no bytes of its own (checkpoint -1); `leaves` are the reads it needs.
+    derived: str = ""
+    parts: tuple[Source, ...] = ()
+
+    def leaves(self) -> tuple[Source, ...]:
+        """The plain input ranges this source reads: itself, or a derived row's parts."""
+        return self.parts if self.derived else (self,)
+
+    def shifted(self, elements: int) -> Source:
+        """The same source, `elements` further on (a derived row's parts move with it)."""
+        return Source(
+            self.checkpoint,
+            self.file,
+            self.offset + elements * DTYPE_SIZES[self.dtype] if not self.derived else 0,
+            self.dtype,
+            self.weight,
+            self.derived,
+            tuple(p.shifted(elements) for p in self.parts),
+        )
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,7 @@ class OutputTensor:
         if len(segment.sources) != 1 or self.divisor is not None or not self.weighted_sum:
             return False
         src = segment.sources[0]
-        return src.dtype == self.dtype and (src.weight == 1.0 or self.dtype not in MERGEABLE_DTYPES)
+        return not src.derived and src.dtype == self.dtype and (src.weight == 1.0 or self.dtype not in MERGEABLE_DTYPES)
 
 
 @dataclass
@@ -140,7 +161,11 @@ class MergePlan:
     def input_bytes(self) -> int:
         """Bytes the executor reads from the inputs."""
         return sum(
-            seg.count * DTYPE_SIZES[src.dtype] for t in self.tensors for seg in t.segments for src in seg.sources
+            seg.count * DTYPE_SIZES[leaf.dtype]
+            for t in self.tensors
+            for seg in t.segments
+            for src in seg.sources
+            for leaf in src.leaves()
         )
 
     def checks(self) -> list[dict[str, Any]]:
@@ -323,10 +348,7 @@ def iter_chunks(plan: MergePlan, chunk_elements: int, shards: list[int] | None =
                 step = chunk_elements * (8 if copy else 1)
                 for first in range(0, seg.count, step):
                     n = min(step, seg.count - first)
-                    sources = tuple(
-                        Source(s.checkpoint, s.file, s.offset + first * DTYPE_SIZES[s.dtype], s.dtype, s.weight)
-                        for s in seg.sources
-                    )
+                    sources = tuple(s.shifted(first) for s in seg.sources)
                     out_offset = t.offset + (seg.start + first) * itemsize
                     if weighted:
                         yield ChunkTask(k, out_offset, n, t.dtype, sources, t.divisor, copy, t.method)

@@ -15,6 +15,7 @@ import torch
 from lazymerge import methods
 from lazymerge._platform import open_flags, pread
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
+from lazymerge.derived import fill_source
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.kernels.cpu import CpuBackend
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor, iter_chunks
@@ -53,11 +54,9 @@ def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: Out
                 task = replace(task, statistics=statistics)
             buffers = []
             for s in task.sources:
-                key = (s.checkpoint, s.file)
-                if key not in fds:
-                    fds[key] = os.open(checkpoints[s.checkpoint].local_file(s.file), open_flags(os.O_RDONLY))
-                data = pread(fds[key], task.count * DTYPE_SIZES[s.dtype], s.offset)
-                buffers.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                buf = torch.empty(task.count * DTYPE_SIZES[s.dtype], dtype=torch.uint8)
+                fill_source(read, s, task.count, buf)
+                buffers.append(buf)
             start = task.out_offset - base
             if task.copy:
                 out[start : start + task.out_nbytes] = buffers[0].numpy().tobytes()

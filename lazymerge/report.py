@@ -23,10 +23,21 @@ from lazymerge.text import printable
 from lazymerge.units import Throughput, duration_text, human, rate_text
 
 if TYPE_CHECKING:
+    from lazymerge.assemble import FinalizeResult
     from lazymerge.execute import MergeStats
     from lazymerge.verify import VerifyReport
 
-__all__ = ["human", "print_checkpoint", "print_plan", "print_results", "print_stats", "print_verify", "progress_bar"]
+__all__ = [
+    "human",
+    "print_checkpoint",
+    "print_finalized",
+    "print_parts",
+    "print_plan",
+    "print_results",
+    "print_stats",
+    "print_verify",
+    "progress_bar",
+]
 
 
 def escape(text: str) -> str:
@@ -244,3 +255,33 @@ def print_verify(console: Console, report: VerifyReport) -> None:
     for c in report.checks:
         table.add_row(escape(c.name), "[green]ok[/]" if c.ok else "[bold red]FAIL[/]", escape(c.detail))
     console.print(table)
+
+
+def print_parts(console: Console, plans: Sequence[MergePlan], count: int, part: int | None = None) -> None:
+    """--dry-run of a split merge: the shards each of `count` parts writes, what it reads and
+    writes (`part`: the one this process runs, marked)."""
+    from lazymerge.parts import part_costs
+
+    costs = part_costs(plans, count)
+    table = _table(f"Split into {count} parts (whole shards, balanced by bytes)")
+    for col in ("part", "shards", "reads", "writes"):
+        table.add_column(col)
+    for c in costs:
+        names = [plans[0].shards[k].name for k in c.shards]
+        shown = f"{len(names)}: {names[0]}" + (f" ... {names[-1]}" if len(names) > 1 else "") if names else "none"
+        reads = human(c.read_bytes) + (f" + {human(c.statistics_bytes)} statistics" if c.statistics_bytes else "")
+        mark = " [bold](this one)[/]" if part == c.index else ""
+        table.add_row(f"{c.index}/{count}{mark}", shown, reads, human(c.write_bytes))
+    console.print(table)
+    heaviest = max(max(c.read_bytes, c.write_bytes) for c in costs)
+    total = sum(max(c.read_bytes, c.write_bytes) for c in costs)
+    console.print(f"balance: the heaviest part does {heaviest / max(total, 1) * count:.2f}x an even share")
+
+
+def print_finalized(console: Console, result: FinalizeResult) -> None:
+    """`lazymerge finalize`: what was assembled."""
+    console.print(
+        f"[green]finalized[/] {escape(str(result.output_dir))}: {result.parts} parts, {result.shards} shards, "
+        f"{human(result.bytes)} checked in {result.seconds:.1f} s",
+        soft_wrap=True,
+    )

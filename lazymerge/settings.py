@@ -111,3 +111,8 @@ def hub_download_timeout_set() -> bool:
 def hub_token_values() -> list[str]:
     """The Hub tokens set in the environment (HF_TOKEN, HUGGING_FACE_HUB_TOKEN): only to mask them in messages."""
     return [v for v in (os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")) if v]
+
+
+def ray_address() -> str | None:
+    """RAY_ADDRESS: the Ray cluster `--ray` joins (unset: a local one is started)."""
+    return os.environ.get("RAY_ADDRESS", "").strip() or None

@@ -18,6 +18,7 @@ import torch
 
 from lazymerge import methods
 from lazymerge.constants import DTYPE_SIZES
+from lazymerge.derived import fill_source
 from lazymerge.kernels.base import TORCH_DTYPES
 from lazymerge.plan import ChunkTask, MergePlan, OutputTensor
 
@@ -52,7 +53,7 @@ def statistics_passes(
                         while len(bufs) <= j:
                             bufs.append(torch.empty(step * 4, dtype=torch.uint8))
                         buf = bufs[j][: n * itemsize]
-                        read(s.checkpoint, s.file, s.offset + first * itemsize, buf)
+                        fill_source(read, s.shifted(first), n, buf)
                         xs.append(buf.view(TORCH_DTYPES[s.dtype]).float())
                     acc.update(xs, seg.start + first, key)
         acc.end_pass()

@@ -5,6 +5,11 @@ agree with the shards both ways and report the right total_size, the manifest's 
 match the files, and optionally N sampled tensors are recomputed from the inputs named in the
 recipe and compared byte for byte. A folder without a readable manifest fails: nothing else
 vouches for the shards' bytes.
+
+With `hub=REPO`, the shards on the Hub are checked too, without downloading them: the sha256
+the merge computed while writing each shard (in the manifest of a pushed run) must be the LFS
+object id the Hub holds for it, with the same size, and the repo must hold no other shard.
+Shards deleted locally once uploaded (--delete-after-upload) are then vouched for by the Hub.
 """
 
 from __future__ import annotations
@@ -54,11 +59,22 @@ class VerifyReport:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-def verify(folder: str | Path, *, recompute: int = 0, seed: int = 0) -> VerifyReport:
-    """Check a merged model folder; never raises for a problem in the folder, reports it."""
+def verify(
+    folder: str | Path, *, recompute: int = 0, seed: int = 0, hub: str | None = None, token: str | bool | None = None
+) -> VerifyReport:
+    """Check a merged model folder; never raises for a problem in the folder, reports it.
+
+    Args:
+        hub: `owner/name[@revision]` the folder was pushed to: compare its shards' LFS ids with
+            the manifest's sha256 (the shards themselves may be gone from the folder).
+        token: for a private repo (default HF_TOKEN or the stored login)."""
     folder = Path(folder)
     report = VerifyReport(folder)
     shards = sorted(folder.glob("*.safetensors"))
+    if hub is not None:
+        _check_hub(folder, hub, token, report)
+        if not shards:  # deleted once uploaded: the Hub check vouches for them
+            return report
     if not shards:
         report.add("shards", False, "no .safetensors file in the folder")
         return report
@@ -172,3 +188,39 @@ def _recompute(folder: Path, headers: dict, n: int, seed: int, report: VerifyRep
         if tensor_bytes(plan, checkpoints, tensor) != stored:
             bad.append(name)
     report.add("recompute", not bad, f"differ: {', '.join(bad)}" if bad else f"{len(sample)} tensors recomputed, equal")
+
+
+def _check_hub(folder: Path, repo: str, token: str | bool | None, report: VerifyReport) -> None:
+    from lazymerge.io.hub import split_repo_id
+    from lazymerge.io.hub_errors import hub_errors
+    from lazymerge.io.hub_http import hub_timeout
+
+    try:
+        manifest = Manifest.read(folder)
+    except (OSError, ValueError) as exc:
+        report.add("hub", False, f"no readable {MANIFEST_NAME} to compare with the Hub ({exc})")
+        return
+    try:
+        from huggingface_hub import HfApi
+
+        repo_id, revision = split_repo_id(repo)
+        with hub_errors(repo_id, revision, token=token):
+            info = HfApi(token=token).model_info(repo_id, revision=revision, files_metadata=True, timeout=hub_timeout())
+    except LazyMergeError as exc:
+        report.add("hub", False, exc.message)
+        return
+    held = {s.rfilename: s for s in info.siblings or [] if s.rfilename.endswith(".safetensors")}
+    problems = []
+    for name, entry in sorted(manifest.shards.items()):
+        sibling, sha = held.get(name), entry.get("sha256")
+        if sibling is None:
+            problems.append(f"{name} is not on the Hub")
+        elif not sha:
+            problems.append(f"{name}: no sha256 in the manifest (this run did not push)")
+        elif sibling.lfs is None or sibling.lfs.sha256 != sha or sibling.size != entry.get("size"):
+            problems.append(f"{name} differs on the Hub")
+    extra = sorted(set(held) - set(manifest.shards))
+    if extra:
+        problems.append(f"on the Hub but not in the manifest: {', '.join(extra)}")
+    detail = "; ".join(problems[:5]) or f"{len(manifest.shards)} shards match their LFS ids at {info.sha}"
+    report.add("hub", not problems, detail)

@@ -21,6 +21,12 @@ every request (method, path, Range, status, bytes sent/received, repo, file), `b
 content bytes sent, `lfs_uploads` lists (oid, size) per accepted upload. `stall()` makes chosen requests
 go unanswered (for a bounded time), as a server that accepts connections and then hangs does.
 
+A network you control (`shape()`): a bandwidth cap per direction (shared by all connections: bytes
+sent to clients, bytes received from them) and a latency added before each request is answered,
+bounded (at most 1 s) and on loopback only (the server binds 127.0.0.1). `fault` (a callable of the
+handler) answers chosen file GETs with an error status, or sends half the range and hangs up.
+`in_flight` / `peak_in_flight` count requests being handled at once.
+
 Auth: `Authorization: Bearer <token>` must match `token` for every write and for private repos. As on the
 Hub, a wrong token gets 401 + `X-Error-Message: Invalid credentials in Authorization header` (the client
 raises a plain `HfHubHTTPError`), anonymous access to a private repo gets 401 + `X-Error-Code: RepoNotFound`
@@ -58,6 +64,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npy", ".model")
 LFS_MIN_SIZE = 10 * 1024 * 1024
 CHUNK = 1 << 20
+_PACE = 64 << 10  # bytes per paced write/read under a bandwidth cap: smooth enough at MB/s rates
 GITATTRIBUTES = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
 BAD_TOKEN = "Invalid credentials in Authorization header"  # exact text the client special-cases
 
@@ -114,6 +121,12 @@ def _git_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def _copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    shutil.copyfile(src, dst)
+
+
 def _lfs_pointer(oid: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
 
@@ -144,6 +157,26 @@ _ROUTES = [
 ]
 
 
+class Rate:
+    """A bandwidth cap shared by every connection: `take(n)` returns once n more bytes fit the rate."""
+
+    def __init__(self, bytes_per_second: float) -> None:
+        if not bytes_per_second > 0:
+            raise ValueError("a rate must be positive")
+        self.rate = float(bytes_per_second)
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + n / self.rate
+            until = self._free_at
+        delay = until - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
 class HubServer:
     """`server = HubServer(tmp_path / "hub").start()` ... `server.stop()`, or `with HubServer(...) as server:`."""
 
@@ -170,6 +203,13 @@ class HubServer:
         self._stall_seconds = 0.0
         self._unstall = threading.Event()
         self.stalled = threading.Event()
+        # shape(): the network; fault: per-request errors for file GETs ("drop", or a status code).
+        self.down: Rate | None = None
+        self.up: Rate | None = None
+        self.latency = 0.0
+        self.fault: Callable[[_Handler], str | int | None] | None = None
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
     def start(self) -> HubServer:
         for sub in ("blobs", "tmp"):
@@ -189,6 +229,15 @@ class HubServer:
         Bounded, so that a client without a timeout never keeps a test (or its server thread) forever."""
         self._unstall.clear()
         self._stall_match, self._stall_seconds = match or (lambda h: True), seconds
+
+    def shape(self, *, down: float | None = None, up: float | None = None, latency: float = 0.0) -> None:
+        """Cap the bytes/s sent to clients (`down`) and received from them (`up`), and answer each
+        request `latency` seconds late (0 to 1 s); None: no cap."""
+        if not 0 <= latency <= 1.0:
+            raise ValueError("latency must be between 0 and 1 s")
+        self.down = Rate(down) if down else None
+        self.up = Rate(up) if up else None
+        self.latency = latency
 
     def unstall(self) -> None:
         """Answer requests again; the ones stalled now are hung up on at once."""
@@ -234,6 +283,34 @@ class HubServer:
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256
+
+    def add_model(self, repo_id: str, folder: Path, *, private: bool = False) -> str:
+        """Put every file of `folder` into a new repo directly (no HTTP), as one commit; weight files
+        are hard-linked into the blob store where the file system allows. For benchmarks: seeding a
+        4 GB pair this way takes seconds of hashing instead of an upload through this server."""
+        table: dict[str, FileEntry] = {}
+        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                while block := f.read(CHUNK * 8):
+                    h.update(block)
+            sha, size = h.hexdigest(), path.stat().st_size
+            blob = self.blob_path(sha)
+            if not blob.exists():
+                try:
+                    os.link(path, blob)
+                except OSError:
+                    _copy(path, blob)
+            lfs = name.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
+            git_oid = _git_sha1(_lfs_pointer(sha, size)) if lfs else _git_sha1(path.read_bytes())
+            table[name] = FileEntry(size, sha, git_oid, lfs)
+        with self._lock:
+            repo = self.repos.setdefault(repo_id, Repo(repo_id, private, created=_now()))
+            if lfs_objects := {e.sha256 for e in table.values() if e.lfs}:
+                repo.lfs_objects |= lfs_objects
+        entry = FileEntry(len(GITATTRIBUTES), self._store(GITATTRIBUTES), _git_sha1(GITATTRIBUTES), False)
+        return self._new_commit(repo, "main", {".gitattributes": entry, **table}, f"add {repo_id}")
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _auth(self, h: _Handler) -> bool:
@@ -543,6 +620,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.query, self._body_started = parse_qs(url.query), False
         with hub._lock:  # logged first and filled in as we go: complete before the client sees the response
             hub.requests.append(self.rec)
+            hub.in_flight += 1
+            hub.peak_in_flight = max(hub.peak_in_flight, hub.in_flight)
+        try:
+            if hub.latency:
+                time.sleep(hub.latency)
+            self._answer(hub, url)
+        finally:
+            with hub._lock:
+                hub.in_flight -= 1
+
+    def _answer(self, hub: HubServer, url: Any) -> None:
         match = hub._stall_match
         if match is not None and match(self):
             hub.stalled.set()
@@ -578,10 +666,13 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _read(self, left: int) -> Iterator[bytes]:
+        rate = self.server.hub.up
         while left:
-            chunk = self.rfile.read(min(left, CHUNK))
+            chunk = self.rfile.read(min(left, CHUNK if rate is None else _PACE))
             if not chunk:
                 raise ConnectionError("client closed the connection mid-body")
+            if rate is not None:
+                rate.take(len(chunk))
             left -= len(chunk)
             self.rec.bytes_received += len(chunk)
             yield chunk
@@ -628,14 +719,28 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             status, headers["Content-Range"] = 206, f"bytes {start}-{end}/{size}"
         length = end - start + 1 if size else 0
+        hub = self.server.hub
+        fault = hub.fault(self) if hub.fault is not None and self.command == "GET" else None
+        if isinstance(fault, int):
+            raise HubError(fault, f"injected HTTP {fault}")
         headers.update({"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"})
         self._send_head(status, {**headers, "Content-Length": str(length)})
         if self.command == "HEAD":
             return
-        hub = self.server.hub
+        cut = length // 2 if fault == "drop" else None  # send half, then hang up
         with blob.open("rb") as f:
             f.seek(start)
-            while length and (chunk := f.read(min(length, CHUNK))):
+            while length and (chunk := f.read(min(length, CHUNK if hub.down is None else _PACE))):
+                if cut is not None:
+                    if cut <= 0:
+                        self.close_connection = True
+                        self.wfile.flush()
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    chunk = chunk[:cut]
+                    cut -= len(chunk)
+                if hub.down is not None:
+                    hub.down.take(len(chunk))
                 n = len(chunk)
                 # Count before writing: the client may act on the last byte before this thread runs again.
                 self.rec.bytes_sent, length = self.rec.bytes_sent + n, length - n

@@ -38,9 +38,9 @@ def spy_writers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     made: list[str] = []
     original = DirectShardWriter.__init__
 
-    def init(self, directory, shard, pool):  # type: ignore[no-untyped-def]
+    def init(self, directory, shard, pool, *args):  # type: ignore[no-untyped-def]
         made.append(shard.name)
-        original(self, directory, shard, pool)
+        original(self, directory, shard, pool, *args)
 
     monkeypatch.setattr(DirectShardWriter, "__init__", init)
     return made

@@ -17,6 +17,7 @@ EXPECTED = {
     "Sweep",
     "__version__",
     "dogerm",
+    "finalize",
     "merge",
     "open_model",
     "plan_merge",

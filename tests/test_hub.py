@@ -421,14 +421,17 @@ def test_low_disk_and_delete_after_upload_high_water_marks(
             device="cpu",
             progress=watch.sample,
         )
-    largest_rm, largest_sft = max(weight_files(rm_dir).values()), max(weight_files(sft_dir).values())
     largest_out = max(s.size for s in plan.shards)
     total_in = sum(weight_files(rm_dir).values()) + sum(weight_files(sft_dir).values())
-    # Inputs: at most two shards per input model at a time (the one being read and, where an output
-    # shard straddles an input shard boundary, the next one), never the whole of either model.
-    assert 0 < watch.peak["inputs"] <= 2 * (largest_rm + largest_sft) < total_in / 2
-    # Output: one shard at a time; all of them went to the Hub and none is left.
-    assert 0 < watch.peak["output"] <= largest_out < sum(s.size for s in plan.shards)
+    # Inputs: streamed with range requests, never on disk; each planned byte fetched once.
+    assert watch.peak["inputs"] == 0
+    fetched = rm.stream_stats.bytes_fetched + sft.stream_stats.bytes_fetched
+    assert 0 < fetched <= total_in and rm.stream_stats.bytes_fetched <= rm.total_bytes
+    assert not [r for r in hub.requests if r.filename and r.filename.endswith(".safetensors") and not r.range]
+    # Output: at most two shards at a time (one uploading while the next is written); all of
+    # them went to the Hub and none is left.
+    assert len(plan.shards) > 2
+    assert 0 < watch.peak["output"] <= 2 * largest_out < sum(s.size for s in plan.shards)
     assert not list(out.glob("*.safetensors"))
     assert len(hub.lfs_uploads) == len(plan.shards)
     # The HF cache holds no weight file; the private download folder is gone once the models are.

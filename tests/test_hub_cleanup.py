@@ -214,7 +214,10 @@ def _fail_downloads(hub: HubServer, how: str) -> None:
     original = hub._h_resolve
 
     def whole_weight_get(h) -> bool:
-        return h.command == "GET" and h.headers.get("Range") is None and h.rec.path.endswith(WEIGHTS)
+        # Planning reads these small files whole from byte 0 (one ranged read); the merge then
+        # downloads them without a Range (hf-cache) or streams tensor ranges after the header (low-disk).
+        rng = h.headers.get("Range")
+        return h.command == "GET" and h.rec.path.endswith(WEIGHTS) and (rng is None or not rng.startswith("bytes=0-"))
 
     if how == "stalled":
         hub.stall(whole_weight_get, seconds=120)

@@ -75,8 +75,10 @@ def _two_models(hub: HubServer, tmp_path: Path) -> Path:
 
 
 def _whole_weight_get(h) -> bool:
-    """A weight file's download (planning reads headers with Range requests)."""
-    return h.command == "GET" and h.headers.get("Range") is None and h.rec.path.endswith(WEIGHTS)
+    """A weight file's download, or (low-disk) a streamed tensor range: planning reads these small
+    files whole with one Range request from byte 0."""
+    rng = h.headers.get("Range")
+    return h.command == "GET" and h.rec.path.endswith(WEIGHTS) and (rng is None or not rng.startswith("bytes=0-"))
 
 
 def _one_line(err: str) -> None:
@@ -213,11 +215,14 @@ def test_kill_9_leftovers_are_removed_by_the_next_run(hub: HubServer, tmp_path: 
 
 
 def _change_on_first_fetch(hub: HubServer, repo_id: str, target: str, data: bytes) -> None:
-    """The first whole-file request (HEAD or GET) of `target` finds it replaced by `data`, under the same commit."""
+    """The first request of `target` after planning (a whole-file HEAD or GET, or a streamed tensor
+    range) finds it replaced by `data`, under the same commit."""
     original, done = hub._h_resolve, threading.Event()
 
     def resolve(h, repo: str, rev: str, path: str) -> None:
-        if repo == repo_id and path == target and h.headers.get("Range") is None and not done.is_set():
+        rng = h.headers.get("Range")
+        after_planning = rng is None or not rng.startswith("bytes=0-")
+        if repo == repo_id and path == target and after_planning and not done.is_set():
             done.set()
             r = hub.repos[repo]
             table = r.commits[hub._commit_of(r, rev)]

@@ -120,7 +120,7 @@ def test_three_lanes_write_the_same_bytes_with_shards_open_at_once(
     released: list[tuple[int, str]] = []
     writer_init = lazymerge.io.writer.HashingWriter.__init__
     writer_finish = lazymerge.io.writer.ShardWriter.finish
-    reader_fd = lazymerge.io.reader.InputReader.fd
+    reader_source = lazymerge.io.reader.InputReader.source
     release = lazymerge.io.checkpoint.Checkpoint.release_file
 
     def init(self, *args, **kw):  # type: ignore[no-untyped-def]
@@ -132,10 +132,10 @@ def test_three_lanes_write_the_same_bytes_with_shards_open_at_once(
         open_writers.discard(id(self))
         return writer_finish(self)
 
-    def fd(self, checkpoint, file):  # type: ignore[no-untyped-def]
-        if (checkpoint, file) not in self.fds:
+    def source(self, checkpoint, file):  # type: ignore[no-untyped-def]
+        if (checkpoint, file) not in self.sources:
             opened.append((checkpoint, file))
-        return reader_fd(self, checkpoint, file)
+        return reader_source(self, checkpoint, file)
 
     def release_file(self, file):  # type: ignore[no-untyped-def]
         released.append((id(self), file))
@@ -143,7 +143,7 @@ def test_three_lanes_write_the_same_bytes_with_shards_open_at_once(
 
     monkeypatch.setattr(lazymerge.io.writer.HashingWriter, "__init__", init)
     monkeypatch.setattr(lazymerge.io.writer.ShardWriter, "finish", finish)
-    monkeypatch.setattr(lazymerge.io.reader.InputReader, "fd", fd)
+    monkeypatch.setattr(lazymerge.io.reader.InputReader, "source", source)
     monkeypatch.setattr(lazymerge.io.checkpoint.Checkpoint, "release_file", release_file)
     monkeypatch.setenv(LANES_ENV, "3")
     got = merge(capsys, llama_pair, tmp_path / "three-lanes")

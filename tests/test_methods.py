@@ -288,7 +288,7 @@ def test_evaluate_setting_gradients_and_filters() -> None:
 @pytest.mark.parametrize(
     "edit,needle",
     [
-        (lambda c: c.update(tokenizer_source="union"), "tokenizer_source"),
+        (lambda c: c.update(modules={"text_decoder": {}}), "modules"),
         (lambda c: c["models"][0]["parameters"].update(epsilon=0.1), "epsilon"),
         (lambda c: c["parameters"].update(filter_wise=True), "filter_wise"),
         (lambda c: c.update(slices=[]), "slices"),

@@ -88,12 +88,28 @@ def test_no_o_direct_means_the_page_cache(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_digest_is_the_same_mapped_or_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Windows cannot drop hashed pages from a map (no madvise): blocks are read instead.
+    import hashlib
+
     path = tmp_path / "f"
-    path.write_bytes(os.urandom(2 * digest.BLOCK_BYTES + 12345))
-    mapped = digest.file_digest(path)
+    data = os.urandom(2 * digest.BLOCK_BYTES + 12345)
+    path.write_bytes(data)
+
+    def both_hashes() -> tuple[str, str | None]:
+        pool = digest.hash_pool(2)
+        try:
+            with open(path, "rb") as f:
+                hasher = digest.BlockHasher(f.fileno(), len(data), pool, sha256=True)  # with a Hub push's sha256
+                hasher.advance(len(data))
+                return hasher.digest(), hasher.sha256_hex
+        finally:
+            pool.shutdown()
+
+    mapped = both_hashes()
+    assert mapped == (digest.file_digest(path), hashlib.sha256(data).hexdigest())
     monkeypatch.setattr(digest, "can_drop_mapped_pages", lambda: False)
     monkeypatch.setattr(digest, "map_readonly", None)  # never called on this path
-    assert digest.file_digest(path) == mapped
+    assert both_hashes() == mapped
+    assert digest.file_digest(path) == mapped[0]
 
 
 def test_peak_rss_in_bytes_on_every_system(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,7 @@ from lazymerge.constants import (
 )
 from lazymerge.errors import CheckpointError, HeaderError
 from lazymerge.io.header import read_header
+from lazymerge.io.range_source import LocalRangeSource, RangeSource
 from lazymerge.io.torchbin import read_bin_tensors
 
 __all__ = ["Checkpoint", "TensorRef", "build_checkpoint", "check_inside", "open_checkpoint", "validate_weight_map"]
@@ -66,6 +67,13 @@ class Checkpoint:
         """Path of one of the checkpoint's files on local disk (remote checkpoints fetch it)."""
         return self.root / name
 
+    def range_source(self, name: str, reads: list[tuple[int, int]] | None = None) -> RangeSource:
+        """Where the run reads `name`'s bytes: the local file (remote checkpoints may stream it).
+
+        `reads`: the (offset, bytes) the run will read from it, in order (a remote stream fetches
+        them ahead)."""
+        return LocalRangeSource(self.local_file(name))
+
     def release_file(self, name: str) -> None:
         """Called once every tensor read from `name` has been consumed (remote: may delete it)."""
 
@@ -74,8 +82,8 @@ class Checkpoint:
 
     @property
     def deletes_released_files(self) -> bool:
-        """Whether `release_file` deletes the file (low-disk Hub downloads). A merge then writes
-        one shard at a time, reading its inputs in plan order, which keeps few of them on disk."""
+        """Whether the inputs should be read in plan order, one output shard at a time (low-disk
+        Hub inputs, streamed by range requests: each stream then moves forward through its file)."""
         return False
 
     def read_json(self, name: str) -> dict | None:

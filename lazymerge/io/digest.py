@@ -14,6 +14,12 @@ sha256 (1.2-1.3 GB/s a core) cost 10-11 s of CPU per 13.5 GB output, a third of 
 user time, against 1.2-1.5 s for XXH3 (9-12 GB/s; `benchmarks/bench_digest.py`). The Hub
 computes its own sha256 on upload.
 
+A Hub push also needs the plain sha256 of each shard (the LFS object id), before its upload
+starts. `OrderedSha256` computes it while the shard is written, from the same blocks, in file
+order on one thread of its own (sha256 is one sequential stream), so the upload never reads the
+file a second time to hash it. It costs ~1 s of one core per 1.3 GB, which is why only a run that
+pushes asks for it.
+
 Blocks are hashed from a read-only mapping of the file just written (still in the page cache),
 so the digest covers exactly what is on disk, including ranges that `copy_file_range` moved
 without passing through Python; each block's pages are unmapped right after hashing, so the
@@ -39,6 +45,7 @@ __all__ = [
     "BLOCK_BYTES",
     "BLOCK_HASHES",
     "BlockHasher",
+    "OrderedSha256",
     "block_digest",
     "file_digest",
     "hash_pool",
@@ -67,6 +74,37 @@ def hash_pool(workers: int | None = None) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-hash")
 
 
+class OrderedSha256:
+    """The plain sha256 of a file, fed its blocks in file order on a thread of its own.
+
+    `feed(view_of_block)` queues one block (the caller keeps its memory valid until the returned
+    future is done); `hexdigest()` waits for every block."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lazymerge-sha256")
+
+    def feed(self, read: Callable[[], memoryview], after: Callable[[], None] | None = None) -> Future[None]:
+        """Hash the block `read()` gives (called on the hashing thread), then call `after`."""
+        return self._pool.submit(self._update, read, after)
+
+    def _update(self, read: Callable[[], memoryview], after: Callable[[], None] | None) -> None:
+        view = read()
+        try:
+            self._hash.update(view)
+        finally:
+            view.release()
+        if after is not None:
+            after()
+
+    def hexdigest(self) -> str:
+        self._pool.shutdown(wait=True)
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class BlockHasher:
     """Hashes a file's blocks in the background as the bytes before them are written.
 
@@ -74,8 +112,12 @@ class BlockHasher:
     the end; `close()` releases the mapping early (on abort).
     """
 
-    def __init__(self, fd: int, size: int, pool: ThreadPoolExecutor, algorithm: str = ALGORITHM) -> None:
+    def __init__(
+        self, fd: int, size: int, pool: ThreadPoolExecutor, algorithm: str = ALGORITHM, sha256: bool = False
+    ) -> None:
         self.size = size
+        self.sha256 = OrderedSha256() if sha256 else None  # the plain sha256 too (a Hub push)
+        self.sha256_hex: str | None = None  # set by digest()
         self._pool = pool
         self._hash = BLOCK_HASHES[algorithm]
         # The file is already reserved at its final size (fallocate / ftruncate), so mapping it
@@ -97,7 +139,10 @@ class BlockHasher:
         try:
             if self._submitted < self.size:
                 self._submit(self._submitted, self.size - self._submitted)
-            return combine([f.result() for f in self._futures])
+            result = combine([f.result() for f in self._futures])
+            if self.sha256 is not None:
+                self.sha256_hex = self.sha256.hexdigest()
+            return result
         finally:
             self.close()
 
@@ -108,16 +153,33 @@ class BlockHasher:
             if not f.cancelled():
                 f.exception()  # wait: a running hash still reads the mapping
         self._futures = []
+        if self.sha256 is not None:
+            self.sha256.close()  # waits: a running update still reads the mapping
         if self._map is not None:
             self._map.close()
             self._map = None
 
     def _submit(self, start: int, n: int) -> None:
-        if self._map is not None:
-            self._futures.append(self._pool.submit(_hash_mapped, self._map, start, n, self._hash))
+        if self._map is None:
+            # No map (Windows): the block is read, by each hash that needs it (from the page cache).
+            fd, block_hash = self._fd, self._hash
+            if self.sha256 is not None:
+                self.sha256.feed(lambda: memoryview(_read_block(fd, start, n)))
+            self._futures.append(self._pool.submit(_hash_read, fd, start, n, block_hash))
+        elif self.sha256 is not None:
+            # The plain sha256 reads the same block first (in file order); the block hash, which
+            # drops the block's pages from the mapping, starts once it has.
+            mapped, block_hash = self._map, self._hash
+            done = self.sha256.feed(lambda: memoryview(mapped)[start : start + n])
+            self._futures.append(self._pool.submit(_after, done, _hash_mapped, mapped, start, n, block_hash))
         else:
-            self._futures.append(self._pool.submit(_hash_read, self._fd, start, n, self._hash))
+            self._futures.append(self._pool.submit(_hash_mapped, self._map, start, n, self._hash))
         self._submitted = start + n
+
+
+def _after(first: Future[None], fn: Callable[..., bytes], *args: object) -> bytes:
+    first.result()
+    return fn(*args)
 
 
 def _hash_mapped(mapped: mmap.mmap, start: int, n: int, block_hash: Callable[[memoryview], bytes]) -> bytes:
@@ -132,11 +194,15 @@ def _hash_mapped(mapped: mmap.mmap, start: int, n: int, block_hash: Callable[[me
     return digest
 
 
-def _hash_read(fd: int, start: int, n: int, block_hash: Callable[[memoryview], bytes]) -> bytes:
+def _read_block(fd: int, start: int, n: int) -> bytes:
     data = pread(fd, n, start)
     if len(data) != n:
         raise OSError(errno.EIO, f"file ended at {start + len(data)} while hashing a block of {n} bytes at {start}")
-    return block_hash(memoryview(data))
+    return data
+
+
+def _hash_read(fd: int, start: int, n: int, block_hash: Callable[[memoryview], bytes]) -> bytes:
+    return block_hash(memoryview(_read_block(fd, start, n)))
 
 
 def block_digest(block: memoryview | bytes) -> bytes:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from lazymerge._platform import open_direct, pread_into, pwrite
 from lazymerge.errors import OutputError
-from lazymerge.io.digest import BLOCK_BYTES, block_digest, combine
+from lazymerge.io.digest import BLOCK_BYTES, OrderedSha256, block_digest, combine
 from lazymerge.io.writer import ShardWriter, _input_ended, create_new
 from lazymerge.output_folder import DIRECT_PROBE_NAME
 from lazymerge.plan import MergePlan, OutputShard
@@ -75,10 +75,13 @@ class DirectShardWriter(ShardWriter):
     """ShardWriter's interface (write, copy_from, digest, finish, abort) with writes in file
     order only; see the module docstring."""
 
-    def __init__(self, directory: Path, shard: OutputShard, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, directory: Path, shard: OutputShard, pool: ThreadPoolExecutor, sha256: bool = False) -> None:
         """`pool`: RING - 1 threads, which hash and write the blocks (each write blocks its
-        thread until the disk has the data)."""
+        thread until the disk has the data). `sha256`: also compute the plain sha256 of the
+        file (for a Hub upload) from the same buffers, in file order."""
         self._pool = pool
+        self._sha = OrderedSha256() if sha256 else None
+        self._sha_hex: str | None = None
         self._buffers = [mmap.mmap(-1, BLOCK_BYTES) for _ in range(RING)]  # page-aligned, anonymous
         self._pending: list[Future[bytes] | None] = [None] * RING
         self._digests: list[Future[bytes]] = []
@@ -117,7 +120,12 @@ class DirectShardWriter(ShardWriter):
             self._submit(self._fill)
         digests = [f.result() for f in self._digests]
         self._digests = []
+        if self._sha is not None:
+            self._sha_hex = self._sha.hexdigest()
         return combine(digests)
+
+    def sha256(self) -> str | None:
+        return self._sha_hex
 
     def finish(self) -> Path:
         self._close_direct()
@@ -130,6 +138,8 @@ class DirectShardWriter(ShardWriter):
             if not f.cancelled():
                 f.exception()  # a running block write still uses its buffer
         self._digests = []
+        if self._sha is not None:
+            self._sha.close()  # waits: a running update still reads its buffer
         self._close_direct()
         super().abort()
 
@@ -162,11 +172,22 @@ class DirectShardWriter(ShardWriter):
 
     def _submit(self, length: int) -> None:
         slot = self._block % RING
-        future = self._pool.submit(self._write_block, self._buffers[slot], length, self._block * BLOCK_BYTES)
+        buf = self._buffers[slot]
+        if self._sha is not None:
+            # The buffer is reused only once its write is done, and its write starts after the
+            # plain sha256 (one thread, file order) has read it.
+            hashed = self._sha.feed(lambda: memoryview(buf)[:length])
+            future = self._pool.submit(self._after, hashed, buf, length, self._block * BLOCK_BYTES)
+        else:
+            future = self._pool.submit(self._write_block, buf, length, self._block * BLOCK_BYTES)
         self._pending[slot] = future
         self._digests.append(future)
         self._block += 1
         self._fill = 0
+
+    def _after(self, hashed: Future[None], buf: mmap.mmap, length: int, offset: int) -> bytes:
+        hashed.result()
+        return self._write_block(buf, length, offset)
 
     def _write_block(self, buf: mmap.mmap, length: int, offset: int) -> bytes:
         view = memoryview(buf)

@@ -8,10 +8,17 @@ pinned to the commit it resolved to, so every later read sees the same files.
 
 Weight files are then fetched through huggingface_hub when the executor first reads them
 (`Checkpoint.local_file`), into its cache (HF_HOME, HF_TOKEN, HF_ENDPOINT honoured), and the next
-file in plan order is prefetched in the background. With `low_disk`, files go to a private
-temporary folder instead, nothing is prefetched, and each file is deleted as soon as every tensor
-read from it has been consumed (`Checkpoint.release_file`): about one shard per input model is
-on disk at a time. With HF_HUB_OFFLINE set, the model is opened from the local cache.
+file in plan order is prefetched in the background. With `low_disk`, weight files are never
+downloaded: the executor's reads are streamed with HTTP range requests straight into its buffers
+(`range_source` -> `lazymerge.io.hub_stream.HttpRangeSource`, several requests in flight per
+file, a bounded read-ahead, retries that resume a dropped range), so no input weight byte is on
+disk; the side files (config, tokenizer) go to a private temporary folder. With HF_HUB_OFFLINE
+set, the model is opened from the local cache.
+
+Why streaming is not the default for repo ids: the HF cache makes every later run over the same
+inputs (a weight sweep run step by step, a recipe being tuned, HF_HUB_OFFLINE) read local disk
+instead of the network, and the cached download is one sequential stream per file, which real
+Hub CDNs serve well. Streaming wins when the disk is small or the inputs are used once.
 
 The private folder is removed by `HubCheckpoint.close`, when the checkpoint is collected, or at
 interpreter exit, and with the error when opening fails: an index that names a shard lacking a
@@ -51,6 +58,9 @@ from lazymerge.io.hub_errors import hub_errors
 from lazymerge.io.hub_folders import PrivateFolder
 from lazymerge.io.hub_http import DaemonPool, DownloadCancelled, bound_client, hub_timeout, run_pooled, wait_for
 from lazymerge.io.hub_ranged import THREADS, local_tensors, remote_tensors
+from lazymerge.io.range_source import RangeSource
+
+STREAM_THREADS = 8  # low_disk: ranged requests in flight per input model
 
 __all__ = ["HubCheckpoint", "is_repo_id", "open_any", "open_hub_checkpoint", "split_repo_id"]
 
@@ -117,9 +127,14 @@ class HubCheckpoint(Checkpoint):
         low_disk: bool,
         download_dir: str | os.PathLike[str] | None,
         planned: dict[str, list[TensorRef]],
+        etags: dict[str, str] | None = None,
     ) -> None:
         """Make the download pool and (low_disk) the private folder, owned from here on by `close`."""
+        from lazymerge.io.hub_stream import StreamStats
+
         self.repo_id, self.revision, self.commit = repo_id, revision, commit
+        self._etags = etags or {}
+        self.stream_stats = StreamStats()  # low_disk: bytes, requests and retries of the streams
         self.token, self.low_disk = token, low_disk
         self._planned = {f: _table(refs) for f, refs in planned.items()}  # checked again after download
         self._side_paths: dict[str, Path] = {}
@@ -128,7 +143,8 @@ class HubCheckpoint(Checkpoint):
         self._cancelled = threading.Event()
         self.downloads = 0  # weight files fetched (a released file read again is fetched again)
         # Daemon threads: a stalled download never holds up Ctrl-C or the end of the process.
-        self._pool = DaemonPool(2, "lazymerge-download")
+        # low_disk streams several ranges at once; otherwise two whole-file downloads.
+        self._pool = DaemonPool(STREAM_THREADS if low_disk else 2, "lazymerge-download")
         self._folder = PrivateFolder(download_dir) if low_disk else None
         self._download_dir = self._folder.path if self._folder is not None else None
         self._finalizer = weakref.finalize(self, _cleanup, self._pool, self._folder, self._cancelled)
@@ -148,8 +164,24 @@ class HubCheckpoint(Checkpoint):
                 self._start(nxt)
         return path
 
+    def range_source(self, name: str, reads: list[tuple[int, int]] | None = None) -> RangeSource:
+        """low_disk: the file streamed with ranged requests (nothing on disk); else the downloaded file."""
+        if not self.low_disk:
+            return super().range_source(name, reads)
+        from huggingface_hub import hf_hub_url
+
+        from lazymerge.io.hub_stream import HttpRangeSource
+
+        bound_client()
+        return HttpRangeSource(
+            hf_hub_url(self.repo_id, name, revision=self.commit), self.file_sizes[name], self._etags.get(name),
+            _auth_headers(self.token), f"{self.label}/{name}", reads or [], self._pool, self._cancelled,
+            self.stream_stats, lambda: hub_errors(self.repo_id, self.revision, token=self.token),
+        )  # fmt: skip
+
     @property
     def deletes_released_files(self) -> bool:
+        # low_disk reads its inputs in plan order (one write lane), so each stream moves forward.
         return self.low_disk
 
     def release_file(self, name: str) -> None:
@@ -256,8 +288,9 @@ def open_hub_checkpoint(
     Args:
         repo_id: `owner/name`.
         revision: branch, tag or commit (default main); pinned to the commit it resolves to.
-        low_disk: download weight files into a private temporary folder (under `download_dir`
-            when given) and delete each once consumed, instead of keeping them in the HF cache.
+        low_disk: stream weight files with HTTP range requests as the merge reads them (no
+            weight byte on disk) instead of downloading them into the HF cache; side files go
+            to a private temporary folder (under `download_dir` when given).
         token: a Hub token; None uses HF_TOKEN or the stored login, False sends none.
 
     Raises:
@@ -278,6 +311,8 @@ def open_hub_checkpoint(
         info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hub_timeout())
         commit = info.sha or revision or "main"
         sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+        # What the pinned commit's files are: a streamed range must come from the same bytes.
+        etags = {s.rfilename: s.lfs.sha256 if s.lfs else s.blob_id for s in info.siblings or []}
         files, weight_map = _weight_files(repo_id, commit, label, sizes, token)
         headers = _auth_headers(token)
         tables = run_pooled(
@@ -295,6 +330,7 @@ def open_hub_checkpoint(
         low_disk=low_disk,
         download_dir=download_dir,
         planned={f: refs for f, (refs, _) in zip(files, tables, strict=True)},
+        etags={f: e for f, e in etags.items() if f in files and e},
     )
     try:
         with hub_errors(repo_id, revision, token=token):

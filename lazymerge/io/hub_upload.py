@@ -10,8 +10,17 @@ tokenizer and model card: the repo never shows half a model. The LFS protocol sk
 server already holds, so a killed push that is run again does not upload finished shards again
 (the output is deterministic: a re-merged shard has the same sha256).
 
-`delete_after_upload` deletes each local shard once uploaded, and the merge waits for a shard's
-upload before it starts writing the next one: at most one output shard is on local disk.
+The LFS upload needs each shard's sha256 before it starts: the writer computes it while writing
+the shard and records it in the manifest (`lazymerge.io.digest.OrderedSha256`), and the upload
+takes it from there, so the shard is read once, by the upload itself. A shard without one (kept
+by --resume from a run that did not push) is hashed by huggingface_hub, as before.
+
+`delete_after_upload` deletes each local shard once uploaded. The merge does not wait for that
+upload: it writes the next shard meanwhile, and only when that one closes does it wait for the
+previous upload to finish. At most two output shards are on local disk (one uploading, one
+being written), and the merge runs while the network works. A `--resume` after a kill keeps the
+shards the Hub already holds (`held_on_hub`, asked of the LFS batch endpoint with the sha256 the
+manifest recorded): they are committed as they are, never merged or uploaded again.
 
 The executor knows nothing of this: the pusher only wraps its progress callback. `Pushes`
 holds the pushers of one run (K for a sweep, one per output folder and repo).
@@ -90,8 +99,8 @@ class HubPusher:
         private: create the repo private (an existing repo keeps its visibility).
         revision: the branch to commit to (created from main when missing); default main.
         commit_message: default names lazymerge, the method and the inputs.
-        delete_after_upload: delete each local shard once uploaded; the merge waits for each
-            upload before writing the next shard (at most one output shard on disk).
+        delete_after_upload: delete each local shard once uploaded; a closed shard waits for
+            the upload of the one before it (at most two output shards on disk).
         token: a Hub token with write access; None uses HF_TOKEN or the stored login.
 
     Raises:
@@ -122,6 +131,8 @@ class HubPusher:
         self._uploaded: list[str] = []
         self._reused: list[str] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._previous: _Job | None = None  # delete_after_upload: the upload a closed shard waits for
+        self._remote: set[str] = set()  # shards the server already held at --resume: committed by sha256
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -144,18 +155,22 @@ class HubPusher:
         def callback(event: ProgressEvent) -> None:
             if progress is not None:
                 progress(event)
+            if event.shard in self._remote:  # kept by --resume from the Hub: nothing local to send
+                return
             if event.kind in ("shard", "skip") and event.path is not None:
                 self.submit(event.shard, Path(event.path), sizes.get(event.shard))
 
         return callback
 
     def submit(self, name: str, path: Path, size: int | None = None) -> None:
-        """Queue one finished shard for upload (blocks until uploaded with delete_after_upload)."""
+        """Queue one finished shard for upload. With delete_after_upload, wait until the shard
+        before it is uploaded (and deleted): this one uploads while the next is written."""
         self._raise_if_failed()
         job = _Job(name, path, size if size is not None else path.stat().st_size)
         self._jobs.put(job)
-        if self.delete_after_upload:
-            while not job.done.wait(0.05):
+        previous, self._previous = self._previous, job
+        if self.delete_after_upload and previous is not None:
+            while not previous.done.wait(0.05):
                 if self._cancel.is_set():
                     break
             self._raise_if_failed()
@@ -166,6 +181,33 @@ class HubPusher:
             if isinstance(error, LazyMergeError):
                 raise error
             raise HubError(scrub(f"upload to {self.repo_id} failed: {error}", self.token))
+
+    def held_on_hub(self, name: str, size: int, sha256: str) -> bool:
+        """Whether the server already holds this shard's bytes (uploaded by an earlier run, then
+        deleted locally): it is then committed from its recorded sha256, and neither merged nor
+        uploaded again. Asks the LFS batch endpoint, which answers without upload actions for an
+        object it has."""
+        from huggingface_hub import CommitOperationAdd
+        from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
+        from huggingface_hub.utils import build_hf_headers
+
+        info = UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(sha256))
+        with hub_errors(self.repo_id, self.revision, token=self.token, writing=True):
+            objects, errors, _ = post_lfs_batch_info(
+                [info], token=None, repo_type="model", repo_id=self.repo_id, revision=self.revision,
+                endpoint=self.api.endpoint, headers=build_hf_headers(token=self.token),
+            )  # fmt: skip
+        if errors or not objects or "actions" in objects[0] or objects[0].get("oid") != sha256:
+            return False
+        op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
+        op.upload_info = info
+        op._upload_mode, op._should_ignore, op._is_uploaded = "lfs", False, True
+        with self._lock:
+            self._ops[name] = op
+            self._reused.append(name)
+            self._remote.add(name)
+        self._advance(size)
+        return True
 
     # ---- the upload thread ---------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -192,9 +234,16 @@ class HubPusher:
             sent += step
             self._advance(step)
 
+        # Built from the path, huggingface_hub reads 512 bytes and hashes the file only when asked
+        # for its sha256: the one computed while the shard was written is given instead.
+        op = CommitOperationAdd(path_in_repo=job.name, path_or_fileobj=str(job.path))
+        sha256 = _recorded_sha256(job.path, job.size)
+        if sha256 is not None:
+            op.upload_info.sha256 = bytes.fromhex(sha256)
+        _ = op.upload_info.sha256  # (else hashed here, before the upload's reads are counted)
         reader = _CountingReader(job.path)
         try:
-            op = CommitOperationAdd(path_in_repo=job.name, path_or_fileobj=reader)  # hashes the file
+            op.path_or_fileobj = reader
             reader.on_read = count
             with hub_errors(self.repo_id, token=self.token, writing=True):
                 self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision)
@@ -229,9 +278,8 @@ class HubPusher:
             raise HubError(f"{self.repo_id}: shard(s) never uploaded: {', '.join(missing)}")
         operations: list[Any] = [self._ops[s.name] for s in plan.shards]
         names = {s.name for s in plan.shards}
-        for name in sorted(plan.side_files):
-            path = plan.output_dir / name
-            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=path.read_bytes()))
+        for name, data in sorted(plan.side_files.items()):  # what the folder holds, also where it is not local
+            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
             names.add(name)
         message = self.commit_message or _default_message(plan)
         with hub_errors(self.repo_id, self.revision, token=self.token, writing=True):
@@ -245,11 +293,40 @@ class HubPusher:
             info = self.api.create_commit(self.repo_id, operations, commit_message=message, revision=self.revision)
         return PushResult(self.repo_id, self.revision, str(info.commit_url), list(self._uploaded), list(self._reused))
 
+    def uploads(self) -> tuple[dict[str, Any], list[str], list[str]]:
+        """Wait for the queued uploads and hand them over for a commit made elsewhere (a Ray
+        driver, `adopt`): the operations (picklable: an LFS object's commit entry is its sha256,
+        not its bytes), the shards uploaded and those the server already held."""
+        self._jobs.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+        for op in self._ops.values():
+            if not isinstance(op.path_or_fileobj, bytes):
+                op.path_or_fileobj = b""  # the closed reader of an uploaded LFS object
+        return dict(self._ops), list(self._uploaded), list(self._reused)
+
+    def adopt(self, ops: dict[str, Any], uploaded: Sequence[str], reused: Sequence[str]) -> None:
+        """Shards another process uploaded (`uploads`), to go in this pusher's commit."""
+        with self._lock:
+            self._ops.update(ops)
+            self._uploaded += uploaded
+            self._reused += reused
+
     def close(self) -> None:
         """Stop the upload thread without committing (after a failed merge); never blocks long."""
         self._cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout=1.0)
+
+
+def _recorded_sha256(path: Path, size: int) -> str | None:
+    """The shard's sha256 from the output folder's manifest, when its writer computed one."""
+    from lazymerge.manifest import Manifest
+
+    manifest = Manifest.load(path.parent)
+    entry = manifest.shards.get(path.name) if manifest is not None else None
+    sha = entry.get("sha256") if entry is not None and entry.get("size") == size else None
+    return sha if isinstance(sha, str) and len(sha) == 64 else None
 
 
 def _default_message(plan: MergePlan) -> str:
@@ -315,6 +392,15 @@ class Pushes:
 
         for v, pusher in enumerate(self.pushers):
             pusher.on_upload = lambda n, _total, v=v: on_upload(v, n)
+
+    def held_checks(self) -> list[Callable[[str, dict], bool]]:
+        """For `--resume`, per output: whether a shard its manifest records (with a sha256) but
+        that is gone locally is held by the Hub already (`HubPusher.held_on_hub`)."""
+
+        def check(pusher: HubPusher) -> Callable[[str, dict], bool]:
+            return lambda name, entry: pusher.held_on_hub(name, int(entry["size"]), str(entry["sha256"]))
+
+        return [check(pusher) for pusher in self.pushers]
 
     def commit(self) -> list[PushResult]:
         """Wait for every upload, then one commit per repo."""

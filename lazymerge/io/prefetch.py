@@ -94,7 +94,7 @@ def _ranges(plan: MergePlan, checkpoints: Sequence[Checkpoint]) -> Iterator[tupl
         if not isinstance(task, ChunkTask):
             continue
         sources = task.sources[:1] if task.copy else task.sources
-        for s in sources:
+        for s in (leaf for src in sources for leaf in src.leaves()):
             nbytes = task.out_nbytes if task.copy else task.count * DTYPE_SIZES[s.dtype]
             yield checkpoints[s.checkpoint].local_file(s.file), s.offset, nbytes
 

@@ -1,22 +1,24 @@
 """Positional reads of a merge run's input files into its chunk buffers.
 
-The executor's reader stage and its statistics passes fill buffers with `preadv` at the offsets
-the plan gives. Consumed input pages leave the page cache, and each input file is closed and
+The executor's reader stage and its statistics passes fill buffers at the offsets the plan gives,
+from each file's `RangeSource` (`lazymerge.io.range_source`): `preadv` on a local file, ranged
+HTTP requests on a streamed Hub file, which is told every range the run will read so that it
+fetches ahead. Consumed input pages leave the page cache, and each input file is closed and
 released (`Checkpoint.release_file`) once every chunk that reads or copies it is done. Where
 cores are plentiful a chunk's reads are cut into pieces that a thread pool reads at once.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from lazymerge._platform import advise_sequential, drop_cached, open_flags, pread_into, usable_cpu_count
-from lazymerge.errors import HeaderError
+from lazymerge._platform import usable_cpu_count
+from lazymerge.constants import DTYPE_SIZES
+from lazymerge.io.range_source import RangeSource
 from lazymerge.plan import ChunkTask
 from lazymerge.settings import read_threads
 
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     from lazymerge.io.checkpoint import Checkpoint
 
-__all__ = ["InputReader"]
+__all__ = ["InputReader", "planned_reads"]
 
 _READ_PIECE = 4 << 20  # smallest piece a chunk's input read is split into for the read pool
 
@@ -53,8 +55,9 @@ class InputReader:
         self.checkpoints = checkpoints
         self.busy = busy
         self.bytes_read = 0
-        self.fds: dict[tuple[int, str], int] = {}
+        self.sources: dict[tuple[int, str], RangeSource] = {}
         self.fd_lock = threading.Lock()
+        self.reads = planned_reads(tasks)
         # Uses of each input file still to come. A file is released when its count reaches 0,
         # not at the last task in plan order: copies run on writer threads (one per write lane)
         # that lag the reader, and with lanes the order of uses is not the plan's.
@@ -87,31 +90,24 @@ class InputReader:
             for f in pending:
                 f.result()  # every piece is waited for (and its error raised) before the slot moves on
 
-    def fd(self, checkpoint: int, file: str) -> int:
+    def source(self, checkpoint: int, file: str) -> RangeSource:
+        """The open source of an input file (opened, or its stream started, on first use)."""
         key = (checkpoint, file)
         with self.fd_lock:
-            fd = self.fds.get(key)
-            if fd is None:
-                path = self.checkpoints[checkpoint].local_file(file)
-                fd = os.open(path, open_flags(os.O_RDONLY))
-                advise_sequential(fd)
-                self.fds[key] = fd
-            return fd
+            source = self.sources.get(key)
+            if source is None:
+                source = self.checkpoints[checkpoint].range_source(file, self.reads.get(key, []))
+                self.sources[key] = source
+            return source
+
+    def fd(self, checkpoint: int, file: str) -> int | None:
+        """The input file's local descriptor (for `copy_file_range`), or None when it is streamed."""
+        return self.source(checkpoint, file).fd
 
     def read_into(self, checkpoint: int, file: str, offset: int, buf: torch.Tensor, drop: bool = True) -> None:
         began = time.perf_counter()
-        fd = self.fd(checkpoint, file)
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < len(view):
-            n = pread_into(fd, view[done:], offset + done)
-            if n == 0:
-                path = self.checkpoints[checkpoint].local_file(file)
-                raise HeaderError(path, "file ends before the tensor data its header promises: truncated?")
-            done += n
-        if drop:
-            # Consumed input pages leave the page cache, so a merge does not evict everything else.
-            drop_cached(fd, offset, len(view))
+        view = memoryview(buf.numpy()).cast("B")
+        self.source(checkpoint, file).read_into(offset, view, consume=drop)
         self.count(len(view), time.perf_counter() - began)
 
     def count(self, nbytes: int, seconds: float = 0.0) -> None:
@@ -128,15 +124,16 @@ class InputReader:
             self.uses_left[key] -= 1
             if self.uses_left[key] > 0:
                 return
-            fd = self.fds.pop(key, None)
-        if fd is not None:
-            os.close(fd)
+            source = self.sources.pop(key, None)
+        if source is not None:
+            source.close()
         self.checkpoints[checkpoint].release_file(file)
 
     def close(self) -> None:
         """Close the files still open (after a failure) and stop the read pool."""
-        for fd in self.fds.values():
-            os.close(fd)
+        for source in self.sources.values():
+            source.close()
+        self.sources.clear()
         if self.pool is not None:
             self.pool.shutdown(cancel_futures=True)
 
@@ -145,6 +142,22 @@ def _use_counts(tasks: list) -> dict[tuple[int, str], int]:
     uses: dict[tuple[int, str], int] = {}
     for task in tasks:
         if isinstance(task, ChunkTask):
-            for s in task.sources:
-                uses[(s.checkpoint, s.file)] = uses.get((s.checkpoint, s.file), 0) + 1
+            for leaf in (p for s in task.sources for p in s.leaves()):
+                uses[(leaf.checkpoint, leaf.file)] = uses.get((leaf.checkpoint, leaf.file), 0) + 1
     return uses
+
+
+def planned_reads(tasks: list) -> dict[tuple[int, str], list[tuple[int, int]]]:
+    """(offset, bytes) of every read the run's chunks make of each input file, in the run's order
+    (a streamed file fetches them ahead; statistics passes' reads are fetched when asked)."""
+    reads: dict[tuple[int, str], list[tuple[int, int]]] = {}
+    for task in tasks:
+        if not isinstance(task, ChunkTask):
+            continue
+        if task.copy:
+            s = task.sources[0]
+            reads.setdefault((s.checkpoint, s.file), []).append((s.offset, task.out_nbytes))
+            continue
+        for s in task.sources:
+            reads.setdefault((s.checkpoint, s.file), []).append((s.offset, task.count * DTYPE_SIZES[s.dtype]))
+    return reads

@@ -130,6 +130,10 @@ class ShardWriter:
             f"disk full while writing {self.shard.name}: it needs {needs} at {self.final_path.parent}"
         )
 
+    def sha256(self) -> str | None:
+        """The plain sha256 of the shard, when the writer computes one (after `digest`)."""
+        return None
+
     def finish(self) -> Path:
         """Flush, close and rename to the final name. Returns the final path."""
         try:
@@ -156,9 +160,10 @@ class HashingWriter(ShardWriter):
     included, and the writer thread never waits for the hashes.
     """
 
-    def __init__(self, directory: Path, shard: object, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, directory: Path, shard: object, pool: ThreadPoolExecutor, sha256: bool = False) -> None:
+        """`sha256`: also compute the plain sha256 of the file (for a Hub upload), in file order."""
         super().__init__(directory, shard)
-        self._hasher = BlockHasher(self.fd, self.shard.size, pool)
+        self._hasher = BlockHasher(self.fd, self.shard.size, pool, sha256=sha256)
         self._next = len(self.shard.header)
 
     def write(self, data: memoryview | bytes, offset: int) -> None:
@@ -181,6 +186,10 @@ class HashingWriter(ShardWriter):
 
     def digest(self) -> str:
         return self._hasher.digest()
+
+    def sha256(self) -> str | None:
+        """The plain sha256 of the shard (after `digest`), when asked for at creation."""
+        return self._hasher.sha256_hex
 
     def abort(self) -> None:
         hasher = getattr(self, "_hasher", None)  # None when ShardWriter.__init__ itself failed

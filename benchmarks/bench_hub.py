@@ -1,0 +1,283 @@
+"""Hub-to-Hub DogeRM merge on a network we control: lazymerge streaming vs the mergekit way.
+
+A local Hub-protocol server (tests/hub_server.py, loopback only) holds a synthetic RM + SFT pair
+(`synthetic.py`, kind dogerm) and serves it under a bandwidth cap per direction and a latency
+per request (`--down`, `--up` bytes/s, `--latency` s). Two contenders run as child processes, in
+the same invocation, against the same server:
+
+- `lazymerge`: `lazymerge dogerm --reward-model bench/rm --domain-model bench/sft --low-disk
+  --push-to-hub bench/out-lazymerge --delete-after-upload`: inputs streamed by range requests,
+  each shard uploaded while the next merges.
+- `mergekit-way`: what a mergekit user does: `snapshot_download` both repos in full, merge
+  (lazymerge on the local copies, the fastest local merge we have: the difference is the
+  workflow), then `upload_folder` (mergekit cannot push).
+
+For each: wall time (spawn -> wait4), peak RSS (ru_maxrss from wait4), and the disk high-water
+mark: input + output bytes on disk (allocated blocks of the child's HF cache, temporary folder
+and output folder, sampled every 20 ms). The floor is what the network allows:
+max(input weight bytes / down rate, output bytes / up rate); `x floor` = wall / floor. Where the
+server or a loaded machine cannot reach the caps, the measured floor is the longer of the mergekit
+way's pure download and upload phases (`x measured`). Both pushed repos must hold the same shard
+names, and `lazymerge verify --hub` must pass on lazymerge's (its manifest's sha256 against the
+Hub's LFS ids). Peak RSS is the child's VmHWM, sampled (ru_maxrss would start at this process's).
+
+    python benchmarks/bench_hub.py --size tiny
+    python benchmarks/bench_hub.py --size 1b --down 500e6 --up 250e6 --latency 0.02 --max-shard-size 500MB
+
+Writes `results/hub-<size>.json` (or `--name`). The server runs in this process: on a machine
+with few cores its Python threads compete with the children for CPU, say so with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+
+import synthetic  # noqa: E402  (a sibling script, not a package)
+
+TOKEN = "hf_benchBenchBenchBench"
+RM, SFT = "bench/rm", "bench/sft"
+CONTENDERS = ("lazymerge", "mergekit-way")
+
+
+def _du(folders: list[Path]) -> int:
+    """Bytes allocated on disk under `folders` (blocks, so a reserved shard counts whole)."""
+    total = 0
+    stack = [str(f) for f in folders]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                for e in it:
+                    try:
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append(e.path)
+                        elif e.is_file(follow_symlinks=False):
+                            total += e.stat(follow_symlinks=False).st_blocks * 512
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+    return total
+
+
+def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path]) -> dict:
+    """One child: wall, exit code, peak RSS (ru_maxrss from wait4), disk high-water mark of `watch`."""
+    peak_disk = peak_rss = 0
+    stop = threading.Event()
+    pid = 0
+
+    def sample() -> None:
+        nonlocal peak_disk, peak_rss
+        while not stop.is_set():
+            peak_disk = max(peak_disk, _du(watch))
+            peak_rss = max(peak_rss, _vm_hwm(pid))
+            stop.wait(0.02)
+
+    log = watch[0].parent / f"{watch[0].name}.log"
+    with open(log, "w") as f:
+        began = time.perf_counter()
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, f.fileno(), 1),
+                                                              (os.POSIX_SPAWN_DUP2, f.fileno(), 2)])  # fmt: skip
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - began
+    stop.set()
+    sampler.join()
+    text = log.read_text(errors="replace")
+    # ru_maxrss would start at this process's own RSS (fork + exec keeps the high-water mark);
+    # VmHWM is reset by exec, so the sampled VmHWM is the child's own peak (up to the last sample).
+    return {"wall_s": round(wall, 3), "rc": os.waitstatus_to_exitcode(status), "peak_disk_bytes": peak_disk,
+            "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024, "log_tail": text[-1500:]}  # fmt: skip
+
+
+def _vm_hwm(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _mergekit_way(args: argparse.Namespace) -> int:
+    """The child of the `mergekit-way` contender: download both repos whole, merge, upload_folder."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    import lazymerge
+
+    phases = {}
+    t = time.perf_counter()
+    rm = snapshot_download(RM)
+    sft = snapshot_download(SFT)
+    phases["download_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    lazymerge.dogerm(rm, sft, args.weight, args.out, max_shard_size=args.max_shard_size, device="cpu", progress=False)
+    phases["merge_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    api = HfApi()
+    api.create_repo(args.repo, exist_ok=True)
+    api.upload_folder(repo_id=args.repo, folder_path=args.out)
+    phases["upload_s"] = time.perf_counter() - t
+    print(json.dumps(phases))
+    return 0
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(synthetic.SIZES), default="tiny")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--down", type=float, default=500e6, help="bytes/s the server sends (default 500e6)")
+    ap.add_argument("--up", type=float, default=250e6, help="bytes/s the server receives (default 250e6)")
+    ap.add_argument("--latency", type=float, default=0.02, help="seconds added to each request (default 0.02)")
+    ap.add_argument("--weight", type=float, default=0.3)
+    ap.add_argument("--max-shard-size", default=None, help="output shard cap (default: 1MB tiny, 500MB otherwise)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (server blobs, outputs)")
+    # internal: the mergekit-way child
+    ap.add_argument("--mergekit-way", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--repo", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.max_shard_size is None:
+        args.max_shard_size = "1MB" if args.size == "tiny" else "500MB"
+    if args.mergekit_way:
+        return _mergekit_way(args)
+
+    from hub_server import HubServer
+
+    rm_dir, sft_dir = synthetic.make_pair(args.size, args.dtype, "dogerm", args.cache)
+    cache = args.cache or synthetic.default_cache()
+    work = cache / "bench-out" / f"hub-{args.size}-{os.getpid()}"
+    work.mkdir(parents=True)
+    server = HubServer(work / "hub", token=TOKEN).start()
+    try:
+        t = time.perf_counter()
+        server.add_model(RM, rm_dir)
+        server.add_model(SFT, sft_dir)
+        seeded = time.perf_counter() - t
+        server.shape(down=args.down, up=args.up, latency=args.latency)
+        in_bytes = _weight_bytes(rm_dir) + _weight_bytes(sft_dir)
+        results = {}
+        for name in args.contenders.split(","):
+            folder = work / name
+            home, tmp, out = folder / "hf_home", folder / "tmp", folder / "out"
+            for d in (home, tmp):
+                d.mkdir(parents=True)
+            env = {
+                **os.environ, "HF_ENDPOINT": server.endpoint, "HF_TOKEN": TOKEN, "HF_HOME": str(home),
+                "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                "TMPDIR": str(tmp), "PYTHONPATH": str(REPO_ROOT),
+            }  # fmt: skip
+            repo = f"bench/out-{name}"
+            if name == "lazymerge":
+                argv_ = [sys.executable, "-m", "lazymerge", "dogerm", "--reward-model", RM, "--domain-model", SFT,
+                         "--weight", str(args.weight), "-o", str(out), "--low-disk", "--push-to-hub", repo,
+                         "--delete-after-upload", "--max-shard-size", args.max_shard_size, "--device", "cpu", "-q"]  # fmt: skip
+            elif name == "mergekit-way":
+                argv_ = [sys.executable, str(Path(__file__).resolve()), "--mergekit-way", "--out", str(out),
+                         "--repo", repo, "--weight", str(args.weight), "--max-shard-size", args.max_shard_size]  # fmt: skip
+            else:
+                raise SystemExit(f"unknown contender {name!r}")
+            server.reset_log()
+            r = _spawn_measured(argv_, env, [home, tmp, out])
+            r["bytes_down"] = server.bytes_served
+            r["bytes_up"] = sum(x.bytes_received for x in server.requests)
+            r["requests"] = len(server.requests)
+            r["peak_requests_in_flight"] = server.peak_in_flight
+            server.peak_in_flight = 0
+            if name == "mergekit-way" and r["rc"] == 0:
+                try:
+                    r["phases"] = json.loads(r["log_tail"].strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    pass
+            results[name] = r
+            print(f"{name}: rc {r['rc']}, {r['wall_s']:.2f} s, RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
+                  f"disk {r['peak_disk_bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
+        out_shards = {}
+        for name in results:
+            files = server.files(f"bench/out-{name}") if f"bench/out-{name}" in server.repos else {}
+            out_shards[name] = {p: e.sha256 for p, e in files.items() if p.endswith(".safetensors")}
+        out_bytes = max(
+            (sum(server.files(f"bench/out-{n}")[p].size for p in s) for n, s in out_shards.items() if s), default=0
+        )
+        floor = max(in_bytes / args.down, out_bytes / args.up)
+        for r in results.values():
+            r["x_floor"] = round(r["wall_s"] / floor, 3) if floor else None
+        # Shard headers name the inputs (repo ids vs downloaded paths), so bytes differ: compare names.
+        layouts = {n: sorted(s) for n, s in out_shards.items()}
+        identical = len({tuple(v) for v in layouts.values()}) == 1 and all(layouts.values())
+        # The network as it was: the mergekit way's pure download and upload phases measure what the
+        # server and this machine delivered (on a loaded machine, far less than the caps).
+        phases = results.get("mergekit-way", {}).get("phases")
+        measured = None
+        if phases:
+            measured = max(phases["download_s"], phases["upload_s"])
+            for r in results.values():
+                r["x_measured_floor"] = round(r["wall_s"] / measured, 3)
+        verify_rc = None
+        if "lazymerge" in results and results["lazymerge"]["rc"] == 0:
+            env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+                   "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": str(REPO_ROOT),
+                   "HF_HOME": str(work / "lazymerge" / "hf_home")}  # fmt: skip
+            server.shape()  # verification is not part of the figures
+            verify_rc = subprocess.run(
+                [sys.executable, "-m", "lazymerge", "verify", str(work / "lazymerge" / "out"), "--hub",
+                 "bench/out-lazymerge"], env=env, capture_output=True, text=True,
+            ).returncode  # fmt: skip
+        largest_out = max(
+            (server.files("bench/out-lazymerge")[p].size for p in out_shards.get("lazymerge", {})), default=0
+        )
+        record = {
+            "size": args.size, "dtype": args.dtype, "down_Bps": args.down, "up_Bps": args.up,
+            "latency_s": args.latency, "max_shard_size": args.max_shard_size, "input_weight_bytes": in_bytes,
+            "output_bytes": out_bytes, "largest_output_shard": largest_out, "floor_s": round(floor, 3),
+            "seed_s": round(seeded, 2), "same_output_shard_names": identical,
+            "measured_floor_s": round(measured, 3) if measured else None, "verify_hub_rc": verify_rc,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_avg": os.getloadavg()},
+            "contenders": results,
+        }  # fmt: skip
+        results_dir = BENCH_DIR / "results"
+        results_dir.mkdir(exist_ok=True)
+        path = results_dir / f"{args.name or 'hub-' + args.size}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"floor {floor:.2f} s (in {in_bytes / 1e9:.3f} GB at {args.down / 1e6:.0f} MB/s, "
+              f"out {out_bytes / 1e9:.3f} GB at {args.up / 1e6:.0f} MB/s, latency {args.latency * 1e3:.0f} ms)")  # fmt: skip
+        for name, r in results.items():
+            print(f"  {name:13s} {r['wall_s']:8.2f} s  x floor {r['x_floor']}  x measured {r.get('x_measured_floor')}  RSS {r['peak_rss_bytes'] / 1e6:7.0f} MB"
+                  f"  disk high-water {r['peak_disk_bytes'] / 1e6:9.1f} MB  down {r['bytes_down'] / 1e6:.1f} MB"
+                  f"  up {r['bytes_up'] / 1e6:.1f} MB  in flight <= {r['peak_requests_in_flight']}")  # fmt: skip
+        if measured:
+            print(f"measured floor {measured:.2f} s (the mergekit way's download or upload phase, whichever is longer)")
+        print(f"same output shard names: {identical}; verify --hub rc {verify_rc}; {path}")
+        return 0 if all(r["rc"] == 0 for r in results.values()) else 1
+    finally:
+        server.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
