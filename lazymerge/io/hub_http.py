@@ -119,7 +119,7 @@ def wait_for(future: Future[T], cancelled: threading.Event, what: str) -> T:
             raise DownloadCancelled(what)
         try:
             return future.result(timeout=_POLL)
-        except FutureTimeout:
+        except (TimeoutError, FutureTimeout):  # a Future's, or an _EventFuture's (the built-in)
             continue
     return future.result()
 
