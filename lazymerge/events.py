@@ -39,7 +39,7 @@ class MergeStats:
     bytes_read: int
     bytes_written: int
     seconds: float
-    peak_rss_bytes: int
+    peak_rss_bytes: int | None  # None where the platform cannot measure it
     device: str
     files: list[Path] = field(default_factory=list)
     resumed_shards: int = 0
@@ -55,9 +55,9 @@ class MergeStats:
         """The stats as JSON-ready data (what `lazymerge ... --json` prints for each output).
 
         Keys: `output_dir`, `tensors`, `bytes_read`, `bytes_written`, `seconds`, `read_rate`
-        (input bytes/s, or null), `peak_rss_bytes`, `device`, `files`, `resumed_shards` (shards
-        kept from an earlier run) and `push` (null, or `repo_id`, `revision`, `commit_url`,
-        `uploaded`, `reused`). Paths are strings; sizes are bytes; times are seconds."""
+        (input bytes/s, or null), `peak_rss_bytes` (null where the platform cannot measure it),
+        `device`, `files`, `resumed_shards` (shards kept from an earlier run) and `push` (null, or
+        `repo_id`, `revision`, `commit_url`, `uploaded`, `reused`). Paths are strings; sizes are bytes; times are seconds."""
         return {
             "output_dir": None if self.output_dir is None else str(self.output_dir),
             "tensors": self.tensors,

@@ -10,12 +10,12 @@ never prints; progress goes to a callback.
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from lazymerge._platform import peak_rss_bytes, tune_allocator
 from lazymerge.errors import OutputError
 from lazymerge.events import MergeStats, ProgressEvent
 from lazymerge.io.checkpoint import Checkpoint
@@ -102,7 +102,7 @@ def execute_sweep(
         PlanError: the plans do not read the same input ranges.
     """
     start = time.perf_counter()
-    _return_freed_buffers_to_the_os()
+    tune_allocator()
     plans = list(plans)
     dirs = [p.output_dir for p in plans]
     if len({d.resolve() for d in dirs}) != len(dirs):
@@ -184,7 +184,7 @@ def execute_sweep(
     if progress:
         progress(ProgressEvent("done", "", written, total, read))
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return [
         MergeStats(
             tensors=len(p.tensors),
@@ -233,7 +233,7 @@ def execute_into(
     from lazymerge.io.tensor_sink import TensorSink
 
     start = time.perf_counter()
-    _return_freed_buffers_to_the_os()
+    tune_allocator()
     sink = TensorSink(plan, targets, unused)
     backend, reason = _backend([plan], device)
     with backend:
@@ -247,7 +247,7 @@ def execute_into(
         bytes_read=run.bytes_read,
         bytes_written=plan.total_size,
         seconds=time.perf_counter() - start,
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak_rss_bytes(),
         device=reason,
         files=[],
         resumed_shards=0,
@@ -272,16 +272,3 @@ def _backend(plans: Sequence[MergePlan], device: str) -> tuple[Backend, str]:
     if cpu_only and device == "cuda":
         raise DeviceError(f"merge method {cpu_only[0]} runs on the CPU backend only", hint="use --device cpu or auto")
     return select_backend(device, numpy_ok=numpy_ok)
-
-
-def _return_freed_buffers_to_the_os() -> None:
-    # glibc raises its mmap threshold each time a large block is freed, after which buffers of
-    # that size come from the heap and stay in RSS once freed (about 100 MB here). A fixed
-    # threshold keeps every multi-MB buffer in its own mapping, returned on free.
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune

@@ -17,7 +17,6 @@ class itself on the CPU, as `from_pretrained` does; tied parameters stay one ten
 from __future__ import annotations
 
 import contextlib
-import resource
 import tempfile
 import time
 import warnings
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from lazymerge._platform import peak_rss_bytes
 from lazymerge.errors import MissingExtraError, PlanError
 from lazymerge.events import MergeStats
 from lazymerge.io.checkpoint import Checkpoint
@@ -154,7 +154,7 @@ def _fill(
         torch.cuda.synchronize(resident.device)
     return MergeStats(
         tensors=len(plan.tensors), bytes_read=resident.nbytes - before, bytes_written=plan.total_size,
-        seconds=time.perf_counter() - began, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        seconds=time.perf_counter() - began, peak_rss_bytes=peak_rss_bytes(),
         device=f"{resident.device} ({resident.kernel} kernel, resident inputs)",
     )  # fmt: skip
 

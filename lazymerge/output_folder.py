@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from lazymerge.constants import PARTIAL_SUFFIX, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
 from lazymerge.errors import DiskSpaceError, OutputError
-from lazymerge.lock import LOCK_NAME, lock_holder
+from lazymerge.lock import LOCK_NAMES, lock_holder
 from lazymerge.manifest import MANIFEST_NAME, Manifest, plan_fingerprint
 
 if TYPE_CHECKING:
@@ -53,12 +53,12 @@ __all__ = [
 
 DIRECT_PROBE_NAME = ".lazymerge-direct-probe" + PARTIAL_SUFFIX
 # Entries a run creates before its manifest exists (or while it replaces it): never the user's.
-_OWN_NAMES = frozenset({LOCK_NAME, DIRECT_PROBE_NAME, MANIFEST_NAME + PARTIAL_SUFFIX})
+_OWN_NAMES = frozenset({*LOCK_NAMES, DIRECT_PROBE_NAME, MANIFEST_NAME + PARTIAL_SUFFIX})
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".index.json")
 _TEMPLATE_FIELD = re.compile(r"\{[^{}]*\}")
 PART_MANIFEST_PREFIX = "lazymerge_manifest.part-"
 STAGED_SIDE_FILES = "lazymerge_side_files.json"
-_PART_LOCK = re.compile(r"^\.lazymerge\.part-\d+-of-\d+\.lock$")
+_PART_LOCK = re.compile(r"^\.lazymerge\.part-\d+-of-\d+\.lock(\.os)?$")  # pid file, OS lock file
 _PART_FILE = re.compile(r"^(lazymerge_manifest\.part-\d+-of-\d+\.json|lazymerge_side_files\.json)(\.partial)?$")
 
 
@@ -212,7 +212,7 @@ def folder_entries(out: Path, input_paths: Iterable[str | os.PathLike[str]]) -> 
 
 
 def is_part_lock(name: str) -> bool:
-    """A part's lock file (`.lazymerge.part-3-of-16.lock`)."""
+    """A part's lock files (`.lazymerge.part-3-of-16.lock`, and `.lock.os` its OS lock's)."""
     return _PART_LOCK.match(name) is not None
 
 

@@ -13,7 +13,6 @@ of shards.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -21,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lazymerge._platform import usable_cpu_count
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.derived import fill_source
 from lazymerge.errors import PlanError
@@ -124,7 +124,7 @@ class MergeRun:
         self.written = [sum(s.size for k, s in enumerate(p.shards) if k not in shards) for p in plans]
         if backend.name == "cpu":
             # At least one worker: with none, the reader fills every slot and waits forever.
-            self.workers = [backend.new_worker() for _ in range(max(1, workers or os.cpu_count() or 1))]
+            self.workers = [backend.new_worker() for _ in range(max(1, workers or usable_cpu_count()))]
         else:
             self.workers = [backend]  # one thread enqueues; the GPU overlaps the chunks itself
         # Enough slots for every worker to hold one chunk, plus one being read and one written.

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from lazymerge import methods
+from lazymerge._platform import open_flags, pread
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.derived import fill_source
 from lazymerge.errors import HeaderError
@@ -38,9 +39,9 @@ def tensor_bytes(plan: MergePlan, checkpoints: Sequence[Checkpoint], tensor: Out
     def read(checkpoint: int, file: str, offset: int, buf: Buffer) -> None:
         key = (checkpoint, file)
         if key not in fds:
-            fds[key] = os.open(checkpoints[checkpoint].local_file(file), os.O_RDONLY)
+            fds[key] = os.open(checkpoints[checkpoint].local_file(file), open_flags(os.O_RDONLY))
         view = host_bytes(buf)
-        data = os.pread(fds[key], len(view), offset)
+        data = pread(fds[key], len(view), offset)
         if len(data) != len(view):
             path = checkpoints[checkpoint].local_file(file)
             raise HeaderError(path, "file ends before the tensor data its header promises: truncated?")

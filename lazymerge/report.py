@@ -211,7 +211,7 @@ def print_stats(console: Console, stats: MergeStats) -> None:
         ("written", human(stats.bytes_written)),
         ("wall time", f"{stats.seconds:.2f} s"),
         ("read rate", rate_text(stats.read_rate)),
-        ("peak RSS", human(stats.peak_rss_bytes)),
+        ("peak RSS", "not measured" if stats.peak_rss_bytes is None else human(stats.peak_rss_bytes)),
         ("device", stats.device),
     ]
     if stats.resumed_shards:

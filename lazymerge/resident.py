@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from lazymerge._platform import pread_into, usable_cpu_count
 from lazymerge.constants import DTYPE_SIZES, MERGEABLE_DTYPES
 from lazymerge.errors import HeaderError
 from lazymerge.io.checkpoint import Checkpoint
@@ -94,7 +95,7 @@ class ResidentInputs:
         self.kernel = kernel or ("triton" if self.device.type == "cuda" else "torch")
         self.ranges: dict[tuple[int, str], list[tuple[int, int, torch.Tensor]]] = {}
         self.nbytes = 0
-        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.workers = max(1, workers or usable_cpu_count())
 
     def load(self, plan: MergePlan) -> None:
         """Copy the ranges `plan` reads that are not resident yet (a plan at weight 0 or 1 reads
@@ -185,7 +186,7 @@ def _pread_all(fd: int, buf: torch.Tensor, offset: int, path: object) -> None:
     view = memoryview(buf.numpy())
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+        n = pread_into(fd, view[done:], offset + done)
         if n == 0:
             raise HeaderError(path, "file ends before the tensor data its header promises: truncated?")
         done += n

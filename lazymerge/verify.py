@@ -106,7 +106,7 @@ def _check_index(folder: Path, headers: dict, report: VerifyReport) -> None:
         report.add("index", ok, "single model.safetensors, no index needed" if ok else "index missing")
         return
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
         total = index["metadata"]["total_size"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import cli, start_cli, wait_stopped
 
-from lazymerge.lock import LOCK_NAME, OutputLock, lock_holder
+from lazymerge.lock import LOCK_NAME, LOCK_NAMES, OutputLock, lock_holder
 from lazymerge.manifest import MANIFEST_NAME
 from lazymerge.verify import verify
 
@@ -58,7 +58,7 @@ def test_second_merge_fails_while_the_lock_is_held(capsys, llama_pair, tmp_path:
         assert time.monotonic() - start < 10, "the second run did not fail at once"
         assert (out / LOCK_NAME).read_text().strip() == str(os.getpid()), "the lock file was taken over"
         during = folder_state(out)
-    assert {k: v for k, v in during.items() if k != LOCK_NAME} == before
+    assert {k: v for k, v in during.items() if k not in LOCK_NAMES} == before
     assert not (out / LOCK_NAME).exists(), "the lock file outlived its holder"
 
 
@@ -121,7 +121,7 @@ def test_sigterm_cleans_up_as_ctrl_c_does(llama_pair, tmp_path: Path) -> None:
     assert proc.returncode == 130, (proc.returncode, stderr)
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr
     left = sorted(p.name for p in out.iterdir())
-    assert LOCK_NAME not in left, left
+    assert not set(LOCK_NAMES) & set(left), left
     assert not [n for n in left if n.endswith(".partial")], left
     assert "model.safetensors.index.json" not in left
 
@@ -162,20 +162,37 @@ def test_stale_lock_of_a_killed_run_does_not_block_resume(capsys, llama_pair, tm
 
 
 def test_lock_retries_when_the_file_it_opened_was_unlinked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A finishing run unlinks the lock file, then closes it. A run that opened the old file just
+    # A finishing run unlinks the lock file, then lets go of it. A run that opened the old file just
     # before must not keep a lock on the unlinked inode (a third run would then lock a new file).
+    from filelock import FileLock
+
     out = tmp_path / "out"
     out.mkdir()
-    real_flock = __import__("fcntl").flock
+    real_acquire = FileLock.acquire
     calls = []
 
-    def flock_after_unlink(fd: int, op: int) -> None:
-        if not calls:  # the first attempt: the previous holder finishes right now
-            (out / LOCK_NAME).unlink()
-        calls.append(fd)
-        real_flock(fd, op)
+    def acquire_after_unlink(self, *args, **kwargs):
+        result = real_acquire(self, *args, **kwargs)
+        if not calls:  # the first attempt won the old file, which the previous holder unlinks now
+            Path(self.lock_file).unlink()
+        calls.append(self.lock_file)
+        return result
 
-    monkeypatch.setattr("lazymerge.lock.fcntl.flock", flock_after_unlink)
+    monkeypatch.setattr(FileLock, "acquire", acquire_after_unlink)
     with OutputLock(out) as lock:
         assert len(calls) == 2, "the lock on the unlinked file was not retried"
-        assert os.path.samestat(os.fstat(lock.fd), os.stat(out / LOCK_NAME))
+        fd = lock._lock._context.lock_file_fd
+        assert os.path.samestat(os.fstat(fd), os.stat(calls[-1]))
+        assert lock_holder(out) == str(os.getpid())
+    assert not any(p.name.startswith(LOCK_NAME) for p in out.iterdir()), list(out.iterdir())
+
+
+def test_lock_holder_takes_no_lock_and_creates_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    assert lock_holder(out) is None
+    assert list(out.iterdir()) == []
+    with OutputLock(out):
+        assert lock_holder(out) == str(os.getpid())
+    assert lock_holder(out) is None
+    assert list(out.iterdir()) == [], "a finished run leaves no lock file"

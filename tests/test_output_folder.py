@@ -21,7 +21,7 @@ from conftest import load_folder, write_model
 import lazymerge
 from lazymerge.cli import main
 from lazymerge.io.writer import ShardWriter, write_side_file
-from lazymerge.lock import LOCK_NAME
+from lazymerge.lock import LOCK_NAME, LOCK_NAMES
 from lazymerge.manifest import MANIFEST_NAME
 from lazymerge.plan import OutputShard
 from lazymerge.verify import verify
@@ -64,7 +64,7 @@ def state(folder: Path) -> dict[str, bytes | str]:
     return {
         p.name: os.readlink(p) if p.is_symlink() else p.read_bytes()
         for p in sorted(folder.iterdir())
-        if p.name != LOCK_NAME
+        if p.name not in LOCK_NAMES
     }
 
 

@@ -94,14 +94,14 @@ def test_off_where_it_cannot_help(llama_pair, tmp_path: Path, monkeypatch) -> No
 
 
 def test_budget_is_a_quarter_of_the_free_memory_and_the_cgroup_headroom(monkeypatch) -> None:
-    monkeypatch.setattr(prefetch, "_meminfo_available", lambda: 8 << 30)
-    monkeypatch.setattr(prefetch, "_cgroup_headroom", lambda: None)
+    monkeypatch.setattr(prefetch, "memory_available", lambda: 8 << 30)
+    monkeypatch.setattr(prefetch, "cgroup_memory_headroom", lambda: None)
     assert prefetch_budget() == prefetch.MAX_PREFETCH_BYTES
-    monkeypatch.setattr(prefetch, "_cgroup_headroom", lambda: 1 << 30)
+    monkeypatch.setattr(prefetch, "cgroup_memory_headroom", lambda: 1 << 30)
     assert prefetch_budget() == 256 << 20
-    monkeypatch.setattr(prefetch, "_meminfo_available", lambda: 0)
+    monkeypatch.setattr(prefetch, "memory_available", lambda: 0)
     assert prefetch_budget() == 256 << 20
-    monkeypatch.setattr(prefetch, "_cgroup_headroom", lambda: None)
+    monkeypatch.setattr(prefetch, "cgroup_memory_headroom", lambda: None)
     assert prefetch_budget() == 0
 
 

@@ -28,6 +28,7 @@ mapping never adds more than a few blocks to the resident set.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -36,6 +37,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
+
+from lazymerge._platform import can_drop_mapped_pages, drop_mapped_pages, map_readonly, pread, usable_cpu_count
 
 __all__ = [
     "ALGORITHM",
@@ -67,7 +70,7 @@ def known_algorithm(name: object) -> bool:
 
 def hash_pool(workers: int | None = None) -> ThreadPoolExecutor:
     """A thread pool for block hashing: a few threads are enough to outrun one disk or writer."""
-    n = workers or max(1, min(8, os.cpu_count() or 1))
+    n = workers or max(1, min(8, usable_cpu_count()))
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="lazymerge-hash")
 
 
@@ -118,8 +121,11 @@ class BlockHasher:
         self._pool = pool
         self._hash = BLOCK_HASHES[algorithm]
         # The file is already reserved at its final size (fallocate / ftruncate), so mapping it
-        # whole is valid; only written ranges are ever touched.
-        self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else None
+        # whole is valid; only written ranges are ever touched. Where hashed pages cannot be
+        # dropped from the map (Windows), blocks are read into memory instead, so the resident
+        # set still does not grow with the file.
+        self._fd = fd
+        self._map = map_readonly(fd, size) if size and can_drop_mapped_pages() else None
         self._futures: list[Future[bytes]] = []
         self._submitted = 0  # bytes handed to the pool
 
@@ -154,8 +160,13 @@ class BlockHasher:
             self._map = None
 
     def _submit(self, start: int, n: int) -> None:
-        assert self._map is not None
-        if self.sha256 is not None:
+        if self._map is None:
+            # No map (Windows): the block is read, by each hash that needs it (from the page cache).
+            fd, block_hash = self._fd, self._hash
+            if self.sha256 is not None:
+                self.sha256.feed(lambda: memoryview(_read_block(fd, start, n)))
+            self._futures.append(self._pool.submit(_hash_read, fd, start, n, block_hash))
+        elif self.sha256 is not None:
             # The plain sha256 reads the same block first (in file order); the block hash, which
             # drops the block's pages from the mapping, starts once it has.
             mapped, block_hash = self._map, self._hash
@@ -179,8 +190,19 @@ def _hash_mapped(mapped: mmap.mmap, start: int, n: int, block_hash: Callable[[me
         view.release()  # the mapping can only be closed once no view of it is left
     # Drop the pages from this process's mapping (the page cache keeps them): the resident set
     # must not grow with the shard.
-    mapped.madvise(mmap.MADV_DONTNEED, start - start % mmap.PAGESIZE, n + start % mmap.PAGESIZE)
+    drop_mapped_pages(mapped, start, n)
     return digest
+
+
+def _read_block(fd: int, start: int, n: int) -> bytes:
+    data = pread(fd, n, start)
+    if len(data) != n:
+        raise OSError(errno.EIO, f"file ended at {start + len(data)} while hashing a block of {n} bytes at {start}")
+    return data
+
+
+def _hash_read(fd: int, start: int, n: int, block_hash: Callable[[memoryview], bytes]) -> bytes:
+    return block_hash(memoryview(_read_block(fd, start, n)))
 
 
 def block_digest(block: memoryview | bytes) -> bytes:

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lazymerge._platform import open_direct, pread_into, pwrite
 from lazymerge.errors import OutputError
 from lazymerge.io.digest import BLOCK_BYTES, OrderedSha256, block_digest, combine
 from lazymerge.io.writer import ShardWriter, _input_ended, create_new
@@ -48,18 +49,17 @@ RING = 4
 
 def direct_io_supported(directory: Path) -> bool:
     """Whether files in `directory` can be opened with O_DIRECT (not on tmpfs of older kernels)."""
-    if not hasattr(os, "O_DIRECT"):
-        return False
     probe = directory / DIRECT_PROBE_NAME
     try:
-        fd = create_new(probe, os.O_WRONLY | os.O_DIRECT)
+        os.close(create_new(probe))
+        fd = open_direct(probe)
     except OSError:
-        return False
-    else:
-        os.close(fd)
-        return True
+        fd = None
     finally:
+        if fd is not None:
+            os.close(fd)  # before the unlink: Windows cannot delete an open file
         probe.unlink(missing_ok=True)
+    return fd is not None
 
 
 def use_direct_writes(backend: Backend, plans: list[MergePlan]) -> bool:
@@ -91,10 +91,8 @@ class DirectShardWriter(ShardWriter):
         self._fill = 0  # bytes of it filled
         self.dfd = -1
         super().__init__(directory, shard)  # creates, reserves, and writes the header through us
-        try:
-            self.dfd = os.open(self.partial_path, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW)
-        except OSError:
-            self.dfd = -1  # no O_DIRECT here: the blocks go through the page cache
+        direct = open_direct(self.partial_path)
+        self.dfd = -1 if direct is None else direct  # -1: no O_DIRECT, the blocks go through the page cache
 
     # ShardWriter calls _pwrite for the header; everything goes through the block buffers.
     def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
@@ -111,7 +109,7 @@ class DirectShardWriter(ShardWriter):
         while done < nbytes:
             buf = self._current()
             n = min(nbytes - done, BLOCK_BYTES - self._fill)
-            got = os.preadv(src_fd, [memoryview(buf)[self._fill : self._fill + n]], src_offset + done)
+            got = pread_into(src_fd, memoryview(buf)[self._fill : self._fill + n], src_offset + done)
             if got == 0:
                 raise _input_ended(source)
             self._filled(got)
@@ -213,7 +211,7 @@ class DirectShardWriter(ShardWriter):
     def _write_all(self, fd: int, view: memoryview, offset: int) -> None:
         try:
             while view:
-                n = os.pwrite(fd, view, offset)
+                n = pwrite(fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -19,6 +19,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the built-in TimeoutError before 3.11
 from typing import Any, TypeVar
 
 from lazymerge.settings import hub_download_timeout_set, hub_timeout
@@ -118,7 +119,7 @@ def wait_for(future: Future[T], cancelled: threading.Event, what: str) -> T:
             raise DownloadCancelled(what)
         try:
             return future.result(timeout=_POLL)
-        except TimeoutError:
+        except (TimeoutError, FutureTimeout):  # a Future's, or an _EventFuture's (the built-in)
             continue
     return future.result()
 

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from lazymerge._platform import cgroup_memory_headroom, memory_available, open_flags, pread_into
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS, DTYPE_SIZES
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.plan import ChunkTask, MergePlan, iter_chunks
@@ -75,12 +76,12 @@ class StartupPrefetch:
             for path, offset, nbytes in _ranges(self._plan, self._checkpoints):
                 fd = fds.get(path)
                 if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY)
+                    fd = fds[path] = os.open(path, open_flags(os.O_RDONLY))
                 done = 0
                 while done < nbytes:
                     if self._stop.is_set() or self.bytes_read >= budget:
                         return
-                    n = os.preadv(fd, [memoryview(buf)[: min(_PIECE, nbytes - done)]], offset + done)
+                    n = pread_into(fd, memoryview(buf)[: min(_PIECE, nbytes - done)], offset + done)
                     if n <= 0:
                         break  # a truncated input: the executor reports it
                     done += n
@@ -106,44 +107,8 @@ def _ranges(plan: MergePlan, checkpoints: Sequence[Checkpoint]) -> Iterator[tupl
 def prefetch_budget() -> int:
     """Bytes the warm-up may put in the page cache: a quarter of the free memory, counting a
     memory cgroup's limit (which charges page cache to the run), at most MAX_PREFETCH_BYTES."""
-    free = _meminfo_available()
-    cgroup = _cgroup_headroom()
+    free = memory_available()
+    cgroup = cgroup_memory_headroom()
     if cgroup is not None:
         free = min(free, cgroup) if free else cgroup
     return min(MAX_PREFETCH_BYTES, free // 4)
-
-
-def _meminfo_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _cgroup_headroom() -> int | None:
-    """Limit minus usage of this process's memory cgroup (v2 or v1), or None without a limit."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # v2 unified hierarchy
-            base = Path("/sys/fs/cgroup") / path.lstrip("/")
-            limit, usage = base / "memory.max", base / "memory.current"
-        elif "memory" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            limit, usage = base / "memory.limit_in_bytes", base / "memory.usage_in_bytes"
-        else:
-            continue
-        try:
-            cap = limit.read_text().strip()
-            if cap == "max" or int(cap) >= 1 << 60:  # v1 says "no limit" with a huge number
-                continue
-            return max(0, int(cap) - int(usage.read_text()))
-        except (OSError, ValueError):
-            continue
-    return None

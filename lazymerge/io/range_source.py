@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lazymerge._platform import advise_sequential, drop_cached, open_flags, pread_into
 from lazymerge.errors import HeaderError
 
 __all__ = ["LocalRangeSource", "RangeSource"]
@@ -43,20 +44,20 @@ class LocalRangeSource(RangeSource):
 
     def __init__(self, path: Path) -> None:
         self.name = path
-        self.fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self.fd = os.open(path, open_flags(os.O_RDONLY))
+        advise_sequential(self.fd)
 
     def read_into(self, offset: int, view: memoryview, consume: bool = True) -> None:
         assert self.fd is not None
         done = 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
+            n = pread_into(self.fd, view[done:], offset + done)
             if n == 0:
                 raise HeaderError(self.name, "file ends before the tensor data its header promises: truncated?")
             done += n
         if consume:
             # Consumed input pages leave the page cache, so a merge does not evict everything else.
-            os.posix_fadvise(self.fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+            drop_cached(self.fd, offset, len(view))
 
     def close(self) -> None:
         if self.fd is not None:

@@ -10,13 +10,13 @@ cores are plentiful a chunk's reads are cut into pieces that a thread pool reads
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from lazymerge._platform import usable_cpu_count
 from lazymerge.constants import DTYPE_SIZES
 from lazymerge.io.range_source import RangeSource
 from lazymerge.kernels.base import Buffer, host_bytes
@@ -38,7 +38,7 @@ def _read_pool() -> tuple[ThreadPoolExecutor | None, int]:
     copies would only take CPU from the merge workers. LAZYMERGE_READ_THREADS overrides (0 or
     1: the reader thread alone)."""
     env = read_threads()
-    cores = os.cpu_count() or 1
+    cores = usable_cpu_count()
     n = env if env is not None else (min(8, cores // 2) if cores >= 4 else 0)
     if n <= 1:
         return None, 1

@@ -5,13 +5,13 @@ no second copy. Apart from `lazymerge.io.sink` because it needs torch and a file
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lazymerge._platform import pread_into
 from lazymerge.errors import HeaderError, PlanError
 from lazymerge.io.sink import OutputSink
 
@@ -111,7 +111,7 @@ class _TensorWriter:
         buf = memoryview(host.numpy())
         done = 0
         while done < nbytes:
-            n = os.preadv(src_fd, [buf[done:]], src_offset + done)
+            n = pread_into(src_fd, buf[done:], src_offset + done)
             if n == 0:
                 raise HeaderError(source, "file ends before the tensor data its header promises: truncated?")
             done += n

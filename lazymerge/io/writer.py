@@ -15,6 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lazymerge._platform import (
+    NOFOLLOW,
+    copy_file_range,
+    open_flags,
+    pread,
+    preallocate,
+    pwrite,
+    start_writeback,
+)
 from lazymerge.constants import PARTIAL_SUFFIX
 from lazymerge.errors import DiskSpaceError, HeaderError, OutputError
 from lazymerge.io.digest import BlockHasher
@@ -25,22 +34,6 @@ if TYPE_CHECKING:  # the plan imports the output-folder checks, which write mani
 __all__ = ["HashingWriter", "ShardWriter", "create_new", "write_side_file"]
 
 _WRITEBACK_BYTES = 32 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _load_sync_file_range():
-    # Linux's sync_file_range(2) is not in the os module; without it writeback is left to the kernel.
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL("libc.so.6", use_errno=True).sync_file_range
-        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        return fn
-    except (OSError, AttributeError):
-        return None
-
-
-_sync_file_range = _load_sync_file_range()
 
 
 class ShardWriter:
@@ -67,13 +60,11 @@ class ShardWriter:
         # Reserving the whole file up front turns a disk that is too small into an error now,
         # before minutes of merging, and keeps the file unfragmented.
         try:
-            os.posix_fallocate(self.fd, 0, size)
+            preallocate(self.fd, size)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self._disk_full() from None
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-            os.ftruncate(self.fd, size)
+            raise
 
     def write(self, data: memoryview | bytes, offset: int) -> None:
         """Write `data` at the absolute file `offset`.
@@ -90,8 +81,8 @@ class ShardWriter:
         # Hand written pages to the disk now (asynchronously) instead of letting them pile up in
         # the page cache until the fsync at the end of the shard, which would stall the pipeline.
         self._dirty += nbytes
-        if self._dirty >= _WRITEBACK_BYTES and _sync_file_range is not None:
-            _sync_file_range(self.fd, offset + nbytes - self._dirty, self._dirty, _SYNC_FILE_RANGE_WRITE)
+        if self._dirty >= _WRITEBACK_BYTES:
+            start_writeback(self.fd, offset + nbytes - self._dirty, self._dirty)
             self._dirty = 0
 
     def copy_from(self, src_fd: int, src_offset: int, nbytes: int, offset: int, source: object = "input") -> None:
@@ -102,7 +93,7 @@ class ShardWriter:
         done = 0
         try:
             while done < nbytes:
-                n = os.copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, offset + done)
+                n = copy_file_range(src_fd, self.fd, nbytes - done, src_offset + done, offset + done)
                 if n == 0:
                     raise _input_ended(source)
                 done += n
@@ -113,7 +104,7 @@ class ShardWriter:
                 raise
             # Cross-device or unsupported file system: plain reads and writes.
             while done < nbytes:
-                block = os.pread(src_fd, min(nbytes - done, 16 << 20), src_offset + done)
+                block = pread(src_fd, min(nbytes - done, 16 << 20), src_offset + done)
                 if not block:
                     raise _input_ended(source) from None
                 self._pwrite(block, offset + done)
@@ -124,7 +115,7 @@ class ShardWriter:
         view = memoryview(data).cast("B")
         try:
             while view:
-                n = os.pwrite(self.fd, view, offset)
+                n = pwrite(self.fd, view, offset)
                 view = view[n:]
                 offset += n
         except OSError as exc:
@@ -217,7 +208,7 @@ def create_new(path: Path, flags: int = os.O_WRONLY) -> int:
     symlink someone placed there) is unlinked first, never followed, so only the output folder
     is written."""
     path.unlink(missing_ok=True)
-    return os.open(path, flags | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.open(path, open_flags(flags | os.O_CREAT | os.O_EXCL | NOFOLLOW), 0o644)
 
 
 def write_side_file(directory: Path, name: str, data: bytes) -> Path:
