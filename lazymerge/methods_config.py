@@ -35,6 +35,7 @@ __all__ = [
     "plan_method",
     "reject_unknown_keys",
     "weight_sum",
+    "weighted_divisor",
 ]
 
 _TOP_KEYS = {"merge_method", "models", "parameters", "dtype", "out_dtype", "base_model"}
@@ -357,17 +358,27 @@ def _weighted_tensor(
 ) -> OutputTensor:
     """A weighted-sum method as weighted sources (the executor's fast path)."""
     weights = params["weights"]
-    divisor = None
-    if params["normalize"]:
-        divisor = weight_sum(weights)
-        if divisor == 0:
-            raise RecipeError("the weights sum to 0, so `normalize: true` would divide by zero")
+    divisor = weighted_divisor(weights, params["normalize"])
     sources = tuple(source_at(i, r, 0, w) for i, (r, w) in enumerate(zip(refs, weights, strict=True)))
     how = " + ".join(f"{w:g} x #{i}" for i, w in enumerate(weights))
     if divisor is not None:
         how = f"({how}) / {divisor:g}"
     segments = (Segment(0, ref.numel, sources),)
     return OutputTensor(name, out_dtype or ref.dtype, ref.shape, segments, how, divisor, method=method.name)
+
+
+def weighted_divisor(weights: list[float], normalize: bool) -> float | None:
+    """What a weighted sum divides by: mergekit's weight sum with `normalize`, else nothing.
+
+    Raises:
+        RecipeError: `normalize` with weights that sum to 0.
+    """
+    if not normalize:
+        return None
+    divisor = weight_sum(weights)
+    if divisor == 0:
+        raise RecipeError("the weights sum to 0, so `normalize: true` would divide by zero")
+    return divisor
 
 
 def weight_sum(weights: list[float]) -> float:

@@ -37,6 +37,7 @@ from lazymerge.methods_config import (
     _same_model,
     evaluate_setting,
     reject_unknown_keys,
+    weighted_divisor,
 )
 from lazymerge.plan import MergePlan, OutputTensor, Segment, build_plan
 from lazymerge.recipes.common import carried_side_files, copy_tensor, dump_json, normalize_dtype, source_at
@@ -295,11 +296,7 @@ class _Planner:
             method.check_tensor(params, shape, out_name)
         if method.weighted_sum:
             weights = params["weights"]
-            divisor = None
-            if params["normalize"]:
-                divisor = sum(weights)
-                if divisor == 0:
-                    raise RecipeError("the weights sum to 0, so `normalize: true` would divide by zero")
+            divisor = weighted_divisor(weights, params["normalize"])  # mergekit's fp32 sum, as for `models:`
             how = " + ".join(f"{w:g} x {src.model}" for w, (_, src, _) in zip(weights, items, strict=True))
             return self._weighted(out_name, refs, weights, divisor, how, rows, method.name)
         params["ordinal"] = self.ordinal
