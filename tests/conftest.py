@@ -6,6 +6,7 @@ where test files have always imported them.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,24 @@ from helpers import load_folder, write_model
 from lazymerge.tiny_models import build_llama_pair
 
 __all__ = ["load_folder", "write_model"]  # re-exported: test files import them from here
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's LAZYMERGE_DEBUG=1 must not change what the tests see (tracebacks instead of
+    one-line errors)."""
+    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the --low-disk private download folders go during the test, in this process
+    (`tempfile`) and in its children (TMPDIR)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    monkeypatch.setenv("TMPDIR", str(folder))
+    return folder
 
 
 @pytest.fixture

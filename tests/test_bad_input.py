@@ -38,11 +38,6 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RM_FILE = "model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
 # -- helpers -------------------------------------------------------------------------------------
 
 

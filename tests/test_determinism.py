@@ -18,11 +18,6 @@ from lazymerge.io.header import read_header
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}:\d{2}|\b1[5-9]\d{8}\b")  # dates, times, epoch seconds
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 

@@ -20,11 +20,6 @@ from lazymerge.manifest import MANIFEST_NAME
 from lazymerge.verify import verify
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
 def dogerm_args(pair: tuple[Path, Path], out: Path, *extra: object) -> list[str]:
     rm, sft = pair
     args = ["dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.3", "-o", out, "-q"]

@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_folder, write_model
+from helpers import cli
 
 import lazymerge
-from lazymerge.cli import main
 from lazymerge.io.writer import ShardWriter, write_side_file
 from lazymerge.lock import LOCK_NAME, LOCK_NAMES
 from lazymerge.manifest import MANIFEST_NAME
 from lazymerge.plan import OutputShard
 from lazymerge.verify import verify
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 INDEX = "model.safetensors.index.json"
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
 
 
 def dogerm(capsys, pair: tuple[Path, Path], out: Path, *extra: object, shard: str = "60kB", weight: str = "0.3"):

@@ -20,11 +20,6 @@ from lazymerge.demo import build_llama_pair
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
 def snapshot(roots: list[Path]) -> dict[str, tuple[str, int, int]]:
     out = {}
     for root in roots:

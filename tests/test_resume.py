@@ -29,11 +29,6 @@ CHUNK = 2048  # elements per chunk: thousands of chunks, so a kill lands mid-sha
 KILLS = 4
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     # RM fp16 safetensors (2 shards) + SFT fp16 safetensors with an extra [PAD] token: 16 MB each.

@@ -6,31 +6,18 @@ another shard), on altered tensor bytes that only recomputation can catch, and w
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
+from helpers import cli
 from safetensors.torch import load_file, save_file
 
-from lazymerge.cli import main
 from lazymerge.io.digest import file_digest
 from lazymerge.io.header import read_header
 from lazymerge.manifest import MANIFEST_NAME, Manifest
 from lazymerge.verify import verify
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 INDEX = "model.safetensors.index.json"
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
 
 
 def merge(capsys, pair: tuple[Path, Path], out: Path, shard_size: str = "60kB") -> Path:

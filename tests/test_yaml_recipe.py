@@ -15,11 +15,6 @@ from lazymerge.errors import RecipeError
 from lazymerge.io.yaml_recipe import MAX_RECIPE_BYTES
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LAZYMERGE_DEBUG", raising=False)
-
-
 def _write(tmp_path: Path, text: str, name: str = "recipe.yml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
