@@ -105,6 +105,7 @@ def test_stalled_server_is_a_one_line_error_in_seconds(
     assert elapsed < 15, elapsed
 
 
+@pytest.mark.slow  # it waits out huggingface_hub's retries of a stalled download (10-20 s)
 @pytest.mark.parametrize("low_disk", [True, False], ids=["low-disk", "hf-cache"])
 def test_stalled_download_is_a_one_line_error(
     hub: HubServer,
