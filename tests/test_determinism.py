@@ -54,6 +54,7 @@ def dogerm(capsys, pair: tuple[Path, Path], out: Path, chunk: int, workers: int)
     return folder_bytes(out)
 
 
+@pytest.mark.slow
 def test_dogerm_is_byte_identical_across_runs_chunks_and_workers(capsys, llama_pair, tmp_path: Path) -> None:
     # The pair mixes fp16 safetensors (RM) and fp32 .bin (SFT, one extra token), so the embedding
     # union, the reward head copy and fp32 -> fp16 rounding are all covered.

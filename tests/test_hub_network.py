@@ -88,6 +88,7 @@ STALLS = {  # which request gets no answer
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", list(STALLS))
 def test_stalled_server_is_a_one_line_error_in_seconds(
     hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], what: str

@@ -122,6 +122,7 @@ def test_streamed_merge_is_exact_and_keeps_no_input_on_disk(
         assert stats.buffered == 0  # every piece freed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["drop", 503, 500])
 def test_dropped_ranges_and_5xx_are_retried(
     hub: HubServer, models: tuple[Path, Path], tmp_path: Path, fault: str | int

@@ -217,6 +217,7 @@ def _expected_nan(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.to(torch.int16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_rounding_helper_matches_torch_cast(dtype: torch.dtype) -> None:
     src = _rounding_patterns()

@@ -180,6 +180,7 @@ def test_linear_merge_matches_reference(tmp_path: Path, normalize: bool, n_model
     assert_same(load_folder(tmp_path / "out"), want)
 
 
+@pytest.mark.slow
 def test_chunk_size_does_not_change_bytes(tmp_path: Path, llama_pair: tuple[Path, Path]) -> None:
     rm_dir, sft_dir = llama_pair
     outputs = []

@@ -105,6 +105,7 @@ def test_budget_is_a_quarter_of_the_free_memory_and_the_cgroup_headroom(monkeypa
     assert prefetch_budget() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry", ["cli", "api"])
 def test_prefetches_before_torch_and_writes_the_same_bytes(llama_pair, tmp_path: Path, entry: str) -> None:
     # The CLI and a Python user's `lazymerge.dogerm` run the same path, prefetch included. A

@@ -128,6 +128,7 @@ def shard_input_bytes(plan: MergePlan, k: int) -> int:
     )
 
 
+@pytest.mark.slow
 def test_outputs_that_kept_different_shards_read_each_range_once(pair, tmp_path: Path) -> None:
     # Output 0 lost shard 2 (deleted), output 1 has a damaged shard 4, output 2 is complete: the
     # resume rewrites exactly those two files and reads the inputs of those two shards, once.

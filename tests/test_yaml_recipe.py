@@ -48,6 +48,7 @@ def test_recursive_alias_is_refused(tmp_path: Path) -> None:
         load_recipe(_write(tmp_path, "merge_method: linear\nmodels: &m [a, *m]\n"))
 
 
+@pytest.mark.slow
 def test_deep_nesting_and_oversized_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="nested more than"):
         load_recipe(_write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n"))
