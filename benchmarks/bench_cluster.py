@@ -8,7 +8,9 @@ on the worker's positional reads and writes, "a node with its own disk of that s
 2, 4: the wall from launch to a finalized folder, and the input throughput against N x the single
 worker's. Then the same N parts as Ray tasks on a local Ray cluster (`--ray`): Ray's overhead
 against the `--part` processes doing the same work, cluster start-up timed apart. Every output is
-checked byte for byte against an unthrottled single-process run.
+checked against an unthrottled single-process run: the same small files byte for byte, and the
+same size and digest (computed by each run from the bytes it wrote) for every weight shard; each
+output is deleted once checked, so one output at a time is on disk.
 
 What it is not: N machines. The inputs sit in this machine's page cache (read once before the
 runs, so no run pays the cold read), every worker shares its cores and its one disk, so the
@@ -54,23 +56,21 @@ def _args(rm: Path, sft: Path, out: Path, shard: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _snapshot_equal(a: Path, b: Path) -> bool:
-    names = sorted(p.name for p in a.iterdir())
-    if names != sorted(p.name for p in b.iterdir()):
-        return False
-    return all(_same_file(a / n, b / n) for n in names)
+def _snapshot(folder: Path) -> dict[str, object]:
+    """What a finished output holds, to compare runs without keeping two outputs on disk (a 7B
+    output is 13 GB): every small file's bytes, and each weight shard's size and the digest the
+    run computed from the bytes it wrote (the manifest's)."""
+    manifest = json.loads((folder / "lazymerge_manifest.json").read_text())
+    shards = {name: (s["size"], s["digest"]) for name, s in manifest["shards"].items()}
+    small = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in shards and p.is_file()}
+    small.pop("lazymerge_manifest.json", None)  # holds the run's timing and options
+    return {"names": sorted(p.name for p in folder.iterdir()), "shards": shards, "small": small}
 
 
-def _same_file(x: Path, y: Path) -> bool:
-    if x.stat().st_size != y.stat().st_size:
-        return False
-    with x.open("rb") as f, y.open("rb") as g:
-        while True:
-            u, v = f.read(16 << 20), g.read(16 << 20)
-            if u != v:
-                return False
-            if not u:
-                return True
+def _same_and_remove(folder: Path, reference: dict[str, object]) -> bool:
+    same = _snapshot(folder) == reference
+    shutil.rmtree(folder, ignore_errors=True)
+    return same
 
 
 def _warm(paths: list[Path]) -> None:
@@ -161,20 +161,23 @@ def main() -> int:
     args = ap.parse_args()
     ns = [int(x) for x in args.workers.split(",")]
     rm, sft = make_pair(args.size, "fp16", "dogerm", args.cache)
-    _warm([rm, sft])
     read = sum(f.stat().st_size for d in (rm, sft) for f in d.glob("*.safetensors"))
+    if read < os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2:
+        _warm([rm, sft])  # else (7B on this machine) they cannot stay cached: every run reads the disk
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     print(f"{os.cpu_count()} cores, load {load[0]:.1f}/{load[1]:.1f}; {args.size} pair, {read / 1e9:.2f} GB of inputs")
     results: dict[str, object] = {"size": args.size, "node_mbps": args.node_mbps, "load_before": load, "runs": []}
     floor = run_single(rm, sft, work / "reference", args.shard, None, None)
+    reference = _snapshot(work / "reference")
+    shutil.rmtree(work / "reference")
     print(f"unthrottled single process (this machine's bound): {floor:6.1f} s  {read / floor / 1e9:5.2f} GB/s")
     results["unthrottled_s"] = floor
     base = None
     for n in ns:
         wall = run_parts(rm, sft, work / f"parts-{n}", n, args.shard, args.node_mbps, args.threads)
-        same = _snapshot_equal(work / f"parts-{n}", work / "reference")
+        same = _same_and_remove(work / f"parts-{n}", reference)
         base = base or wall * n  # N = 1 first: the single worker's time
         rate = read / wall / 1e9
         ideal = n * read / (base / 1) / 1e9 if base else 0.0
@@ -183,7 +186,7 @@ def main() -> int:
         if args.ray and (args.ray_for is None or n in [int(x) for x in args.ray_for.split(",")]):
             up, ray_wall = run_ray(rm, sft, work / f"ray-{n}", n, args.shard, args.node_mbps, args.threads)
             row.update(
-                ray_start_s=up, ray_s=ray_wall, ray_same_bytes=_snapshot_equal(work / f"ray-{n}", work / "reference")
+                ray_start_s=up, ray_s=ray_wall, ray_same_bytes=_same_and_remove(work / f"ray-{n}", reference)
             )
             line += f"; --ray {ray_wall:6.1f} s ({ray_wall / wall - 1:+.0%}), cluster start {up:4.1f} s"
         print(line + ("" if same else "  BYTES DIFFER"))

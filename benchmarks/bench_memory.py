@@ -25,6 +25,7 @@ Runs are interleaved (floor, numpy, torch, then reversed), the page cache droppe
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -133,6 +134,14 @@ def run_floor(pair: bm.Pair, work: Path, drop: bool, rep: int) -> dict:
     return {"variant": "floor", "rep": rep, "read_s": round(walls["read"], 2), "write_s": round(walls["write"], 2)}
 
 
+def _torch_build() -> str | None:
+    # The installed build (e.g. 2.13.0+cpu or 2.13.0+cu130), read without importing torch.
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def median(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     return round(statistics.median(values), 3) if values else None
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": [round(x, 2) for x in load],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
+        "torch_build": _torch_build(),
         "same_output_bytes": len(digests) == 1,
         "summary": summary,
         "runs": rows,

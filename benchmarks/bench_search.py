@@ -11,6 +11,9 @@ SFT), the same weights and the same preference pairs (random words of the synthe
 Per weight it records merge, load and scoring seconds, and checks that both arms give identical
 scores (same bytes in, same model). The baseline reads its written model back from the page cache
 (nothing is dropped), which favours it. Peak RSS is the process's high-water mark after each arm.
+On the CPU it first measures a memory floor: one pass that reads two 16-bit inputs and writes a
+16-bit output of the model's size (an integer add, no arithmetic worth the name) on every core,
+the least any re-merge could cost on this machine, set against write + load.
 
     python benchmarks/bench_search.py --size 1b --weights 0:1:0.25 --pairs 200
     python benchmarks/bench_search.py --size tiny --pairs 20      # a quick check of the harness
@@ -54,6 +57,30 @@ def _pairs(n: int, words: int, vocab: int, seed: int = 0) -> list:
         return " ".join(f"tok{rng.randrange(300, vocab)}" for _ in range(words))
 
     return [Pair(text(), text(), text(), subset=("math", "code")[i % 2]) for i in range(n)]
+
+
+def memory_floor(numel: int, workers: int, repeat: int = 3) -> float:
+    """Seconds for the least work any CPU re-merge of two 16-bit inputs into a 16-bit model must do
+    here: read both inputs and write the output once, at memory speed (an integer add of the raw
+    16-bit words, no widening, no rounding), on `workers` threads (numpy releases the GIL). Best of
+    `repeat`; pages are touched before timing."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b, c = (np.ones(numel, dtype=np.uint16) for _ in range(3))
+    piece = 1 << 20
+    starts = range(0, numel, piece)
+
+    def work(i: int) -> None:
+        np.add(a[i : i + piece], b[i : i + piece], out=c[i : i + piece])
+
+    best = float("inf")
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            list(pool.map(work, starts))
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def in_memory_arm(recipe: dict, weights: list[float], encoded, batch: int, resident: bool, device: str) -> dict:
@@ -174,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     _, tok = _config_and_tokenizer(import_transformers(), plan)
     encoded = encode_pairs(tok, pairs)
 
+    numel = sum(t.numel for t in plan.tensors)
+    floor_s = memory_floor(numel, os.cpu_count() or 1) if args.device == "cpu" else None
+    if floor_s is not None:
+        print(f"memory floor (read both inputs + write the model once, {numel / 1e9:.2f} G elements): {floor_s:.2f} s")
     mem = in_memory_arm(recipe, weights, encoded, args.batch_size, args.resident, args.device)
     if args.no_baseline:
         rows = mem["rows"][1:] or mem["rows"]
@@ -199,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         "remerge_per_weight_s": remerge,
         "write_plus_load_per_weight_s": write_load,
         "remerge_over_write_plus_load": remerge / write_load,
+        "memory_floor_s": floor_s,
+        "memory_floor_over_write_plus_load": floor_s / write_load if floor_s is not None else None,
         "identical_scores": identical,
     }  # fmt: skip
     print(f"in memory: {summary['in_memory_total_s']:.1f} s total, re-merge {remerge:.2f} s per weight")
@@ -206,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"re-merge / (merge+write+load) = {summary['remerge_over_write_plus_load']:.2f}; identical scores: {identical}"
     )
+    if floor_s is not None:
+        print(f"memory floor / (merge+write+load) = {floor_s / write_load:.2f} (the least any CPU re-merge costs here)")
     result = {
         "benchmark": "bench_search",
         "size": args.size,
