@@ -29,6 +29,7 @@ __all__ = [
     "REPO",
     "child_env",
     "cli",
+    "dogerm_args",
     "kill",
     "load_folder",
     "manifest_shards",
@@ -67,6 +68,12 @@ def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, st
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
+
+
+def dogerm_args(rm: object, sft: object, weight: object, *extra: object) -> list[str]:
+    """`dogerm --reward-model RM --domain-model SFT --weight WEIGHT EXTRA...` as strings, for `main`
+    or `cli` (`-o OUT`, `-q`, `--device cpu`... go in `extra`)."""
+    return [str(a) for a in ("dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", weight, *extra)]
 
 
 def child_env(*, debug: bool = False, **extra: str) -> dict[str, str]:
