@@ -37,6 +37,7 @@ __all__ = [
     "snapshot",
     "start_cli",
     "stat_ids",
+    "ties_recipe",
     "wait_for",
     "wait_stopped",
     "write_model",
@@ -56,6 +57,21 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
             for k in h.keys():
                 out[k] = h.get_tensor(k)
     return out
+
+
+def ties_recipe(base: object, a: object, b: object, parameters: dict) -> dict:
+    """TIES of two models over a base (weights 0.6 and 0.4, densities 0.3 and 0.5, bfloat16 out) with
+    `parameters` as the method's own: the recipe the split-merge tests run whole and in parts."""
+    return {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.6, "density": 0.3}},
+            {"model": str(b), "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "parameters": parameters,
+        "dtype": "bfloat16",
+    }
 
 
 # -- the CLI ---------------------------------------------------------------------------------------
