@@ -29,6 +29,7 @@ __all__ = [
     "REPO",
     "child_env",
     "cli",
+    "dogerm_args",
     "kill",
     "load_folder",
     "manifest_shards",
@@ -36,6 +37,7 @@ __all__ = [
     "snapshot",
     "start_cli",
     "stat_ids",
+    "ties_recipe",
     "wait_for",
     "wait_stopped",
     "write_model",
@@ -57,6 +59,21 @@ def load_folder(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def ties_recipe(base: object, a: object, b: object, parameters: dict) -> dict:
+    """TIES of two models over a base (weights 0.6 and 0.4, densities 0.3 and 0.5, bfloat16 out) with
+    `parameters` as the method's own: the recipe the split-merge tests run whole and in parts."""
+    return {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.6, "density": 0.3}},
+            {"model": str(b), "parameters": {"weight": 0.4, "density": 0.5}},
+        ],
+        "parameters": parameters,
+        "dtype": "bfloat16",
+    }
+
+
 # -- the CLI ---------------------------------------------------------------------------------------
 
 
@@ -67,6 +84,12 @@ def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, st
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return code, ANSI.sub("", captured.out), ANSI.sub("", captured.err)
+
+
+def dogerm_args(rm: object, sft: object, weight: object, *extra: object) -> list[str]:
+    """`dogerm --reward-model RM --domain-model SFT --weight WEIGHT EXTRA...` as strings, for `main`
+    or `cli` (`-o OUT`, `-q`, `--device cpu`... go in `extra`)."""
+    return [str(a) for a in ("dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", weight, *extra)]
 
 
 def child_env(*, debug: bool = False, **extra: str) -> dict[str, str]:

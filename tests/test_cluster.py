@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import cli, snapshot, stat_ids
+from helpers import cli, snapshot, stat_ids, ties_recipe
 
 import lazymerge
 from lazymerge.tiny_models import build_llama as tiny_llama
@@ -69,17 +69,9 @@ def test_ray_dogerm_equals_one_run_and_resume_keeps_finished_parts(
 
 @pytest.mark.slow
 def test_ray_ties_sweep_equals_one_sweep(ray_cluster: object, tmp_path: Path) -> None:
-    base, a, b = (str(tiny_llama(tmp_path / f"m{i}", i)) for i in range(3))
-    config = {
-        "merge_method": "ties",
-        "base_model": base,
-        "models": [
-            {"model": a, "parameters": {"weight": 0.6, "density": 0.3}},
-            {"model": b, "parameters": {"weight": 0.4, "density": 0.5}},
-        ],
-        "parameters": {"global_magnitude": True},  # model-wide statistics: each part reads every input for them
-        "dtype": "bfloat16",
-    }
+    base, a, b = (tiny_llama(tmp_path / f"m{i}", i) for i in range(3))
+    # Model-wide statistics (global_magnitude): each part reads every input for them.
+    config = ties_recipe(base, a, b, {"global_magnitude": True})
     sweep = lazymerge.Sweep("parameters.lambda", [0.5, 1.0])
     kw = {"device": "cpu", "max_shard_size": "3kB", "sweep": sweep}
     lazymerge.merge(config, tmp_path / "one-{lambda}", **kw)

@@ -10,16 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import dogerm_args, snapshot
 
 from lazymerge.cli import main
 from lazymerge.constants import DEFAULT_CHUNK_ELEMENTS
 from lazymerge.io.header import read_header
 
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}:\d{2}:\d{2}|\b1[5-9]\d{8}\b")  # dates, times, epoch seconds
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def run(capsys, *args: object) -> None:
@@ -29,29 +26,9 @@ def run(capsys, *args: object) -> None:
 
 
 def dogerm(capsys, pair: tuple[Path, Path], out: Path, chunk: int, workers: int) -> dict[str, bytes]:
-    rm, sft = pair
-    run(
-        capsys,
-        "dogerm",
-        "--reward-model",
-        rm,
-        "--domain-model",
-        sft,
-        "--weight",
-        "0.35",
-        "-o",
-        out,
-        "-q",
-        "--device",
-        "cpu",
-        "--max-shard-size",
-        "60kB",
-        "--chunk-elements",
-        chunk,
-        "--workers",
-        workers,
-    )
-    return folder_bytes(out)
+    extra = ["-q", "--device", "cpu", "--max-shard-size", "60kB", "--chunk-elements", chunk, "--workers", workers]
+    run(capsys, *dogerm_args(*pair, "0.35", "-o", out, *extra))
+    return snapshot(out)
 
 
 @pytest.mark.slow
@@ -120,7 +97,7 @@ def test_linear_merge_is_byte_identical(capsys, llama_pair, tmp_path: Path) -> N
         run(
             capsys, "merge", recipe, "-o", out, "-q", "--device", "cpu", "--chunk-elements", chunk, "--workers", workers
         )
-        outs.append(folder_bytes(out))
+        outs.append(snapshot(out))
     assert outs[0] == outs[1]
 
 

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import dogerm_args, snapshot
 
 import lazymerge.io.digest
 import lazymerge.io.direct
@@ -27,11 +28,9 @@ def _small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def dogerm(capsys, pair: tuple[Path, Path], out: Path, *extra: str) -> dict[str, bytes]:
-    rm, sft = pair
-    args = ["dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.35", "-o", out, "-q"]
-    code = main([str(a) for a in [*args, "--device", "cpu", "--max-shard-size", "150kB", *extra]])
+    code = main(dogerm_args(*pair, "0.35", "-o", out, "-q", "--device", "cpu", "--max-shard-size", "150kB", *extra))
     assert code == 0, capsys.readouterr().err
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    return snapshot(out)
 
 
 def spy_writers(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -221,7 +221,7 @@ def test_peak_memory_is_the_model_plus_bounded_buffers(tmp_path: Path) -> None:
 def test_without_transformers_load_says_which_extra_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from helpers import cli
+    from helpers import cli, dogerm_args
 
     from lazymerge.errors import MissingExtraError
 
@@ -231,16 +231,5 @@ def test_without_transformers_load_says_which_extra_to_install(
     with pytest.raises(MissingExtraError) as err:
         lazymerge.load(_dogerm(rm, sft, 0.5))
     assert "lazymerge[eval]" in err.value.hint
-    code, _, stderr = cli(
-        capsys,
-        "dogerm",
-        "--reward-model",
-        rm,
-        "--domain-model",
-        sft,
-        "--weight",
-        "0.5",
-        "--eval",
-        tmp_path / "pairs.json",
-    )
+    code, _, stderr = cli(capsys, *dogerm_args(rm, sft, "0.5", "--eval", tmp_path / "pairs.json"))
     assert code == 2 and "transformers, which is not installed" in stderr and "lazymerge[eval]" in stderr

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import dogerm_args, snapshot
 
 from lazymerge.cli import main
 from lazymerge.lanes import LANES_ENV, interleave_shards, write_lanes
@@ -93,12 +94,10 @@ def test_default_lanes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def merge(capsys: pytest.CaptureFixture[str], pair: tuple[Path, Path], out: Path) -> dict[str, bytes]:
-    rm, sft = pair
-    args = ["dogerm", "--reward-model", rm, "--domain-model", sft, "--weight", "0.35", "-o", out, "-q"]
-    args += ["--device", "cpu", "--max-shard-size", "60kB", "--chunk-elements", "1000", "--workers", "2"]
-    code = main([str(a) for a in args])
+    extra = ["-q", "--device", "cpu", "--max-shard-size", "60kB", "--chunk-elements", "1000", "--workers", "2"]
+    code = main(dogerm_args(*pair, "0.35", "-o", out, *extra))
     assert code == 0, capsys.readouterr().err
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    return snapshot(out)
 
 
 def test_three_lanes_write_the_same_bytes_with_shards_open_at_once(

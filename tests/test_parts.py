@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import cli, snapshot, stat_ids
+from helpers import cli, snapshot, stat_ids, ties_recipe
 
 import lazymerge
 from lazymerge.errors import LazyMergeError, OutputError, RecipeError
@@ -41,17 +41,7 @@ def three(tmp_path: Path) -> list[Path]:
 
 @pytest.mark.parametrize("extra", [{"global_magnitude": True}, {}])  # model-wide and per-tensor statistics
 def test_ties_parts_equal_one_run(tmp_path: Path, three: list[Path], extra: dict) -> None:
-    base, a, b = (str(p) for p in three)
-    config = {
-        "merge_method": "ties",
-        "base_model": base,
-        "models": [
-            {"model": a, "parameters": {"weight": 0.6, "density": 0.3}},
-            {"model": b, "parameters": {"weight": 0.4, "density": 0.5}},
-        ],
-        "parameters": extra,
-        "dtype": "bfloat16",
-    }
+    config = ties_recipe(*three, extra)
     lazymerge.merge(config, tmp_path / "single", device="cpu", max_shard_size="3kB")
     for i in range(3):
         lazymerge.merge(config, tmp_path / "parts", device="cpu", max_shard_size="3kB", part=Part(i, 3))

@@ -5,16 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import cli
+from helpers import cli, snapshot
 
 import lazymerge
 from lazymerge.cli import main
 from lazymerge.errors import LazyMergeError
 from lazymerge.tiny_models import build_llama as tiny_llama
-
-
-def _bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_dogerm_sweep_equals_separate_runs_and_reads_once(tmp_path: Path, llama_pair: tuple[Path, Path]) -> None:
@@ -26,7 +22,7 @@ def test_dogerm_sweep_equals_separate_runs_and_reads_once(tmp_path: Path, llama_
     assert len(stats) == 3
     for w in weights:
         single = lazymerge.dogerm(rm, sft, w, tmp_path / f"single-{w:g}", max_shard_size="100kB", device="cpu")
-        assert _bytes(tmp_path / f"sweep-{w:g}") == _bytes(tmp_path / f"single-{w:g}")
+        assert snapshot(tmp_path / f"sweep-{w:g}") == snapshot(tmp_path / f"single-{w:g}")
     assert stats[0].bytes_read == single.bytes_read  # the inputs were read once, not three times
 
 
@@ -44,7 +40,7 @@ def test_merge_sweep_with_stats_method(tmp_path: Path) -> None:
     for v in values:
         config["parameters"]["lambda"] = v
         lazymerge.merge(config, tmp_path / f"single-{v:g}", device="cpu")
-        assert _bytes(tmp_path / f"out-{v:g}") == _bytes(tmp_path / f"single-{v:g}")
+        assert snapshot(tmp_path / f"out-{v:g}") == snapshot(tmp_path / f"single-{v:g}")
     assert stats[0].bytes_written == stats[1].bytes_written
 
 
