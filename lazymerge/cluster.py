@@ -92,8 +92,11 @@ def run_job_on_ray(job: MergeJob, run_part: PartRunner) -> list[MergeStats]:
         task = ray.remote(max_retries=MAX_RETRIES, scheduling_strategy="SPREAD")(_run_part)
         inputs = [_portable(c) for c in job.checkpoints]
         options = replace(job.options, ray=False, parts=None, progress=False, resume=True)
+        # A task reads the ranges its shards need and nothing more: Hub inputs are streamed by
+        # range requests (as --low-disk), never downloaded whole on every node.
+        hub = replace(job.hub, low_disk=True)
         refs = [
-            task.remote(run_part, job.plans, inputs, options, job.hub, job.repos, part)
+            task.remote(run_part, job.plans, inputs, options, hub, job.repos, part)
             for part in parts  # an empty part too: its manifest tells finalize it wrote nothing
         ]
         try:
@@ -163,9 +166,13 @@ def _all_parts_here(plan: MergePlan, count: int, results: list[PartResult]) -> b
 
 
 def _portable(checkpoint: Checkpoint) -> Checkpoint | str:
-    """What a task gets for an input: the opened Checkpoint (plain data) for a local one, the repo
-    id for a Hub one (its downloads are per node: the task opens it again)."""
-    return checkpoint.label if checkpoint.remote else checkpoint
+    """What a task gets for an input: the opened Checkpoint (plain data) for a local one; for a Hub
+    one the repo id pinned to the commit the driver planned from (`owner/name@sha`), which the task
+    opens again: a push to the repo during the run cannot change what a part reads."""
+    if not checkpoint.remote:
+        return checkpoint
+    commit = getattr(checkpoint, "commit", None)
+    return f"{checkpoint.repo_id}@{commit}" if commit else checkpoint.label  # type: ignore[attr-defined]
 
 
 def _run_part(
