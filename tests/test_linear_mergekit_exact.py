@@ -210,6 +210,40 @@ def test_rounded_accumulation_is_unchanged() -> None:
     assert methods.get("linear").accumulation == "fused"
 
 
+@pytest.mark.parametrize("method", ["linear", "weighted_sum"])
+def test_every_backend_takes_the_accumulation_from_the_method(method: str) -> None:
+    from lazymerge.kernels.cpu import CpuBackend
+    from lazymerge.kernels.numpy_cpu import NumpyBackend
+    from lazymerge.plan import ChunkTask, Source
+
+    n, dtypes, ws = 4099, ("F16", "BF16", "F32"), (0.3, 0.6, 0.1)
+    xs = [_inputs(d, 1, n, 50 + j)[0] for j, d in enumerate(dtypes)]
+    sources = tuple(Source(j, "x.safetensors", 0, d, w) for j, (d, w) in enumerate(zip(dtypes, ws, strict=True)))
+    task = ChunkTask(0, 0, n, "F16", sources, 0.9, copy=False, method=method)
+    want = torch.empty(n, dtype=torch.float16)
+    accumulation = methods.get(method).accumulation
+    numpy_cpu.linear_combine([_numpy_view(x) for x in xs], ws, want.numpy(), "F16", 0.9, accumulation=accumulation)
+    backends = [NumpyBackend(), CpuBackend()]
+    from lazymerge.kernels import triton as lt
+
+    if lt._INTERPRETED:
+        from lazymerge.kernels.cuda import CudaBackend
+
+        backends.append(CudaBackend())
+    for backend in backends:
+        inputs = [backend.allocate(x.numel() * x.element_size()) for x in xs]
+        for buf, x in zip(inputs, xs, strict=True):
+            raw = x.view(torch.uint8)
+            buf[:] = raw.numpy() if isinstance(buf, np.ndarray) else raw
+        out = backend.allocate(2 * n)
+        backend.wait(backend.submit(task, inputs, out))
+        got = bytes(out[: 2 * n]) if isinstance(out, np.ndarray) else out[: 2 * n].numpy().tobytes()
+        assert got == want.numpy().tobytes(), type(backend).__name__
+    rounded = torch.empty(n, dtype=torch.float16)
+    torch_kernels.linear_combine(xs, ws, rounded, 0.9)
+    assert (want.numpy().tobytes() == rounded.numpy().tobytes()) == (method == "weighted_sum")
+
+
 # -- whole merges -------------------------------------------------------------------------------------
 
 

@@ -31,10 +31,9 @@ _LOW_BITS = np.int64(0x0FFFFFFF)  # the float64 mantissa bits below every fp32 h
 
 
 class FusedScratch:
-    """float64 work arrays of `fma_into`, `n` elements each, reused across calls."""
+    """Work arrays of `fma_into` (float64, int64 and bool), `n` elements each, reused across calls."""
 
     def __init__(self, n: int) -> None:
-        self.p = np.empty(n, dtype=np.float64)
         self.s = np.empty(n, dtype=np.float64)
         self.low = np.empty(n, dtype=np.int64)
         self.mask = np.empty(n, dtype=np.bool_)
@@ -54,15 +53,22 @@ def fma_into(acc: np.ndarray, x: np.ndarray, w: np.float32, scratch: FusedScratc
     """
     n = len(acc)
     sc = scratch or FusedScratch(n)
-    p, s, low, mask = sc.p[:n], sc.s[:n], sc.low[:n], sc.mask[:n]
+    s, low, mask = sc.s[:n], sc.low[:n], sc.mask[:n]
+    w64 = np.float64(w)
+    # Same-type passes (widen, then operate in place): numpy's mixed-type loops cast through a
+    # buffer and cost about twice as much. `low` holds the widened accumulator until it is used.
+    a64 = low.view(np.float64)
     with np.errstate(all="ignore"):  # inf and NaN are results like any other here
-        np.multiply(x, np.float64(w), out=p)  # exact
-        np.add(p, acc, out=s)  # the exact sum, rounded once in float64
+        np.copyto(s, x)
+        np.multiply(s, w64, out=s)  # exact
+        np.copyto(a64, acc)
+        np.add(s, a64, out=s)  # the exact sum, rounded once in float64
         np.bitwise_and(s.view(np.int64), _LOW_BITS, out=low)
         np.equal(low, 0, out=mask)
         idx = np.flatnonzero(mask)
         if len(idx):
-            s[idx] = _round_to_odd(p[idx], acc[idx].astype(np.float64), s[idx])
+            p = x[idx].astype(np.float64) * w64
+            s[idx] = _round_to_odd(p, acc[idx].astype(np.float64), s[idx])
         np.copyto(acc, s, casting="same_kind")  # float64 -> fp32: round to nearest even
     return acc
 
