@@ -179,7 +179,10 @@ def _pinned(recipe: dict, checkpoints: list[Checkpoint]) -> dict:
 
 def _method(name: Any) -> MergeMethod:
     try:
-        return get(name)
+        method = get(name)
+        if method.internal:
+            raise KeyError(name)
+        return method
     except (KeyError, TypeError):
         raise RecipeError(
             f"merge_method {name!r} is not supported", hint=f"supported: dogerm, {', '.join(names())}"

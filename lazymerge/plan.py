@@ -87,10 +87,10 @@ class OutputTensor:
     divisor: float | None = None
     shard: int = -1
     offset: int = -1  # absolute byte offset in the shard file
-    # The declared method (lazymerge.methods). A weighted-sum method (linear) is carried by the
-    # sources' weights and `divisor`; any other reads its sources in order (the base model
-    # first) and takes its per-tensor parameters from `params`.
-    method: str = "linear"
+    # The declared method (lazymerge.methods). A weighted-sum method (linear; weighted_sum, what
+    # DogeRM and copies build) is carried by the sources' weights and `divisor`; any other reads
+    # its sources in order (the base model first) and takes its per-tensor parameters from `params`.
+    method: str = "weighted_sum"
     params: dict = field(default_factory=dict)
 
     @property
@@ -320,7 +320,7 @@ class ChunkTask:
     sources: tuple[Source, ...]
     divisor: float | None
     copy: bool  # a plain byte copy from sources[0]
-    method: str = "linear"
+    method: str = "weighted_sum"
     params: dict | None = field(default=None, compare=False)
     tensor: str = ""  # the output tensor's name (keys counter-based randomness)
     element_start: int = 0  # index in the tensor of the chunk's first element

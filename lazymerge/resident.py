@@ -26,6 +26,7 @@ from lazymerge.errors import HeaderError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.kernels import torch as torch_kernels
 from lazymerge.kernels.torch import TORCH_DTYPES
+from lazymerge.methods import get as get_method
 from lazymerge.plan import MergePlan, Source
 
 __all__ = ["ResidentInputs", "fits_on_device", "supports"]
@@ -139,7 +140,7 @@ class ResidentInputs:
         from lazymerge.kernels import triton as triton_kernels
 
         self.load(plan)
-        pieces = []  # (out, inputs, weights, divisor) of at most _CPU_PIECE elements, for the torch kernel
+        pieces = []  # (out, inputs, weights, divisor, accumulation) of at most _CPU_PIECE elements, for the torch kernel
         for t in plan.tensors:
             target = targets.get(t.name)
             if target is None or not t.numel:
@@ -154,12 +155,13 @@ class ResidentInputs:
                 xs = [self._typed(s, seg.count) for s in seg.sources]
                 weights = [s.weight for s in seg.sources]
                 y = out.view(TORCH_DTYPES[t.dtype])
+                accumulation = get_method(t.method).accumulation
                 if self.kernel == "triton":
-                    triton_kernels.linear_combine(xs, weights, y, t.divisor)
+                    triton_kernels.linear_combine(xs, weights, y, t.divisor, accumulation=accumulation)
                     continue
                 for a in range(0, seg.count, _CPU_PIECE):
                     b = min(a + _CPU_PIECE, seg.count)
-                    pieces.append((y[a:b], [x[a:b] for x in xs], weights, t.divisor))
+                    pieces.append((y[a:b], [x[a:b] for x in xs], weights, t.divisor, accumulation))
         if pieces:
             _torch_merge(pieces, self.workers)
 
@@ -199,13 +201,15 @@ def _torch_merge(pieces: list, workers: int) -> None:
     local = threading.local()
 
     def run(piece: tuple) -> None:
-        out, xs, weights, divisor = piece
+        out, xs, weights, divisor, accumulation = piece
         acc = getattr(local, "acc", None)
         if acc is None:
             local.acc = acc = torch.empty(torch_kernels.BLOCK, dtype=torch.float32)
             local.tmp = torch.empty(torch_kernels.BLOCK, dtype=torch.float32)
         n = min(out.numel(), torch_kernels.BLOCK)
-        torch_kernels.linear_combine(xs, weights, out, divisor, acc=acc[:n], tmp=local.tmp[:n])
+        torch_kernels.linear_combine(
+            xs, weights, out, divisor, acc=acc[:n], tmp=local.tmp[:n], accumulation=accumulation
+        )
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)

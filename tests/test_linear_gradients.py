@@ -1,11 +1,10 @@
 """`linear` takes every parameter form the README promises (numbers, per-layer gradients, filter
 lists, both at once) and gives mergekit's bytes for the same YAML.
 
-mergekit 0.1.5 accumulates with `addcmul_`, which this CPU's torch fuses (one rounding for
-`acc + x * w`), while lazymerge rounds the product and the sum apart (DogeRM's contract). The two
-agree whenever every product after the first is exact, so the second model's weights here are
-powers of two; the first model carries the gradients and filters under test, and `normalize`
-divides by mergekit's fp32 weight sum."""
+mergekit 0.1.5 accumulates with `addcmul_`, which torch fuses on AVX2/AVX-512 CPUs (one rounding
+for `acc + x * w`); lazymerge's `linear` is declared with the same fused accumulation (see
+test_linear_mergekit_exact.py), so any weights agree; `normalize` divides by mergekit's fp32
+weight sum."""
 
 from __future__ import annotations
 
@@ -30,14 +29,14 @@ def _linear(m: list[Path], a_weight: object, b_weight: object, **top: object) ->
 
 
 CASES = {
-    "gradient": ([0.2, 0.8], [0.5, 0.5], {}),
-    "gradient, three points, not normalized": ([0.1, 0.9, 0.3], 0.5, {"normalize": False}),
+    "gradient": ([0.2, 0.8], [0.6, 0.3], {}),
+    "gradient, three points, not normalized": ([0.1, 0.9, 0.3], 0.6, {"normalize": False}),
     "filter list": (
         [{"filter": "mlp", "value": 0.9}, {"value": 0.3}],
-        [{"filter": "mlp", "value": 0.25}, {"value": 1.0}],
+        [{"filter": "mlp", "value": 0.35}, {"value": 0.7}],
         {},
     ),
-    "filter with gradient": ([{"filter": "self_attn", "value": [0, 1]}, {"value": 0.7}], 2.0, {}),
+    "filter with gradient": ([{"filter": "self_attn", "value": [0, 1]}, {"value": 0.7}], 0.3, {}),
     "top-level gradient": ([0.3, 0.6, 0.45], None, {"weight": 0.125}),
 }
 

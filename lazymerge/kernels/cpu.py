@@ -42,7 +42,9 @@ class CpuBackend(Backend):
             self._acc = torch.empty(task.count, dtype=torch.float32)
             self._tmp = torch.empty(task.count, dtype=torch.float32)
         weights = [s.weight for s in task.sources]
-        torch_kernels.linear_combine(xs, weights, y, task.divisor, acc=self._acc, tmp=self._tmp)
+        torch_kernels.linear_combine(
+            xs, weights, y, task.divisor, acc=self._acc, tmp=self._tmp, accumulation=method.accumulation
+        )
         return None
 
     def wait(self, handle: Handle) -> None:

@@ -180,7 +180,7 @@ class CudaBackend(Backend):
             kernel = method.gpu_kernel
             if method.weighted_sum:  # the sources' weights and divisor, any number of inputs
                 weights = [s.weight for s in task.sources]
-                kernel(dev_in, weights, dev_out, task.divisor, acc=entry.acc)
+                kernel(dev_in, weights, dev_out, task.divisor, acc=entry.acc, accumulation=method.accumulation)
             else:
                 kernel(task.method, dev_in, task.params or {}, dev_out, task.element_start)
             computed.record(self._compute)

@@ -5,13 +5,22 @@ Arithmetic contract (every backend): each input is widened to fp32 (exact for F1
 with every multiply, add and divide rounded to fp32 on its own (no fused multiply-add), and the
 result stored in the output dtype with round-to-nearest-even. torch's add with `alpha` may fuse
 on CPU, so the multiply and the add are separate calls here.
+
+A method declared `accumulation="fused"` (mergekit's `linear`) instead accumulates
+`acc = fma(xi, wi, acc)` from +0, one rounding each, as mergekit's `addcmul_` does on AVX2 and
+AVX-512 CPUs. torch's own `addcmul_` is not fused in its non-vector build
+(`ATEN_CPU_CAPABILITY=default`), so this path runs the exact numpy emulation
+(`lazymerge.kernels.fused_sum`) on views of the same memory: one implementation, the same bytes
+on every machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from lazymerge.constants import DTYPE_SIZES
@@ -29,6 +38,7 @@ def linear_combine(
     *,
     acc: torch.Tensor | None = None,
     tmp: torch.Tensor | None = None,
+    accumulation: str = "rounded",
 ) -> torch.Tensor:
     """Weighted sum of 1-D chunks into `out` (fp32 accumulation, round-to-nearest-even store).
 
@@ -39,6 +49,8 @@ def linear_combine(
         divisor: when given, the sum is divided by it (mergekit's `normalize`).
         acc, tmp: optional fp32 scratch buffers of at least the chunk length, reused across calls
             so the hot loop allocates nothing.
+        accumulation: "rounded" (the contract above) or "fused" (`acc = fma(xi, wi, acc)` from
+            +0, mergekit's `addcmul_`); see `lazymerge.methods.ACCUMULATIONS`.
 
     Returns:
         `out`.
@@ -46,6 +58,10 @@ def linear_combine(
     n = out.numel()
     if len(inputs) != len(weights) or not inputs:
         raise ValueError("need one weight per input and at least one input")
+    if accumulation == "fused":
+        return _fused_on_numpy(inputs, weights, out, divisor)
+    if accumulation != "rounded":
+        raise ValueError(f"accumulation must be 'rounded' or 'fused', got {accumulation!r}")
     block = min(n, BLOCK)
     acc = _scratch(acc, block)
     tmp = _scratch(tmp, block)
@@ -66,6 +82,42 @@ def linear_combine(
             a.div_(div)
         out[start:stop].copy_(a)  # torch's F32 -> F16/BF16 conversion rounds to nearest even
     return out
+
+
+_NUMPY_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_local = threading.local()  # one numpy scratch per worker thread
+
+
+def _fused_on_numpy(
+    inputs: Sequence[torch.Tensor], weights: Sequence[float], out: torch.Tensor, divisor: float | None
+) -> torch.Tensor:
+    """The fused accumulation by the numpy kernel, on numpy views of the tensors' memory."""
+    from lazymerge.kernels import numpy_cpu  # torch-free, imports nothing of ours back
+
+    for t in (out, *inputs):
+        if t.device.type != "cpu" or t.dtype not in _NUMPY_DTYPES or not t.is_contiguous():
+            raise ValueError(f"the fused accumulation needs contiguous CPU F32/F16/BF16 tensors, got {t.dtype}")
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None:
+        _local.scratch = scratch = numpy_cpu.Scratch()
+    numpy_cpu.linear_combine(
+        [_as_numpy(x) for x in inputs],
+        weights,
+        _as_numpy(out),
+        _NUMPY_DTYPES[out.dtype],
+        divisor,
+        scratch=scratch,
+        accumulation="fused",
+    )
+    return out
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    # numpy has no bf16: its patterns are viewed as uint16, as NumpyBackend's buffers are.
+    flat = t.reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
 
 
 def _weighted(x: torch.Tensor, w: torch.Tensor, dst: torch.Tensor) -> None:

@@ -16,6 +16,12 @@ Two things keep the GPU and the interpreter on that contract:
   (no `.ftz`), as torch on CPU does not. The interpreter has no inline assembly; there each
   operation is a numpy fp32 operation, already separately rounded.
 
+A method declared `accumulation="fused"` (mergekit's `linear`) accumulates `acc = fma(xi, wi,
+acc)` from +0 instead, one rounding each, as mergekit's `addcmul_` does on AVX2/AVX-512 CPUs:
+`fma.rn.f32` on CUDA (explicit rounding, no flush), `tl.fma` under the interpreter, which
+computes a true single-rounding fma (`_interpreter.fma_fp32`; checked against libm's `fmaf` in
+the tests). The first term is `x0*w0 + 0.0` (an fma from +0 turns a -0 product into +0).
+
 NaN results stay NaN, but their sign and payload are not part of the contract: torch itself
 disagrees across machines (0xFFFF for bf16 NaN on AVX2 CPUs, 0x7FC0 in its scalar code, 0x7FFF
 on CUDA; x86 and NVIDIA make different default NaNs for `inf*0`). Here a NaN is narrowed like
@@ -87,6 +93,21 @@ else:
             )
         else:
             return a + b
+
+    @triton.jit
+    def _fma_f32(a, b, c, USE_ASM: tl.constexpr):
+        # One rounding of a*b + c: what mergekit's `addcmul_` computes on a vector CPU.
+        if USE_ASM:
+            return tl.inline_asm_elementwise(
+                "fma.rn.f32 $0, $1, $2, $3;",
+                "=f,f,f,f",
+                [a, b, c],
+                dtype=tl.float32,
+                is_pure=True,
+                pack=1,
+            )
+        else:
+            return tl.fma(a, b, c)
 
     @triton.jit
     def _div_f32(a, b, USE_ASM: tl.constexpr):
@@ -197,6 +218,28 @@ else:
         x = _widen(tl.load(x_ptr + offs, mask=mask, other=0.0))
         return _mul_f32(x, w_bits.to(tl.float32, bitcast=True), USE_ASM)
 
+    @triton.jit
+    def _first(
+        x_ptr, w_bits, offs, mask, FUSED: tl.constexpr, CARRY: tl.constexpr, USE_ASM: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        if CARRY:
+            # The fp32 running sum of an earlier launch, taken as it is (fused mode only: an
+            # fma from +0 would turn a -0 sum into +0).
+            return tl.load(x_ptr + offs, mask=mask, other=0.0)
+        elif FUSED:
+            # mergekit's first `addcmul_` onto zeros: a -0 product becomes +0.
+            return _accumulate(tl.zeros((BLOCK,), tl.float32), x_ptr, w_bits, offs, mask, FUSED, USE_ASM)
+        else:
+            return _term(x_ptr, w_bits, offs, mask, USE_ASM)
+
+    @triton.jit
+    def _accumulate(acc, x_ptr, w_bits, offs, mask, FUSED: tl.constexpr, USE_ASM: tl.constexpr):
+        if FUSED:
+            x = _widen(tl.load(x_ptr + offs, mask=mask, other=0.0))
+            return _fma_f32(x, w_bits.to(tl.float32, bitcast=True), acc, USE_ASM)
+        else:
+            return _add_f32(acc, _term(x_ptr, w_bits, offs, mask, USE_ASM), USE_ASM)
+
     @triton.jit(do_not_specialize=["w0", "w1", "w2", "w3", "w4", "w5", "w6", "w7", "divisor"])
     def _linear_combine_kernel(
         out_ptr,
@@ -220,6 +263,8 @@ else:
         n,
         N_IN: tl.constexpr,
         HAS_DIVISOR: tl.constexpr,
+        FUSED: tl.constexpr,
+        CARRY: tl.constexpr,
         USE_ASM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
@@ -227,21 +272,21 @@ else:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         # Unused pointer slots are never read: N_IN is a compile-time constant.
-        acc = _term(x0, w0, offs, mask, USE_ASM)
+        acc = _first(x0, w0, offs, mask, FUSED, CARRY, USE_ASM, BLOCK)
         if N_IN > 1:
-            acc = _add_f32(acc, _term(x1, w1, offs, mask, USE_ASM), USE_ASM)
+            acc = _accumulate(acc, x1, w1, offs, mask, FUSED, USE_ASM)
         if N_IN > 2:
-            acc = _add_f32(acc, _term(x2, w2, offs, mask, USE_ASM), USE_ASM)
+            acc = _accumulate(acc, x2, w2, offs, mask, FUSED, USE_ASM)
         if N_IN > 3:
-            acc = _add_f32(acc, _term(x3, w3, offs, mask, USE_ASM), USE_ASM)
+            acc = _accumulate(acc, x3, w3, offs, mask, FUSED, USE_ASM)
         if N_IN > 4:
-            acc = _add_f32(acc, _term(x4, w4, offs, mask, USE_ASM), USE_ASM)
+            acc = _accumulate(acc, x4, w4, offs, mask, FUSED, USE_ASM)
         if N_IN > 5:
-            acc = _add_f32(acc, _term(x5, w5, offs, mask, USE_ASM), USE_ASM)
+            acc = _accumulate(acc, x5, w5, offs, mask, FUSED, USE_ASM)
         if N_IN > 6:
-            acc = _add_f32(acc, _term(x6, w6, offs, mask, USE_ASM), USE_ASM)
+            acc = _accumulate(acc, x6, w6, offs, mask, FUSED, USE_ASM)
         if N_IN > 7:
-            acc = _add_f32(acc, _term(x7, w7, offs, mask, USE_ASM), USE_ASM)
+            acc = _accumulate(acc, x7, w7, offs, mask, FUSED, USE_ASM)
         if HAS_DIVISOR:
             acc = _div_f32(acc, divisor.to(tl.float32, bitcast=True), USE_ASM)
         _store_rounded(out_ptr, offs, mask, acc, USE_ASM)
@@ -276,6 +321,7 @@ def linear_combine(
     *,
     acc: torch.Tensor | None = None,
     tmp: torch.Tensor | None = None,
+    accumulation: str = "rounded",
 ) -> torch.Tensor:
     """Weighted sum of chunks into `out`; same contract and result as the torch kernel.
 
@@ -288,6 +334,8 @@ def linear_combine(
         acc: optional fp32 scratch of at least `out.numel()` elements, only used when there are
             more than MAX_INPUTS inputs (the running sum is carried through it in fp32).
         tmp: accepted for signature compatibility; not needed by the fused kernel.
+        accumulation: "rounded" (product and sum rounded apart) or "fused" (`acc = fma(xi, wi,
+            acc)` from +0, mergekit's `addcmul_`); see `lazymerge.methods.ACCUMULATIONS`.
 
     Returns:
         `out`.
@@ -298,6 +346,9 @@ def linear_combine(
         raise RuntimeError(f"Triton path unavailable: {why}")
     if len(inputs) != len(weights) or not inputs:
         raise ValueError("need one weight per input and at least one input")
+    if accumulation not in ("rounded", "fused"):
+        raise ValueError(f"accumulation must be 'rounded' or 'fused', got {accumulation!r}")
+    fused = accumulation == "fused"
     n = out.numel()
     _check(out, n, "out")
     for i, x in enumerate(inputs):
@@ -314,18 +365,29 @@ def linear_combine(
         # with weight 1.0 continues the same in-order fp32 recurrence.
         carry = _scratch(acc, n, out.device)
         one = _f32_bits([1.0])[0]
-        _launch(carry, xs[:MAX_INPUTS], w_bits[:MAX_INPUTS], None)
+        _launch(carry, xs[:MAX_INPUTS], w_bits[:MAX_INPUTS], None, fused)
         start = MAX_INPUTS
         while len(xs) - start > MAX_INPUTS - 1:
             stop = start + MAX_INPUTS - 1
-            _launch(carry, [carry, *xs[start:stop]], [one, *w_bits[start:stop]], None)
+            _launch(carry, [carry, *xs[start:stop]], [one, *w_bits[start:stop]], None, fused, carry=fused)
             start = stop
         xs, w_bits = [carry, *xs[start:]], [one, *w_bits[start:]]
-    _launch(out, xs, w_bits, d_bits if divisor is not None else None)
+        _launch(out, xs, w_bits, d_bits if divisor is not None else None, fused, carry=fused)
+        return out
+    _launch(out, xs, w_bits, d_bits if divisor is not None else None, fused)
     return out
 
 
-def _launch(out: torch.Tensor, xs: list[torch.Tensor], w_bits: list[int], d_bits: int | None) -> None:
+def _launch(
+    out: torch.Tensor,
+    xs: list[torch.Tensor],
+    w_bits: list[int],
+    d_bits: int | None,
+    fused: bool = False,
+    *,
+    carry: bool = False,
+) -> None:
+    """One launch over `xs`; with `carry`, input 0 is the fp32 running sum of an earlier one."""
     n = out.numel()
     k = len(xs)
     # Unused slots repeat input 0 (same dtype, so no extra kernel variants); never read.
@@ -341,6 +403,8 @@ def _launch(out: torch.Tensor, xs: list[torch.Tensor], w_bits: list[int], d_bits
             n,
             N_IN=k,
             HAS_DIVISOR=d_bits is not None,
+            FUSED=fused,
+            CARRY=carry,
             USE_ASM=not _INTERPRETED,
             BLOCK=_BLOCK,
             num_warps=_NUM_WARPS,

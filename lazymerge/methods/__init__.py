@@ -19,13 +19,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from lazymerge.methods.declaration import REQUIRED, GpuKernel, MergeMethod, Parameter, Range, check_value
+from lazymerge.methods.declaration import ACCUMULATIONS, REQUIRED, GpuKernel, MergeMethod, Parameter, Range, check_value
 from lazymerge.methods.registry import METHODS
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ACCUMULATIONS",
     "REQUIRED",
     "STATISTICS_CHUNK",
     "GpuKernel",
@@ -72,5 +73,5 @@ def get(name: str) -> MergeMethod:
 
 
 def names() -> list[str]:
-    """Every declared method's name, sorted."""
-    return sorted(METHODS)
+    """The name of every method a recipe may name, sorted (internal ones are left out)."""
+    return sorted(n for n, m in METHODS.items() if not m.internal)

@@ -18,7 +18,12 @@ from typing import Any
 
 from lazymerge.errors import RecipeError
 
-__all__ = ["REQUIRED", "GpuKernel", "MergeMethod", "Parameter", "Range", "check_value"]
+__all__ = ["ACCUMULATIONS", "REQUIRED", "GpuKernel", "MergeMethod", "Parameter", "Range", "check_value"]
+
+# How a weighted sum accumulates `x_i * w_i` in fp32 (every backend implements both, bit for bit):
+# "rounded": the product and the sum each rounded on their own (DogeRM's reference arithmetic);
+# "fused": one rounding of `acc + x_i * w_i`, a fused multiply-add from +0 (mergekit's `addcmul_`).
+ACCUMULATIONS = ("rounded", "fused")
 
 
 class _Required:
@@ -171,6 +176,10 @@ class MergeMethod:
         weighted_sum: the method is a weighted sum of its inputs (`sum w_i x_i`, optionally
             divided): the planner lowers it to weighted sources, so it takes the executor's
             fast path and a one-source chunk with weight 1 is a byte copy.
+        accumulation: how a weighted sum accumulates (`ACCUMULATIONS`): "fused" is mergekit's
+            `addcmul_` (`acc = fma(x_i, w_i, acc)` from +0), "rounded" rounds product and sum
+            apart. Every backend reads it from here; a run's bytes never depend on the backend.
+        internal: built by lazymerge's own recipes (DogeRM, copies), never named in a recipe.
         family / options: a configured instance of a family (mergekit's registry): the task-
             vector methods share one chunk arithmetic, told apart by `options`.
         check_tensor: torch-free planner hook `(params, shape, where) -> None` that derives
@@ -188,9 +197,15 @@ class MergeMethod:
     global_flag: str | None = None
     gpu: GpuKernel | None = None
     weighted_sum: bool = False
+    accumulation: str = "rounded"
+    internal: bool = False
     family: str = ""
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     check_tensor: Callable[[dict, tuple[int, ...], str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.accumulation not in ACCUMULATIONS:
+            raise ValueError(f"{self.name}: accumulation must be one of {ACCUMULATIONS}, got {self.accumulation!r}")
 
     def parameter(self, name: str) -> Parameter | None:
         return next((p for p in self.parameters if p.name == name), None)

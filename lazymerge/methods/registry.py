@@ -15,6 +15,7 @@ from lazymerge.methods.declaration import UNIT, GpuKernel, MergeMethod, Paramete
 
 __all__ = ["METHODS"]
 
+_WEIGHTED_GPU = GpuKernel("lazymerge.kernels.triton:linear_combine")
 # Non-base models one launch of the fused task-vector kernel handles, plus the base.
 TASK_VECTOR_GPU = GpuKernel("lazymerge.kernels.triton_methods:task_vector_combine", min_inputs=2, max_inputs=8)
 
@@ -107,8 +108,25 @@ _DECLARED = (
         chunk="lazymerge.methods.linear:linear",
         needs_base=False,
         min_models=2,
-        gpu=GpuKernel("lazymerge.kernels.triton:linear_combine"),
+        gpu=_WEIGHTED_GPU,
         weighted_sum=True,
+        accumulation="fused",  # mergekit's `result.addcmul_(x, w)`: its bytes for the same YAML
+    ),
+    MergeMethod(
+        "weighted_sum",
+        "https://arxiv.org/abs/2407.01470",
+        (
+            Parameter("weight", default=1.0, per_model=True, key="weights"),
+            Parameter("normalize", bool, default=False),
+        ),
+        chunk="lazymerge.methods.linear:weighted_sum",
+        needs_base=False,
+        gpu=_WEIGHTED_GPU,
+        weighted_sum=True,
+        # DogeRM's reference arithmetic (product and sum rounded apart), also copies, dtype
+        # changes and passthrough scales: what a plan builds when no recipe method is named.
+        accumulation="rounded",
+        internal=True,
     ),
     _task_vector(
         "task_arithmetic",

@@ -281,7 +281,7 @@ class _Planner:
             scale = self._passthrough_scale(sl, s, items[0][0], names[0], t)
             weights = [1.0 if scale is None else scale]
             how = f"copy of {items[0][1].model}" + ("" if scale is None else f" x {scale:g}")
-            return self._weighted(out_name, refs, weights, None, how, rows, "linear")
+            return self._weighted(out_name, refs, weights, None, how, rows, "weighted_sum")
         merged = items[1:] if method.needs_base else items
         params: dict[str, Any] = {"tensor": out_name}
         for p in method.parameters:
