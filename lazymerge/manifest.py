@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from lazymerge.io.digest import ALGORITHM, file_digest, known_algorithm
 from lazymerge.io.writer import write_side_file
+from lazymerge.methods import get as get_method
 
 if TYPE_CHECKING:  # the plan imports the output-folder checks, which read manifests
     from lazymerge.plan import MergePlan
@@ -33,6 +34,10 @@ def plan_fingerprint(plan: MergePlan) -> str:
         h.update(f"{t.name}|{t.dtype}|{t.shape}|{t.divisor}|{t.shard}|{t.offset}".encode())
         if t.params:  # a method with per-tensor parameters (a weighted sum has none)
             h.update(f"{t.method}|{json.dumps(t.params, sort_keys=True, default=str)}".encode())
+        if get_method(t.method).accumulation != "rounded":
+            # Other arithmetic, other bytes: a run started by a version that rounded `linear`'s
+            # products apart is not continued by one that fuses them (and the other way round).
+            h.update(f"accumulation={get_method(t.method).accumulation}".encode())
         for seg in t.segments:
             for s in seg.sources:
                 h.update(f"{seg.start}|{seg.count}|{s.checkpoint}|{s.file}|{s.offset}|{s.dtype}|{s.weight!r}".encode())

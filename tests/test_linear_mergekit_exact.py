@@ -266,6 +266,22 @@ def test_plans_name_their_accumulation(tmp_path: Path) -> None:
     assert {t.method for t in dogerm.tensors} == {"weighted_sum"}
 
 
+def test_fused_accumulation_is_in_the_plan_fingerprint(tmp_path: Path) -> None:
+    """A `linear` run started by a version that rounded products apart must not be resumed by one
+    that fuses them: other arithmetic, other bytes, so another fingerprint."""
+    from dataclasses import replace
+
+    from lazymerge.manifest import plan_fingerprint
+
+    a, b = (build_llama(tmp_path / f"m{i}", i) for i in range(2))
+    plan = lazymerge.plan_merge(
+        {"merge_method": "linear", "models": [{"model": str(a)}, {"model": str(b)}]}, tmp_path / "out"
+    )
+    rounded = replace(plan, tensors=[replace(t, method="weighted_sum") for t in plan.tensors])
+    assert plan_fingerprint(plan) != plan_fingerprint(rounded)
+    assert plan_fingerprint(rounded) == plan_fingerprint(replace(rounded))  # and it is deterministic
+
+
 def test_the_internal_weighted_sum_is_not_a_recipe_method(tmp_path: Path) -> None:
     a, b = (build_llama(tmp_path / f"m{i}", i) for i in range(2))
     with pytest.raises(RecipeError, match="not supported"):
