@@ -185,9 +185,7 @@ def main() -> int:
         line = f"N={n}: --part x{n} + finalize {wall:6.1f} s  {rate:5.2f} GB/s  ({rate / ideal:4.0%} of {n} x single)"
         if args.ray and (args.ray_for is None or n in [int(x) for x in args.ray_for.split(",")]):
             up, ray_wall = run_ray(rm, sft, work / f"ray-{n}", n, args.shard, args.node_mbps, args.threads)
-            row.update(
-                ray_start_s=up, ray_s=ray_wall, ray_same_bytes=_same_and_remove(work / f"ray-{n}", reference)
-            )
+            row.update(ray_start_s=up, ray_s=ray_wall, ray_same_bytes=_same_and_remove(work / f"ray-{n}", reference))
             line += f"; --ray {ray_wall:6.1f} s ({ray_wall / wall - 1:+.0%}), cluster start {up:4.1f} s"
         print(line + ("" if same else "  BYTES DIFFER"))
         results["runs"].append(row)  # type: ignore[union-attr]

@@ -3,8 +3,9 @@
 Both arms run in this one process on the same synthetic pair (`synthetic.py`, LLaMA-shaped RM +
 SFT), the same weights and the same preference pairs (random words of the synthetic tokenizer):
 
-- in memory: `lazymerge.load` once (build the model on the meta device, allocate, first merge),
-  then per weight `MergedModel.remerge` (refills the same parameters) and scoring;
+- in memory: `lazymerge.load` once (build the model on the meta device, allocate, first merge;
+  with `--resident`, every input byte the weights need read into memory once, `preload`), then per
+  weight `MergedModel.remerge` (refills the same parameters) and scoring;
 - written: per weight `lazymerge.dogerm` to a folder (merge + write), transformers'
   `from_pretrained` (load) and scoring; the folder is deleted after each weight.
 
@@ -64,8 +65,9 @@ def memory_floor(numel: int, workers: int, repeat: int = 3) -> float:
     here: read both inputs and write the output once, at memory speed (an integer add of the raw
     16-bit words, no widening, no rounding), on `workers` threads (numpy releases the GIL). Best of
     `repeat`; pages are touched before timing."""
-    import numpy as np
     from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
 
     a, b, c = (np.ones(numel, dtype=np.uint16) for _ in range(3))
     piece = 1 << 20
@@ -91,6 +93,9 @@ def in_memory_arm(recipe: dict, weights: list[float], encoded, batch: int, resid
 
     began = time.perf_counter()
     merged = lazymerge.load(recipe, device=device, resident=resident or None)
+    # Resident inputs: every byte the weights need read once now (as `search_weights` does), so
+    # that each re-merge below is the steady per-weight cost.
+    preload_bytes = merged.preload(weights)
     build = time.perf_counter() - began
     first_merge = merged.stats.seconds
     rows, scores = [], {}
@@ -110,6 +115,7 @@ def in_memory_arm(recipe: dict, weights: list[float], encoded, batch: int, resid
     result = {
         "build_and_first_merge_s": build,
         "build_s": build - first_merge,
+        "preload_bytes": preload_bytes,
         "rows": rows,
         "peak_rss_bytes": _peak_rss(),
         "resident": merged.resident,

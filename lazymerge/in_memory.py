@@ -20,7 +20,7 @@ import contextlib
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,19 @@ class MergedModel:
         self.stats = _fill(job, self._targets, self._unused, self._resident)
         self.plan, self.recipe = job.plans[0], spec
         return self.model
+
+    def preload(self, values: Sequence[float], key: str = "weight") -> int:
+        """With resident inputs, read now every input range the merges at `values` need, so that
+        each later `remerge` among them reads nothing (a weight search knows its values up front;
+        DogeRM at weight 0 reads the reward model alone, the next weight would read the other).
+        Returns the bytes read; 0 without resident inputs (they stream at each re-merge).
+        """
+        if self._resident is None:
+            return 0
+        before = self._resident.nbytes
+        for spec in Sweep(key, list(values)).variants(self.recipe):
+            self._resident.load(plan_memory_job(spec, self._options, self._hub, self._opened).plans[0])
+        return self._resident.nbytes - before
 
     def set_weight(self, weight: float) -> Any:
         """DogeRM: `remerge(weight)`."""

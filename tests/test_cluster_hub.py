@@ -57,7 +57,9 @@ def test_ray_tasks_stream_hub_inputs_by_range_and_write_a_single_runs_bytes(
     upload(hub, rm, "alice/rm")
     upload(hub, sft, "alice/sft")
     # The same Hub inputs in one process (streamed too, so that nothing lands in the HF cache).
-    lazymerge.dogerm("alice/rm", "alice/sft", 0.3, tmp_path / "single", max_shard_size=SHARD, device="cpu", low_disk=True)
+    lazymerge.dogerm(
+        "alice/rm", "alice/sft", 0.3, tmp_path / "single", max_shard_size=SHARD, device="cpu", low_disk=True
+    )
     hub.reset_log()
     stats = lazymerge.dogerm(
         "alice/rm", "alice/sft", 0.3, tmp_path / "ray", max_shard_size=SHARD, device="cpu", ray=True, parts=2

@@ -134,6 +134,20 @@ def test_resident_inputs_remerge_to_the_streamed_bytes(tmp_path: Path, weights: 
         both = both or w not in (0.0, 1.0)
 
 
+def test_preload_reads_every_weights_inputs_once_up_front(tmp_path: Path) -> None:
+    rm, sft = build_llama_pair(tmp_path / "pair", sft_format="safetensors")
+    streamed = lazymerge.load(_dogerm(rm, sft, 0.0), workers=1)
+    assert streamed.preload([0.0, 0.5]) == 0  # nothing is held: every re-merge streams
+    resident = lazymerge.load(_dogerm(rm, sft, 0.0), resident=True, workers=1)  # reads the RM alone
+    assert resident.preload([0.0, 0.5, 1.0]) > 0  # the SFT, which weight 0 did not read
+    assert resident.preload([0.25, 0.75]) == 0  # nothing more to read
+    for w in (0.5, 1.0, 0.25):
+        resident.remerge(w)
+        streamed.remerge(w)
+        assert resident.stats.bytes_read == 0
+        _assert_same_bytes(resident.model, streamed.model)
+
+
 def test_resident_inputs_refuse_a_method_that_is_not_a_weighted_sum(tmp_path: Path) -> None:
     a, b = build_llama(tmp_path / "a", seed=1), build_llama(tmp_path / "b", seed=2)
     recipe = {"merge_method": "ties", "base_model": str(a), "models": [{"model": str(b), "parameters": {"weight": 1}}]}
