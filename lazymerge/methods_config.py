@@ -316,8 +316,11 @@ def method_tensors(
             tensors.append(copy_tensor(0, ref, out_dtype, f"{which} ({ref.dtype} is copied, not merged)"))
             continue
         params = _tensor_params(method, name, _layer_t(name, n_layers), top, merged, ref.shape)
+        # Without `dtype`/`out_dtype`, mergekit brings a tensor's inputs to their promoted type
+        # (fp16 + bf16 -> fp32) and writes that: so does this plan.
+        dtype = out_dtype or promoted_dtype([r.dtype for r in refs])
         if method.weighted_sum:
-            tensors.append(_weighted_tensor(method, name, ref, refs, params, out_dtype))
+            tensors.append(_weighted_tensor(method, name, ref, refs, params, dtype))
             continue
         params["ordinal"] = ordinal
         ordinal += 1
@@ -325,7 +328,7 @@ def method_tensors(
         tensors.append(
             OutputTensor(
                 name,
-                out_dtype or ref.dtype,
+                dtype,
                 ref.shape,
                 (Segment(0, ref.numel, sources),),
                 f"{method.name} of base + {len(refs) - 1} model(s)",
@@ -336,6 +339,12 @@ def method_tensors(
     _check_global(method, tensors)
     dropped = sorted({n for c in checkpoints[1:] for n in c.tensors if n not in first.tensors})
     return tensors, dropped
+
+
+def promoted_dtype(dtypes: list[str]) -> str:
+    """torch's type promotion over mergeable safetensors dtypes: one dtype stays; fp16 with bf16,
+    or either with fp32, is fp32."""
+    return dtypes[0] if len(set(dtypes)) == 1 else "F32"
 
 
 def _tensor_params(

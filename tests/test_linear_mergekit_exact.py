@@ -331,3 +331,33 @@ def test_linear_yaml_same_bytes_as_mergekit_yaml(tmp_path: Path, dtype: torch.dt
     for k, w in want.items():
         assert got[k].dtype == w.dtype == dtype and got[k].shape == w.shape, k
         assert torch.equal(got[k].reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second", [torch.bfloat16, torch.float32])
+def test_mixed_dtypes_without_dtype_give_mergekits_promoted_output(tmp_path: Path, second: torch.dtype) -> None:
+    """fp16 with bf16 (or fp32) inputs and no `dtype`: mergekit brings both to fp32 and writes fp32."""
+    from test_methods import MERGEKIT
+
+    if MERGEKIT is None:
+        pytest.skip("mergekit-yaml not installed")
+    m = [_tiny(tmp_path / "m0", 0, torch.float16), _tiny(tmp_path / "m1", 1, second)]
+    config = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(m[0]), "parameters": {"weight": 0.3}},
+            {"model": str(m[1]), "parameters": {"weight": 0.6}},
+        ],
+    }
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([MERGEKIT, str(path), str(tmp_path / "mk")], capture_output=True, env=env, timeout=300)
+    want = load_folder(tmp_path / "mk")
+    assert want, "mergekit wrote no weights"
+    lazymerge.merge(path, tmp_path / "ours", device="cpu")
+    got = load_folder(tmp_path / "ours")
+    assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype == torch.float32, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), k
