@@ -100,11 +100,12 @@ class HubCheckpoint(Checkpoint):
         etags: dict[str, str],
     ) -> None:
         """Make the download pool and (low_disk) the private folder, owned from here on by `close`."""
-        from lazymerge.io.hub_stream import StreamStats
+        from lazymerge.io.hub_stream import ReadAhead, StreamStats
 
         self.repo_id, self.revision, self.commit = repo_id, revision, commit
         self._etags = {f: e for f, e in etags.items() if f in files and e}
         self.stream_stats = StreamStats()  # low_disk: bytes, requests and retries of the streams
+        self._read_ahead = ReadAhead()  # low_disk: one window for all the open files of this model
         self.token, self.low_disk = token, low_disk
         # Checked again after a download.
         self._planned = {f: _table(refs) for f, (refs, _) in zip(files, tables, strict=True)}
@@ -148,7 +149,7 @@ class HubCheckpoint(Checkpoint):
         return HttpRangeSource(
             hf_hub_url(self.repo_id, name, revision=self.commit), self.file_sizes[name], self._etags.get(name),
             auth_headers(self.token), f"{self.label}/{name}", reads or [], self._pool, self._cancelled,
-            self.stream_stats, lambda: hub_errors(self.repo_id, self.revision, token=self.token),
+            self.stream_stats, lambda: hub_errors(self.repo_id, self.revision, token=self.token), self._read_ahead,
         )  # fmt: skip
 
     @property

@@ -3,11 +3,16 @@
 `HttpRangeSource` is the remote `RangeSource` (`lazymerge.io.range_source`). It is told, in
 order, every range the run will read from its file (`planned_reads`), groups them into pieces of
 about `PIECE_BYTES` (neighbouring small tensors share one request, a large one is cut), and
-keeps up to `AHEAD` pieces fetched or in flight ahead of the reader on a small pool of threads:
-several requests at once per input, so one slow connection or a long round trip does not bound
-the rate. Memory is bounded by AHEAD x PIECE_BYTES per open file (a piece is freed as soon as
-every read it serves is done); a read the source was not told of, or one beyond the window, is
-fetched when asked.
+keeps pieces fetched or in flight ahead of the reader on a small pool of threads: several
+requests at once per input, so one slow connection or a long round trip does not bound the rate.
+
+Memory, the bound the peak RSS counts on: the files of one input model share one `ReadAhead`
+window of `AHEAD` pieces (AHEAD x PIECE_BYTES = 24 MiB per input, 48 MiB for a DogeRM pair),
+however many of its files are open at once (a chunk that spans two shards opens both; a window
+per file doubled the buffers there: +48 MB of peak RSS at the 1B pair's last shard). A freed
+slot goes to the open file with the fewest pieces ahead. A piece is freed as soon as every read
+it serves is done; a read the source was not told of, or one the window has not reached yet, is
+fetched when asked, by the reading thread (one piece per reading thread over the window).
 
 A request that fails with a dropped connection, a timeout or a 5xx answer is retried with
 backoff, resuming where its bytes stopped (`RETRIES` failures in a row without progress end the
@@ -31,10 +36,10 @@ from lazymerge.errors import HeaderError, HubError
 from lazymerge.io.hub_http import DaemonPool, DownloadCancelled, hub_timeout, wait_for
 from lazymerge.io.range_source import RangeSource
 
-__all__ = ["AHEAD", "PIECE_BYTES", "RETRIES", "HttpRangeSource", "StreamStats"]
+__all__ = ["AHEAD", "PIECE_BYTES", "RETRIES", "HttpRangeSource", "ReadAhead", "StreamStats"]
 
 PIECE_BYTES = 4 << 20  # one range request: large enough for throughput, small enough to retry cheaply
-AHEAD = 6  # pieces fetched or in flight ahead of the reader, per open file
+AHEAD = 6  # pieces fetched or in flight ahead of the readers, per input model (all its open files)
 RETRIES = 6  # failures in a row (without a byte of progress) before a range gives up
 _BACKOFF = 0.25  # seconds before the first retry, doubled each time, at most _BACKOFF_MAX
 _BACKOFF_MAX = 4.0
@@ -57,6 +62,31 @@ class StreamStats:
         with self.lock:
             self.buffered += n
             self.peak_buffered = max(self.peak_buffered, self.buffered)
+
+
+class ReadAhead:
+    """The read-ahead window of one input model, shared by its open files (see the module
+    docstring): at most `pieces` (default AHEAD) pieces fetched or in flight ahead of the readers."""
+
+    def __init__(self, pieces: int | None = None) -> None:
+        self.pieces = AHEAD if pieces is None else pieces
+        self.lock = threading.Lock()  # also each source's lock: one window, one lock
+        self.ahead = 0
+        self.sources: list[HttpRangeSource] = []
+
+    def pump(self) -> None:
+        """Start pieces until the window is full: each free slot to the open file with the fewest
+        pieces ahead that has planned pieces left."""
+        while True:
+            with self.lock:
+                if self.ahead >= self.pieces:
+                    return
+                waiting = [s for s in self.sources if s._has_next()]
+                if not waiting:
+                    return
+                source = min(waiting, key=lambda s: s._ahead)
+                piece = source._start_next()
+            source.pool.submit(source._load, piece)
 
 
 class _Piece:
@@ -82,6 +112,7 @@ class HttpRangeSource(RangeSource):
         pool: the threads that fetch pieces. cancelled: set when the run is interrupted.
         stats: counters shared by a checkpoint's files. errors: a context that turns a
             huggingface_hub / network error into a one-line `HubError` (`hub_errors`).
+        window: the read-ahead window shared by a checkpoint's files (None: one of its own).
     """
 
     def __init__(
@@ -96,18 +127,22 @@ class HttpRangeSource(RangeSource):
         cancelled: threading.Event,
         stats: StreamStats | None = None,
         errors: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+        window: ReadAhead | None = None,
     ) -> None:
         self.url, self.size, self.etag, self.headers, self.name = url, size, etag, headers, name
         self.pool, self.cancelled, self.errors = pool, cancelled, errors
         self.stats = stats or StreamStats()
         self._direct: str | None = None  # the CDN URL a redirect gave, reused without the token
-        self._lock = threading.Lock()
+        self.window = window or ReadAhead()
+        self._lock = self.window.lock
         self._pieces, self._order = _pieces(reads)
         self._starts = [p.start for p in self._pieces]
         self._next = 0  # index of the next piece to start ahead
-        self._ahead = 0  # pieces started and not yet freed
+        self._ahead = 0  # pieces of this file started and not yet freed (counted in the window too)
         self._closed = False
-        self._pump()
+        with self._lock:
+            self.window.sources.append(self)
+        self.window.pump()
 
     # ---- reads ------------------------------------------------------------------------------------------
     def read_into(self, offset: int, view: memoryview, consume: bool = True) -> None:
@@ -144,7 +179,7 @@ class HttpRangeSource(RangeSource):
             mine = not piece.started
             if mine:  # beyond the read-ahead window (or freed and read again): fetched here
                 piece.started = True
-                self._ahead += 1
+                self._count_ahead(1)
         if mine:
             self._load(piece)
         else:
@@ -154,7 +189,7 @@ class HttpRangeSource(RangeSource):
         if piece.buf is None:  # freed, then read again beyond plan: fetch again
             with self._lock:
                 piece.started, piece.event = False, threading.Event()
-                self._ahead -= 1
+                self._count_ahead(-1)
             self._await(piece)
 
     def _consumed(self, piece: _Piece, n: int) -> None:
@@ -163,25 +198,26 @@ class HttpRangeSource(RangeSource):
             if piece.left > 0 or piece.buf is None:
                 return
             freed, piece.buf = len(piece.buf), None
-            self._ahead -= 1
+            self._count_ahead(-1)
         self.stats.hold(-freed)
-        self._pump()
+        self.window.pump()
 
-    def _pump(self) -> None:
-        """Start pieces ahead of the reader until AHEAD are fetched or in flight."""
-        while True:
-            with self._lock:
-                if self._closed or self._ahead >= AHEAD:
-                    return
-                while self._next < len(self._order) and self._order[self._next].started:
-                    self._next += 1
-                if self._next >= len(self._order):
-                    return
-                piece = self._order[self._next]
-                piece.started = True
-                self._ahead += 1
-                self._next += 1
-            self.pool.submit(self._load, piece)
+    # ---- the window (called with the window's lock held) ---------------------------------------------------
+    def _count_ahead(self, n: int) -> None:
+        self._ahead += n
+        self.window.ahead += n
+
+    def _has_next(self) -> bool:
+        while self._next < len(self._order) and self._order[self._next].started:
+            self._next += 1
+        return not self._closed and self._next < len(self._order)
+
+    def _start_next(self) -> _Piece:
+        piece = self._order[self._next]
+        piece.started = True
+        self._count_ahead(1)
+        self._next += 1
+        return piece
 
     def _load(self, piece: _Piece) -> None:
         try:
@@ -193,7 +229,12 @@ class HttpRangeSource(RangeSource):
             except BaseException:
                 self.stats.hold(-len(buf))
                 raise
-            piece.buf = buf
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    piece.buf = buf
+            if closed:  # closed while in flight: its slot went back to the window with the close
+                self.stats.hold(-len(buf))
         except BaseException as exc:
             piece.error = exc
         finally:
@@ -201,11 +242,16 @@ class HttpRangeSource(RangeSource):
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             held = sum(len(p.buf) for p in self._pieces if p.buf is not None)
             for p in self._pieces:
                 p.buf = None
+            self._count_ahead(-self._ahead)  # fetched, in flight or not: the slots go back
+            self.window.sources.remove(self)
         self.stats.hold(-held)
+        self.window.pump()
 
     # ---- one range, retried -------------------------------------------------------------------------------
     def _fetch(self, start: int, view: memoryview) -> None:
