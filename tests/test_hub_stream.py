@@ -20,6 +20,7 @@ from lazymerge.config import plan_recipe
 from lazymerge.errors import HubError
 from lazymerge.execute import execute
 from lazymerge.io import hub_stream
+from lazymerge.io.hub_pieces import plan_pieces
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import write_model
@@ -167,11 +168,10 @@ def test_token_expiring_mid_run_is_a_clear_error_without_the_token(
     gc.collect()
 
 
-def test_pieces_join_neighbours_cut_large_reads_and_follow_the_run_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_stream, "PIECE_BYTES", 100)
+def test_pieces_join_neighbours_cut_large_reads_and_follow_the_run_order() -> None:
     # Four small neighbouring reads, a large one, a gap, and a read the run makes first.
     reads = [(1000, 10), (0, 30), (30, 30), (60, 30), (90, 5), (200, 250)]
-    by_offset, order = hub_stream._pieces(reads)
+    by_offset, order = plan_pieces(reads, 100)
     spans = [(p.start, p.end) for p in by_offset]
     assert spans == [(0, 95), (200, 300), (300, 400), (400, 450), (1000, 1010)]
     assert [p.left for p in by_offset] == [95, 100, 100, 50, 10]  # planned bytes each piece serves

@@ -100,7 +100,8 @@ class HubCheckpoint(Checkpoint):
         etags: dict[str, str],
     ) -> None:
         """Make the download pool and (low_disk) the private folder, owned from here on by `close`."""
-        from lazymerge.io.hub_stream import ReadAhead, StreamStats
+        from lazymerge.io.hub_pieces import ReadAhead
+        from lazymerge.io.hub_stream import StreamStats
 
         self.repo_id, self.revision, self.commit = repo_id, revision, commit
         self._etags = {f: e for f, e in etags.items() if f in files and e}

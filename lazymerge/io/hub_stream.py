@@ -6,11 +6,11 @@ about `PIECE_BYTES` (neighbouring small tensors share one request, a large one i
 keeps pieces fetched or in flight ahead of the reader on a small pool of threads: several
 requests at once per input, so one slow connection or a long round trip does not bound the rate.
 
-Memory, the bound the peak RSS counts on: the files of one input model share one `ReadAhead`
-window of `AHEAD` pieces (AHEAD x PIECE_BYTES = 24 MiB per input, 48 MiB for a DogeRM pair),
-however many of its files are open at once (a chunk that spans two shards opens both; a window
-per file doubled the buffers there: +48 MB of peak RSS at the 1B pair's last shard). A freed
-slot goes to the open file with the fewest pieces ahead. A piece is freed as soon as every read
+Memory, the bound the peak RSS counts on (io/hub_pieces.py): the files of one input model share
+one `ReadAhead` window of `AHEAD` pieces (AHEAD x PIECE_BYTES = 24 MiB per input, 48 MiB for a
+DogeRM pair), however many of its files are open at once (a chunk that spans two shards opens
+both; a window per file doubled the buffers there: +48 MB of peak RSS at the 1B pair's last
+shard). A freed slot goes to the open file with the fewest pieces ahead. A piece is freed as soon as every read
 it serves is done; a read the source was not told of, or one the window has not reached yet, is
 fetched when asked, by the reading thread (one piece per reading thread over the window).
 
@@ -34,12 +34,12 @@ from urllib.parse import urlsplit
 
 from lazymerge.errors import HeaderError, HubError
 from lazymerge.io.hub_http import DaemonPool, DownloadCancelled, hub_timeout, wait_for
+from lazymerge.io.hub_pieces import AHEAD, Piece, ReadAhead, plan_pieces
 from lazymerge.io.range_source import RangeSource
 
 __all__ = ["AHEAD", "PIECE_BYTES", "RETRIES", "HttpRangeSource", "ReadAhead", "StreamStats"]
 
 PIECE_BYTES = 4 << 20  # one range request: large enough for throughput, small enough to retry cheaply
-AHEAD = 6  # pieces fetched or in flight ahead of the readers, per input model (all its open files)
 RETRIES = 6  # failures in a row (without a byte of progress) before a range gives up
 _BACKOFF = 0.25  # seconds before the first retry, doubled each time, at most _BACKOFF_MAX
 _BACKOFF_MAX = 4.0
@@ -62,43 +62,6 @@ class StreamStats:
         with self.lock:
             self.buffered += n
             self.peak_buffered = max(self.peak_buffered, self.buffered)
-
-
-class ReadAhead:
-    """The read-ahead window of one input model, shared by its open files (see the module
-    docstring): at most `pieces` (default AHEAD) pieces fetched or in flight ahead of the readers."""
-
-    def __init__(self, pieces: int | None = None) -> None:
-        self.pieces = AHEAD if pieces is None else pieces
-        self.lock = threading.Lock()  # also each source's lock: one window, one lock
-        self.ahead = 0
-        self.sources: list[HttpRangeSource] = []
-
-    def pump(self) -> None:
-        """Start pieces until the window is full: each free slot to the open file with the fewest
-        pieces ahead that has planned pieces left."""
-        while True:
-            with self.lock:
-                if self.ahead >= self.pieces:
-                    return
-                waiting = [s for s in self.sources if s._has_next()]
-                if not waiting:
-                    return
-                source = min(waiting, key=lambda s: s._ahead)
-                piece = source._start_next()
-            source.pool.submit(source._load, piece)
-
-
-class _Piece:
-    __slots__ = ("buf", "end", "error", "event", "left", "start", "started")
-
-    def __init__(self, start: int, end: int) -> None:
-        self.start, self.end = start, end
-        self.left = 0  # planned bytes still to be read from it; freed at 0
-        self.buf: bytearray | None = None
-        self.started = False
-        self.event = threading.Event()
-        self.error: BaseException | None = None
 
 
 class HttpRangeSource(RangeSource):
@@ -135,7 +98,7 @@ class HttpRangeSource(RangeSource):
         self._direct: str | None = None  # the CDN URL a redirect gave, reused without the token
         self.window = window or ReadAhead()
         self._lock = self.window.lock
-        self._pieces, self._order = _pieces(reads)
+        self._pieces, self._order = plan_pieces(reads, PIECE_BYTES)
         self._starts = [p.start for p in self._pieces]
         self._next = 0  # index of the next piece to start ahead
         self._ahead = 0  # pieces of this file started and not yet freed (counted in the window too)
@@ -168,13 +131,13 @@ class HttpRangeSource(RangeSource):
             if consume:
                 self._consumed(piece, n)
 
-    def _piece_at(self, pos: int) -> _Piece | None:
+    def _piece_at(self, pos: int) -> Piece | None:
         i = bisect.bisect_right(self._starts, pos) - 1
         if i >= 0 and self._pieces[i].start <= pos < self._pieces[i].end:
             return self._pieces[i]
         return None
 
-    def _await(self, piece: _Piece) -> None:
+    def _await(self, piece: Piece) -> None:
         with self._lock:
             mine = not piece.started
             if mine:  # beyond the read-ahead window (or freed and read again): fetched here
@@ -192,7 +155,7 @@ class HttpRangeSource(RangeSource):
                 self._count_ahead(-1)
             self._await(piece)
 
-    def _consumed(self, piece: _Piece, n: int) -> None:
+    def _consumed(self, piece: Piece, n: int) -> None:
         with self._lock:
             piece.left -= n
             if piece.left > 0 or piece.buf is None:
@@ -212,14 +175,14 @@ class HttpRangeSource(RangeSource):
             self._next += 1
         return not self._closed and self._next < len(self._order)
 
-    def _start_next(self) -> _Piece:
+    def _start_next(self) -> Piece:
         piece = self._order[self._next]
         piece.started = True
         self._count_ahead(1)
         self._next += 1
         return piece
 
-    def _load(self, piece: _Piece) -> None:
+    def _load(self, piece: Piece) -> None:
         try:
             buf = bytearray(piece.end - piece.start)
             self.stats.hold(len(buf))
@@ -386,43 +349,3 @@ def _bare(tag: str) -> str:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme, parts.netloc
-
-
-def _pieces(reads: list[tuple[int, int]]) -> tuple[list[_Piece], list[_Piece]]:
-    """Pieces covering every planned read (by offset, and in the order to fetch them): neighbours
-    joined, large reads cut, each counting the planned bytes it serves (freed when all are read)."""
-    spans: list[list[int]] = []
-    for offset, n in sorted(set(reads)):
-        if n <= 0:
-            continue
-        if spans and offset <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], offset + n)
-        else:
-            spans.append([offset, offset + n])
-    pieces: list[_Piece] = []
-    for a, b in spans:
-        for s in range(a, b, PIECE_BYTES):
-            pieces.append(_Piece(s, min(b, s + PIECE_BYTES)))
-    # Join small neighbouring pieces (a run of norms) into one request up to PIECE_BYTES.
-    joined: list[_Piece] = []
-    for p in pieces:
-        last = joined[-1] if joined else None
-        if last is not None and last.end == p.start and p.end - last.start <= PIECE_BYTES:
-            last.end = p.end
-        else:
-            joined.append(p)
-    starts = [p.start for p in joined]
-    for offset, n in reads:  # every planned read counts against the pieces it covers
-        pos, end = offset, offset + n
-        while pos < end:
-            piece = joined[bisect.bisect_right(starts, pos) - 1]
-            k = min(end, piece.end) - pos
-            piece.left += k
-            pos += k
-    # The run reads pieces in its own order (plan order, or the write lanes'), not the file's:
-    # they are started in the order of their first read.
-    first: dict[int, int] = {}
-    for rank, (offset, _) in enumerate(reads):
-        first.setdefault(bisect.bisect_right(starts, offset) - 1, rank)
-    order = sorted(range(len(joined)), key=lambda i: (first.get(i, len(reads)), i))
-    return joined, [joined[i] for i in order]
