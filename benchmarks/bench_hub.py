@@ -12,7 +12,8 @@ the same invocation, against the same server:
   (lazymerge on the local copies, the fastest local merge we have: the difference is the
   workflow), then `upload_folder` (mergekit cannot push).
 
-For each: wall time (spawn -> wait4), peak RSS (ru_maxrss from wait4), and the disk high-water
+For each: wall time (spawn -> wait4), the child's CPU seconds (user + system: near wall x cores,
+the run is bound by the CPU, not the network), peak RSS, and the disk high-water
 mark: input + output bytes on disk (allocated blocks of the child's HF cache, temporary folder
 and output folder, sampled every 20 ms). Three floors, each labelled in the output:
 
@@ -108,7 +109,8 @@ def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path]) -> 
     # ru_maxrss would start at this process's own RSS (fork + exec keeps the high-water mark);
     # VmHWM is reset by exec, so the sampled VmHWM is the child's own peak (up to the last sample).
     return {"wall_s": round(wall, 3), "rc": os.waitstatus_to_exitcode(status), "peak_disk_bytes": peak_disk,
-            "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024, "log_tail": text[-1500:]}  # fmt: skip
+            "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024, "log_tail": text[-1500:],
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}  # fmt: skip
 
 
 def _vm_hwm(pid: int) -> int:
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (ValueError, IndexError):
                     pass
             results[name] = r
-            print(f"{name}: rc {r['rc']}, {r['wall_s']:.2f} s, RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
+            print(f"{name}: rc {r['rc']}, {r['wall_s']:.2f} s, CPU {r['cpu_s']:.1f} s, RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
                   f"disk {r['peak_disk_bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
         out_shards = {}
         for name in results:
