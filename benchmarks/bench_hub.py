@@ -12,12 +12,20 @@ the same invocation, against the same server:
   (lazymerge on the local copies, the fastest local merge we have: the difference is the
   workflow), then `upload_folder` (mergekit cannot push).
 
-For each: wall time (spawn -> wait4), peak RSS (ru_maxrss from wait4), and the disk high-water
+For each: wall time (spawn -> wait4), the child's CPU seconds (user + system: near wall x cores,
+the run is bound by the CPU, not the network), peak RSS, and the disk high-water
 mark: input + output bytes on disk (allocated blocks of the child's HF cache, temporary folder
-and output folder, sampled every 20 ms). The floor is what the network allows:
-max(input weight bytes / down rate, output bytes / up rate); `x floor` = wall / floor. Where the
-server or a loaded machine cannot reach the caps, the measured floor is the longer of the mergekit
-way's pure download and upload phases (`x measured`). Both pushed repos must hold the same shard
+and output folder, sampled every 20 ms). Three floors, each labelled in the output:
+
+- `floor` (the caps): max(input weight bytes / down cap, output bytes / up cap); `x floor`.
+- `probe floor` (what the server delivers here, now): before the contenders, a plain client in
+  a child process (`--probe-client`) downloads `--probe-bytes` of an input with 16 MiB ranges,
+  4 at a time, and uploads as many through the LFS protocol; the same formula with those rates.
+  The server's CPU seconds per GB each way are reported with it (this process is idle otherwise).
+- `measured floor`: the longer of the mergekit way's pure download and upload phases
+  (`x measured`): the network as a real client saw it during this run.
+
+`--probe-only` runs the probe alone (the server without any merge: MB/s and CPU s/GB). Both pushed repos must hold the same shard
 names, and `lazymerge verify --hub` must pass on lazymerge's (its manifest's sha256 against the
 Hub's LFS ids). Peak RSS is the child's VmHWM, sampled (ru_maxrss would start at this process's).
 
@@ -101,7 +109,8 @@ def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path]) -> 
     # ru_maxrss would start at this process's own RSS (fork + exec keeps the high-water mark);
     # VmHWM is reset by exec, so the sampled VmHWM is the child's own peak (up to the last sample).
     return {"wall_s": round(wall, 3), "rc": os.waitstatus_to_exitcode(status), "peak_disk_bytes": peak_disk,
-            "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024, "log_tail": text[-1500:]}  # fmt: skip
+            "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024, "log_tail": text[-1500:],
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}  # fmt: skip
 
 
 def _vm_hwm(pid: int) -> int:
@@ -138,6 +147,106 @@ def _mergekit_way(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_client(args: argparse.Namespace) -> int:
+    """The probe's child: ranged GETs of one file (4 connections, 16 MiB ranges, readinto one
+    buffer each), then one LFS upload of as many bytes (batch, then a single PUT by sendfile)."""
+    import hashlib
+    import http.client
+    from urllib.parse import urlsplit
+
+    host, size, n = urlsplit(args.endpoint).netloc, args.probe_size, int(args.probe_bytes)
+    step, starts, lock = 16 << 20, list(range(0, min(n, size), 16 << 20)), threading.Lock()
+
+    def worker() -> None:
+        conn, buf = http.client.HTTPConnection(host), memoryview(bytearray(step))
+        while True:
+            with lock:
+                if not starts:
+                    return
+                start = starts.pop(0)
+            length = min(step, size - start)
+            conn.request("GET", args.probe_path, headers={"Range": f"bytes={start}-{start + length - 1}"})
+            response, got = conn.getresponse(), 0
+            while got < length:
+                k = response.readinto(buf[got:length])
+                if not k:
+                    raise SystemExit("the server closed a range early")
+                got += k
+            response.read()
+
+    down = min(n, size)
+    t = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    down_s = time.perf_counter() - t
+    print(json.dumps({"phase": "down", "bytes": down, "s": down_s}), flush=True)
+    sys.stdin.readline()  # the parent reads its CPU time between the phases
+    up = min(n, os.path.getsize(args.probe_file))
+    h = hashlib.sha256()
+    with open(args.probe_file, "rb") as f:
+        while block := f.read(min(16 << 20, up - f.tell())):
+            h.update(block)
+    conn = http.client.HTTPConnection(host, blocksize=1 << 20)
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    conn.request("POST", "/api/repos/create", body=json.dumps({"name": "probe", "organization": "bench"}), headers=auth)
+    conn.getresponse().read()
+    body = {"operation": "upload", "objects": [{"oid": h.hexdigest(), "size": up}]}
+    conn.request("POST", "/bench/probe.git/info/lfs/objects/batch", body=json.dumps(body), headers=auth)
+    href = json.loads(conn.getresponse().read())["objects"][0]["actions"]["upload"]["href"]
+    print(json.dumps({"phase": "up-start"}), flush=True)
+    sys.stdin.readline()
+    t = time.perf_counter()
+    with open(args.probe_file, "rb") as f:
+        conn.putrequest("PUT", urlsplit(href).path)
+        conn.putheader("Content-Length", str(up))
+        conn.endheaders()
+        conn.sock.sendfile(f, 0, up)
+    response = conn.getresponse()
+    response.read()
+    up_s = time.perf_counter() - t
+    print(json.dumps({"phase": "up", "bytes": up, "s": up_s, "status": response.status}), flush=True)
+    return 0 if response.status == 200 else 1
+
+
+def _probe(server, repo: str, folder: Path, probe_bytes: float) -> dict:
+    """What the server delivers on this machine now: MB/s each way and its CPU s/GB (see --probe-client)."""
+    import resource
+
+    def cpu() -> float:
+        u = resource.getrusage(resource.RUSAGE_SELF)
+        return u.ru_utime + u.ru_stime
+
+    name = max((p for p in folder.iterdir() if p.suffix == ".safetensors"), key=lambda p: p.stat().st_size).name
+    argv = [sys.executable, str(Path(__file__).resolve()), "--probe-client", "--endpoint", server.endpoint,
+            "--probe-path", f"/{repo}/resolve/main/{name}", "--probe-size", str((folder / name).stat().st_size),
+            "--probe-file", str(folder / name), "--probe-bytes", str(probe_bytes)]  # fmt: skip
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    c0 = cpu()
+    down = json.loads(child.stdout.readline())
+    c1 = cpu()
+    child.stdin.write("\n")
+    child.stdin.flush()
+    json.loads(child.stdout.readline())  # hashed and ready to upload
+    c2 = cpu()
+    child.stdin.write("\n")
+    child.stdin.flush()
+    up = json.loads(child.stdout.readline())
+    c3 = cpu()
+    child.wait()
+    if up.get("status") != 200:
+        raise SystemExit(f"probe upload failed: {up}")
+    return {
+        "down_MBps": round(down["bytes"] / down["s"] / 1e6, 1), "up_MBps": round(up["bytes"] / up["s"] / 1e6, 1),
+        "server_cpu_s_per_GB_down": round((c1 - c0) / (down["bytes"] / 1e9), 3),
+        "server_cpu_s_per_GB_up": round((c3 - c2) / (up["bytes"] / 1e9), 3),
+        "bytes_down": down["bytes"], "bytes_up": up["bytes"], "load_avg": os.getloadavg(),
+    }  # fmt: skip
+
+
 def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
 
@@ -155,15 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server blobs, outputs)")
+    ap.add_argument("--probe-bytes", type=float, default=1e9, help="bytes each way for the server probe (default 1e9)")
+    ap.add_argument("--probe-only", action="store_true", help="measure the server alone (no merge), then exit")
     # internal: the mergekit-way child
     ap.add_argument("--mergekit-way", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--repo", help=argparse.SUPPRESS)
+    # internal: the probe's child
+    ap.add_argument("--probe-client", action="store_true", help=argparse.SUPPRESS)
+    for hidden in ("--endpoint", "--probe-path", "--probe-file"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--probe-size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.max_shard_size is None:
         args.max_shard_size = "1MB" if args.size == "tiny" else "500MB"
     if args.mergekit_way:
         return _mergekit_way(args)
+    if args.probe_client:
+        return _probe_client(args)
 
     from hub_server import HubServer
 
@@ -179,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         seeded = time.perf_counter() - t
         server.shape(down=args.down, up=args.up, latency=args.latency)
         in_bytes = _weight_bytes(rm_dir) + _weight_bytes(sft_dir)
+        probe = _probe(server, RM, rm_dir, args.probe_bytes)
+        print(f"probe (server alone, caps {args.down / 1e6:.0f}/{args.up / 1e6:.0f} MB/s): "
+              f"down {probe['down_MBps']} MB/s at {probe['server_cpu_s_per_GB_down']} CPU s/GB, "
+              f"up {probe['up_MBps']} MB/s at {probe['server_cpu_s_per_GB_up']} CPU s/GB", flush=True)  # fmt: skip
+        if args.probe_only:
+            return 0
         results = {}
         for name in args.contenders.split(","):
             folder = work / name
@@ -213,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (ValueError, IndexError):
                     pass
             results[name] = r
-            print(f"{name}: rc {r['rc']}, {r['wall_s']:.2f} s, RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
+            print(f"{name}: rc {r['rc']}, {r['wall_s']:.2f} s, CPU {r['cpu_s']:.1f} s, RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
                   f"disk {r['peak_disk_bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
         out_shards = {}
         for name in results:
@@ -223,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
             (sum(server.files(f"bench/out-{n}")[p].size for p in s) for n, s in out_shards.items() if s), default=0
         )
         floor = max(in_bytes / args.down, out_bytes / args.up)
+        probe_floor = max(in_bytes / (probe["down_MBps"] * 1e6), out_bytes / (probe["up_MBps"] * 1e6))
         for r in results.values():
             r["x_floor"] = round(r["wall_s"] / floor, 3) if floor else None
+            r["x_probe_floor"] = round(r["wall_s"] / probe_floor, 3) if probe_floor else None
         # Shard headers name the inputs (repo ids vs downloaded paths), so bytes differ: compare names.
         layouts = {n: sorted(s) for n, s in out_shards.items()}
         identical = len({tuple(v) for v in layouts.values()}) == 1 and all(layouts.values())
@@ -253,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             "size": args.size, "dtype": args.dtype, "down_Bps": args.down, "up_Bps": args.up,
             "latency_s": args.latency, "max_shard_size": args.max_shard_size, "input_weight_bytes": in_bytes,
             "output_bytes": out_bytes, "largest_output_shard": largest_out, "floor_s": round(floor, 3),
+            "probe": probe, "probe_floor_s": round(probe_floor, 3),
             "seed_s": round(seeded, 2), "same_output_shard_names": identical,
             "measured_floor_s": round(measured, 3) if measured else None, "verify_hub_rc": verify_rc,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -263,10 +390,14 @@ def main(argv: list[str] | None = None) -> int:
         results_dir.mkdir(exist_ok=True)
         path = results_dir / f"{args.name or 'hub-' + args.size}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"floor {floor:.2f} s (in {in_bytes / 1e9:.3f} GB at {args.down / 1e6:.0f} MB/s, "
-              f"out {out_bytes / 1e9:.3f} GB at {args.up / 1e6:.0f} MB/s, latency {args.latency * 1e3:.0f} ms)")  # fmt: skip
+        print(
+            f"floor (caps) {floor:.2f} s (in {in_bytes / 1e9:.3f} GB at {args.down / 1e6:.0f} MB/s, "
+            f"out {out_bytes / 1e9:.3f} GB at {args.up / 1e6:.0f} MB/s, latency {args.latency * 1e3:.0f} ms)"
+        )
+        print(f"probe floor (what the server delivered alone) {probe_floor:.2f} s (down {probe['down_MBps']} MB/s, "
+              f"up {probe['up_MBps']} MB/s)")  # fmt: skip
         for name, r in results.items():
-            print(f"  {name:13s} {r['wall_s']:8.2f} s  x floor {r['x_floor']}  x measured {r.get('x_measured_floor')}  RSS {r['peak_rss_bytes'] / 1e6:7.0f} MB"
+            print(f"  {name:13s} {r['wall_s']:8.2f} s  x floor {r['x_floor']}  x probe floor {r['x_probe_floor']}  x measured {r.get('x_measured_floor')}  RSS {r['peak_rss_bytes'] / 1e6:7.0f} MB"
                   f"  disk high-water {r['peak_disk_bytes'] / 1e6:9.1f} MB  down {r['bytes_down'] / 1e6:.1f} MB"
                   f"  up {r['bytes_up'] / 1e6:.1f} MB  in flight <= {r['peak_requests_in_flight']}")  # fmt: skip
         if measured:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "cli",
     "dogerm_args",
     "kill",
+    "kill_during_second_upload",
     "load_folder",
     "manifest_shards",
     "run_cli",
@@ -189,3 +191,38 @@ def stat_ids(out: Path, names: list[str]) -> dict[str, tuple[int, int]]:
     """(inode, mtime) of each file: unchanged means the file was not rewritten."""
     stats = {n: (out / n).stat() for n in names}
     return {n: (s.st_ino, s.st_mtime_ns) for n, s in stats.items()}
+
+
+# -- a push killed mid-upload (the Hub tests) ------------------------------------------------------
+
+
+def kill_during_second_upload(hub: Any, *args: object, **env: str) -> list[tuple[str, int]]:
+    """Run `python -m lazymerge ARGS` in a child against the local Hub server `hub`
+    (tests/hub_server.py): the server accepts the first LFS upload, holds the next one until the
+    child has been SIGKILLed, then answers it 503. Returns the uploads the server accepted (one)."""
+    import threading
+
+    from hub_server import HubError as ServerError
+
+    gate, held = threading.Event(), threading.Event()
+    original = hub._h_lfs_put
+
+    def gated_put(h: Any, ticket: str) -> None:
+        if hub.lfs_uploads:
+            held.set()
+            gate.wait(30)
+            raise ServerError(503, "server going away")
+        original(h, ticket)
+
+    hub._h_lfs_put = gated_put
+    hub.reset_log()
+    child = start_cli(*args, **env)
+    try:
+        assert held.wait(120), child.stderr.read().decode() if child.poll() is not None else "no second upload"
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        gate.set()
+        kill(child)
+        hub._h_lfs_put = original
+    return list(hub.lfs_uploads)

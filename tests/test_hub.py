@@ -11,7 +11,6 @@ import gc
 import hashlib
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,13 +31,11 @@ from lazymerge.io.hub_errors import scrub
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import load_folder, write_model
-    from helpers import start_cli
-    from hub_server import HubError as ServerError
+    from helpers import kill_during_second_upload
     from hub_server import HubServer, serving_hub
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import load_folder, write_model
-    from tests.helpers import start_cli
-    from tests.hub_server import HubError as ServerError
+    from tests.helpers import kill_during_second_upload
     from tests.hub_server import HubServer, serving_hub
 
 TOKEN = "hf_test_token"
@@ -245,31 +242,10 @@ def test_push_killed_midway_then_resumed_does_not_reupload(
     args += ["-o", str(out), "--max-shard-size", SHARD, "--push-to-hub", "alice/merged", "--device", "cpu", "-q"]
 
     # The server accepts the first shard's upload, then holds every later one until the child is dead.
-    gate, held = threading.Event(), threading.Event()
-    original = hub._h_lfs_put
-
-    def gated_put(h, ticket: str) -> None:
-        if hub.lfs_uploads:
-            held.set()
-            gate.wait(30)
-            raise ServerError(503, "server going away")
-        original(h, ticket)
-
-    hub._h_lfs_put = gated_put  # type: ignore[method-assign]
-    child = start_cli(*args, stdout=None, HF_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
-    try:
-        assert held.wait(120), child.stderr.read().decode() if child.poll() is not None else "no second upload"
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-    finally:
-        gate.set()
-        if child.poll() is None:
-            child.kill()
-    first = list(hub.lfs_uploads)
+    first = kill_during_second_upload(hub, *args, stdout=None, HF_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
     assert len(first) == 1
     repo = hub.repos["alice/merged"]
     assert len(repo.commits) == 1 and set(hub.files("alice/merged")) == {".gitattributes"}  # nothing visible
-    hub._h_lfs_put = original  # type: ignore[method-assign]
 
     hub.reset_log()
     assert main([*args, "--resume"]) == 0, capsys.readouterr().err

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lazymerge.io.hub
+import lazymerge.io.hub_checkpoint
 from lazymerge.cli import main
 from lazymerge.errors import CheckpointError, HubError
 from lazymerge.io.checkpoint import open_checkpoint
@@ -158,13 +158,13 @@ def test_cli_open_error_is_one_line_and_leaves_no_private_folder(
 def test_interrupted_open_leaves_no_private_folder(
     hub: HubServer, tmp_path: Path, private_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C while the index is checked against the headers (hub.py looks build_checkpoint up at call time)."""
+    """Ctrl-C while the index is checked against the headers (hub_checkpoint.py looks build_checkpoint up at call time)."""
     upload(hub, _model(tmp_path / "m", "safetensors"), "alice/m")
 
     def interrupt(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lazymerge.io.hub, "build_checkpoint", interrupt)
+    monkeypatch.setattr(lazymerge.io.hub_checkpoint, "build_checkpoint", interrupt)
     with pytest.raises(KeyboardInterrupt) as info:
         open_hub_checkpoint("alice/m", low_disk=True)
     assert info.traceback and _left(private_tmp) == []  # while the caller still holds the error

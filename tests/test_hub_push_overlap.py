@@ -148,18 +148,15 @@ def test_streamed_push_killed_then_resumed_uploads_and_reads_nothing_twice(
     """kill -9 of a --low-disk --delete-after-upload push, then --resume: a shard the Hub already
     holds (deleted locally) is neither merged nor uploaded again; only the unfinished shards'
     input ranges are streamed again."""
-    import signal
-
     from lazymerge.io.reader import planned_reads
     from lazymerge.plan import iter_chunks
 
     try:
-        from helpers import load_folder, start_cli
+        from helpers import kill_during_second_upload, load_folder
         from test_hub import download_repo, upload
     except ImportError:  # pragma: no cover
-        from tests.helpers import load_folder, start_cli
+        from tests.helpers import kill_during_second_upload, load_folder
         from tests.test_hub import download_repo, upload
-    from hub_server import HubError as ServerError
 
     upload(hub, pair[0], "alice/rm")
     upload(hub, pair[1], "alice/sft")
@@ -168,29 +165,7 @@ def test_streamed_push_killed_then_resumed_uploads_and_reads_nothing_twice(
     args += ["--max-shard-size", SHARD, "--push-to-hub", "alice/m", "--low-disk", "--delete-after-upload"]
     args += ["--device", "cpu", "-q"]
     # The first shard's upload goes through; every later one is held until the child is dead.
-    gate, held = threading.Event(), threading.Event()
-    original = hub._h_lfs_put
-
-    def gated_put(h, ticket: str) -> None:  # type: ignore[no-untyped-def]
-        if hub.lfs_uploads:
-            held.set()
-            gate.wait(30)
-            raise ServerError(503, "server going away")
-        original(h, ticket)
-
-    hub._h_lfs_put = gated_put  # type: ignore[method-assign]
-    hub.reset_log()
-    child = start_cli(*args, HF_TOKEN=TOKEN)
-    try:
-        assert held.wait(120), child.stderr.read().decode() if child.poll() is not None else "no second upload"
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-    finally:
-        gate.set()
-        if child.poll() is None:
-            child.kill()
-    hub._h_lfs_put = original  # type: ignore[method-assign]
-    first = list(hub.lfs_uploads)
+    first = kill_during_second_upload(hub, *args, HF_TOKEN=TOKEN)
     recorded = json.loads((out / "lazymerge_manifest.json").read_text())["shards"]
     gone = [n for n, e in recorded.items() if e["sha256"] in {oid for oid, _ in first} and not (out / n).exists()]
     assert len(first) == 1 and len(gone) == 1  # uploaded, then deleted locally

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +25,9 @@ from huggingface_hub.utils import get_session
 from safetensors.numpy import save_file
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
-    from hub_server import HubServer, RequestRecord, configure_hf_client
+    from hub_server import HubServer, Rate, RequestRecord, configure_hf_client
 except ImportError:  # pragma: no cover - tests/ became a package
-    from tests.hub_server import HubServer, RequestRecord, configure_hf_client
+    from tests.hub_server import HubServer, Rate, RequestRecord, configure_hf_client
 
 TOKEN = "hf_test_token"
 # The client itself PUTs LFS files with httpx2's deprecated `data=<file>`.
@@ -349,3 +352,40 @@ def test_commit_of_never_uploaded_lfs_object_is_rejected(hub: HubServer) -> None
         a.create_commit("alice/m", [op], commit_message="broken")
     assert "never uploaded" in str(err.value)
     assert a.list_repo_files("alice/m") == [".gitattributes"]
+
+
+def test_rate_is_a_token_bucket_with_a_bounded_burst() -> None:
+    """A thread that wakes late catches up on up to `burst_s` of unused rate, never more."""
+    rate = Rate(1e6, burst_s=0.05)
+    began = time.monotonic()
+    rate.take(50_000)  # idle so far: the burst credit pays for it at once
+    assert time.monotonic() - began < 0.03
+    rate.take(100_000)  # credit spent: 0.1 s at 1 MB/s
+    assert time.monotonic() - began >= 0.095
+
+
+def test_shaped_bodies_move_in_paced_sendfile_slices(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Downloads go through socket.sendfile (zero copy) in ~10 ms slices at the cap (64 KiB floor),
+    uploads through one reused buffer; both keep the cap (give or take the 50 ms burst)."""
+    a = api(hub)
+    a.create_repo("alice/m")
+    data = os.urandom(1_000_000)
+    hub.shape(down=4e6, up=4e6)
+    began = time.monotonic()
+    a.upload_file(path_or_fileobj=data, path_in_repo="w.safetensors", repo_id="alice/m")
+    assert time.monotonic() - began >= (len(data) - 0.05 * 4e6) / 4e6
+    assert hub.lfs_uploads == [(sha(data), len(data))] and hub.read("alice/m", "w.safetensors") == data
+    sent: list[int] = []
+    original = socket.socket.sendfile
+
+    def counting(self: socket.socket, file: Any, offset: int = 0, count: int | None = None) -> int:
+        sent.append(count or 0)
+        return original(self, file, offset, count)
+
+    monkeypatch.setattr(socket.socket, "sendfile", counting)
+    url = f"{hub.endpoint}/alice/m/resolve/main/w.safetensors"
+    began = time.monotonic()
+    r = get_session().get(url, headers={"authorization": f"Bearer {TOKEN}", "Range": "bytes=1000-"})
+    assert r.status_code == 206 and r.content == data[1000:]
+    assert time.monotonic() - began >= (len(data) - 1000 - 0.05 * 4e6) / 4e6
+    assert sum(sent) == len(data) - 1000 and max(sent) == 64 << 10 and len(sent) == 16

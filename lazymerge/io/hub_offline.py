@@ -7,7 +7,7 @@ as huggingface_hub does. Planning reads each weight file's header by ranged requ
 copy; offline, a shard the plan never reads (a dropped `lm_head`) was never downloaded, so opening
 the snapshot folder would demand it. `save_tables` keeps the headers' tensor tables (names,
 dtypes, shapes, offsets: a few KB) per commit under `<HF_HOME>/lazymerge/headers`, and an offline
-open plans from them, asking the cache only for the files the run reads.
+open (`open_offline`) plans from them, asking the cache only for the files the run reads.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import re
 import tempfile
 from pathlib import Path
 
-from lazymerge.io.checkpoint import TensorRef
+from lazymerge.io.checkpoint import Checkpoint, TensorRef, open_checkpoint
+from lazymerge.io.hub_checkpoint import SIDE_FILES, HubCheckpoint
+from lazymerge.io.hub_ranged import Tables
 
-__all__ = ["load_tables", "save_tables", "write_ref"]
-
-Tables = list[tuple[list[TensorRef], dict[str, str]]]
+__all__ = ["load_tables", "open_offline", "save_tables", "write_ref"]
 _SHA = re.compile(r"[0-9a-f]{40}")
 _FORMAT = 1
 
@@ -47,6 +47,28 @@ def write_ref(repo_id: str, revision: str | None, commit: str) -> None:
         _atomic_write(ref, commit)
     except OSError:
         pass  # a read-only cache only costs the offline reuse
+
+
+def open_offline(repo_id: str, revision: str | None, *, token: str | bool | None, label: str) -> Checkpoint:
+    """The cached snapshot of `repo_id` at `revision` (a branch through `refs/`, or a sha).
+
+    With the tensor tables an online open kept (`save_tables`), the checkpoint plans from them
+    and reads from the cache only the files the run needs; without (a repo another tool
+    downloaded), the snapshot folder is opened as a local model and must hold every weight file.
+    Weight files are never deleted from the cache, so `low_disk` does not apply."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, revision=revision, token=token, local_files_only=True))
+    commit = folder.name
+    cached = load_tables(repo_id, commit)
+    if cached is None:
+        return open_checkpoint(folder, label=label)
+    files, tables, sizes, weight_map = cached
+    ckpt = HubCheckpoint.planned(
+        label, folder, files, tables, sizes, weight_map, repo_id=repo_id, revision=revision, commit=commit, token=token
+    )
+    ckpt._side_paths = {n: folder / n for n in SIDE_FILES if (folder / n).is_file()}
+    return ckpt
 
 
 def _tables_path(repo_id: str, commit: str) -> Path:

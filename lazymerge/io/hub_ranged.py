@@ -7,7 +7,8 @@ safetensors header through one (usually a single 64 KiB request), or a `.bin` ar
 directory, data.pkl and the 30-byte local header of each storage (fetched in parallel), and
 returns the file's tensors as `TensorRef`s, exactly as a local file would give them. Every
 request has the connect/read timeout of io/hub_http.py; `local_tensors` reads the same table
-from a downloaded file, to check it is the file that was planned.
+from a downloaded file, to check it is the file that was planned. `remote_tables` plans a whole
+repo at a commit this way: its weight files (the index, through the HF cache), then every header.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import io
 import threading
 from pathlib import Path
 
-from lazymerge.errors import HeaderError
-from lazymerge.io.checkpoint import TensorRef
+from lazymerge.constants import BIN_INDEX_NAME, BIN_SINGLE_NAME, SAFE_INDEX_NAME, SAFE_SINGLE_NAME
+from lazymerge.errors import CheckpointError, HeaderError
+from lazymerge.io.checkpoint import TensorRef, validate_weight_map
 from lazymerge.io.header import parse_header, read_header
 from lazymerge.io.hub_http import hub_timeout, run_pooled
 
-__all__ = ["THREADS", "RangedFile", "local_tensors", "remote_tensors"]
+__all__ = ["THREADS", "RangedFile", "Tables", "auth_headers", "local_tensors", "remote_tables", "remote_tensors"]
 
 THREADS = 8  # requests to the Hub at a time (ranged reads, headers of several files, side files)
 _HEADER_PROBE = 64 * 1024  # one ranged read covers the header of most shards
+
+Tables = list[tuple[list[TensorRef], dict[str, str]]]  # per weight file: (tensors, metadata)
 
 
 class RangedFile(io.RawIOBase):
@@ -121,6 +125,25 @@ class RangedFile(io.RawIOBase):
             return any(s <= a and b <= s + len(blk) for s, blk in self._blocks.items())
 
 
+def remote_tables(
+    repo_id: str, commit: str, label: str, sizes: dict[str, int], token: str | bool | None
+) -> tuple[list[str], Tables, dict[str, str] | None]:
+    """(weight files, their tables, the index's weight_map or None) of `repo_id` at `commit`.
+
+    `sizes` are the repo's files and sizes at `commit`; the headers are read in parallel.
+
+    Raises:
+        CheckpointError: no weight file, or an index that is not valid or names a missing shard.
+        HeaderError: a corrupt header. huggingface_hub / network exceptions (wrap in `hub_errors`).
+    """
+    files, weight_map = _weight_files(repo_id, commit, label, sizes, token)
+    headers = auth_headers(token)
+    tables = run_pooled(
+        lambda f: remote_tensors(repo_id, commit, f, sizes[f], headers, label), files, THREADS, "lazymerge-headers"
+    )
+    return files, tables, weight_map
+
+
 def remote_tensors(
     repo_id: str, commit: str, file: str, size: int, headers: dict[str, str], label: str
 ) -> tuple[list[TensorRef], dict[str, str]]:
@@ -197,3 +220,51 @@ def local_tensors(path: Path, file: str, source: str) -> list[TensorRef]:
         TensorRef(e.name, e.dtype, e.shape, file, header.data_start + e.begin, e.nbytes)
         for e in header.tensors.values()
     ]
+
+
+def auth_headers(token: str | bool | None) -> dict[str, str]:
+    from huggingface_hub.utils import build_hf_headers
+
+    return build_hf_headers(token=token)
+
+
+def _weight_files(
+    repo_id: str, commit: str, label: str, sizes: dict[str, int], token: str | bool | None
+) -> tuple[list[str], dict[str, str] | None]:
+    import json
+
+    for index_name in (SAFE_INDEX_NAME, BIN_INDEX_NAME):
+        if index_name in sizes:
+            from huggingface_hub import hf_hub_download
+
+            # Through the HF cache (not a ranged read): a later HF_HUB_OFFLINE run needs it there.
+            path = hf_hub_download(repo_id, index_name, revision=commit, token=token, etag_timeout=hub_timeout())
+            try:
+                obj = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:
+                raise CheckpointError(f"{label}: {index_name} is not valid JSON ({exc})") from None
+            weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{label}: {index_name} has no weight_map")
+            validate_weight_map(label, index_name, weight_map)
+            files = list(dict.fromkeys(weight_map.values()))
+            for file in files:
+                if file not in sizes:
+                    raise CheckpointError(
+                        f"{label}: shard {file} is listed in the index but missing from the repo",
+                        hint="the upload is incomplete; ask the repo's owner",
+                    )
+            return files, weight_map
+    for single in (SAFE_SINGLE_NAME, BIN_SINGLE_NAME):
+        if single in sizes:
+            return [single], None
+    top = [f for f in sizes if "/" not in f]
+    singles = sorted(f for f in top if f.endswith(".safetensors")) or sorted(
+        f for f in top if f.startswith("pytorch_model") and f.endswith(".bin")
+    )
+    if len(singles) == 1:
+        return singles, None
+    raise CheckpointError(
+        f"{label}: no model.safetensors, pytorch_model.bin or index file in this Hub repo",
+        hint="check the repo id; a model repo holds config.json and the weight files",
+    )

@@ -3,11 +3,16 @@
 `HttpRangeSource` is the remote `RangeSource` (`lazymerge.io.range_source`). It is told, in
 order, every range the run will read from its file (`planned_reads`), groups them into pieces of
 about `PIECE_BYTES` (neighbouring small tensors share one request, a large one is cut), and
-keeps up to `AHEAD` pieces fetched or in flight ahead of the reader on a small pool of threads:
-several requests at once per input, so one slow connection or a long round trip does not bound
-the rate. Memory is bounded by AHEAD x PIECE_BYTES per open file (a piece is freed as soon as
-every read it serves is done); a read the source was not told of, or one beyond the window, is
-fetched when asked.
+keeps pieces fetched or in flight ahead of the reader on a small pool of threads: several
+requests at once per input, so one slow connection or a long round trip does not bound the rate.
+
+Memory, the bound the peak RSS counts on (io/hub_pieces.py): the files of one input model share
+one `ReadAhead` window of `AHEAD` pieces (AHEAD x PIECE_BYTES = 24 MiB per input, 48 MiB for a
+DogeRM pair), however many of its files are open at once (a chunk that spans two shards opens
+both; a window per file doubled the buffers there: +48 MB of peak RSS at the 1B pair's last
+shard). A freed slot goes to the open file with the fewest pieces ahead. A piece is freed as soon as every read
+it serves is done; a read the source was not told of, or one the window has not reached yet, is
+fetched when asked, by the reading thread (one piece per reading thread over the window).
 
 A request that fails with a dropped connection, a timeout or a 5xx answer is retried with
 backoff, resuming where its bytes stopped (`RETRIES` failures in a row without progress end the
@@ -29,12 +34,12 @@ from urllib.parse import urlsplit
 
 from lazymerge.errors import HeaderError, HubError
 from lazymerge.io.hub_http import DaemonPool, DownloadCancelled, hub_timeout, wait_for
+from lazymerge.io.hub_pieces import AHEAD, Piece, ReadAhead, plan_pieces
 from lazymerge.io.range_source import RangeSource
 
-__all__ = ["AHEAD", "PIECE_BYTES", "RETRIES", "HttpRangeSource", "StreamStats"]
+__all__ = ["AHEAD", "PIECE_BYTES", "RETRIES", "HttpRangeSource", "ReadAhead", "StreamStats"]
 
 PIECE_BYTES = 4 << 20  # one range request: large enough for throughput, small enough to retry cheaply
-AHEAD = 6  # pieces fetched or in flight ahead of the reader, per open file
 RETRIES = 6  # failures in a row (without a byte of progress) before a range gives up
 _BACKOFF = 0.25  # seconds before the first retry, doubled each time, at most _BACKOFF_MAX
 _BACKOFF_MAX = 4.0
@@ -59,18 +64,6 @@ class StreamStats:
             self.peak_buffered = max(self.peak_buffered, self.buffered)
 
 
-class _Piece:
-    __slots__ = ("buf", "end", "error", "event", "left", "start", "started")
-
-    def __init__(self, start: int, end: int) -> None:
-        self.start, self.end = start, end
-        self.left = 0  # planned bytes still to be read from it; freed at 0
-        self.buf: bytearray | None = None
-        self.started = False
-        self.event = threading.Event()
-        self.error: BaseException | None = None
-
-
 class HttpRangeSource(RangeSource):
     """One Hub file at a pinned commit, read with ranged GETs (see the module docstring).
 
@@ -82,6 +75,7 @@ class HttpRangeSource(RangeSource):
         pool: the threads that fetch pieces. cancelled: set when the run is interrupted.
         stats: counters shared by a checkpoint's files. errors: a context that turns a
             huggingface_hub / network error into a one-line `HubError` (`hub_errors`).
+        window: the read-ahead window shared by a checkpoint's files (None: one of its own).
     """
 
     def __init__(
@@ -96,18 +90,22 @@ class HttpRangeSource(RangeSource):
         cancelled: threading.Event,
         stats: StreamStats | None = None,
         errors: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+        window: ReadAhead | None = None,
     ) -> None:
         self.url, self.size, self.etag, self.headers, self.name = url, size, etag, headers, name
         self.pool, self.cancelled, self.errors = pool, cancelled, errors
         self.stats = stats or StreamStats()
         self._direct: str | None = None  # the CDN URL a redirect gave, reused without the token
-        self._lock = threading.Lock()
-        self._pieces, self._order = _pieces(reads)
+        self.window = window or ReadAhead()
+        self._lock = self.window.lock
+        self._pieces, self._order = plan_pieces(reads, PIECE_BYTES)
         self._starts = [p.start for p in self._pieces]
         self._next = 0  # index of the next piece to start ahead
-        self._ahead = 0  # pieces started and not yet freed
+        self._ahead = 0  # pieces of this file started and not yet freed (counted in the window too)
         self._closed = False
-        self._pump()
+        with self._lock:
+            self.window.sources.append(self)
+        self.window.pump()
 
     # ---- reads ------------------------------------------------------------------------------------------
     def read_into(self, offset: int, view: memoryview, consume: bool = True) -> None:
@@ -133,18 +131,18 @@ class HttpRangeSource(RangeSource):
             if consume:
                 self._consumed(piece, n)
 
-    def _piece_at(self, pos: int) -> _Piece | None:
+    def _piece_at(self, pos: int) -> Piece | None:
         i = bisect.bisect_right(self._starts, pos) - 1
         if i >= 0 and self._pieces[i].start <= pos < self._pieces[i].end:
             return self._pieces[i]
         return None
 
-    def _await(self, piece: _Piece) -> None:
+    def _await(self, piece: Piece) -> None:
         with self._lock:
             mine = not piece.started
             if mine:  # beyond the read-ahead window (or freed and read again): fetched here
                 piece.started = True
-                self._ahead += 1
+                self._count_ahead(1)
         if mine:
             self._load(piece)
         else:
@@ -154,36 +152,37 @@ class HttpRangeSource(RangeSource):
         if piece.buf is None:  # freed, then read again beyond plan: fetch again
             with self._lock:
                 piece.started, piece.event = False, threading.Event()
-                self._ahead -= 1
+                self._count_ahead(-1)
             self._await(piece)
 
-    def _consumed(self, piece: _Piece, n: int) -> None:
+    def _consumed(self, piece: Piece, n: int) -> None:
         with self._lock:
             piece.left -= n
             if piece.left > 0 or piece.buf is None:
                 return
             freed, piece.buf = len(piece.buf), None
-            self._ahead -= 1
+            self._count_ahead(-1)
         self.stats.hold(-freed)
-        self._pump()
+        self.window.pump()
 
-    def _pump(self) -> None:
-        """Start pieces ahead of the reader until AHEAD are fetched or in flight."""
-        while True:
-            with self._lock:
-                if self._closed or self._ahead >= AHEAD:
-                    return
-                while self._next < len(self._order) and self._order[self._next].started:
-                    self._next += 1
-                if self._next >= len(self._order):
-                    return
-                piece = self._order[self._next]
-                piece.started = True
-                self._ahead += 1
-                self._next += 1
-            self.pool.submit(self._load, piece)
+    # ---- the window (called with the window's lock held) ---------------------------------------------------
+    def _count_ahead(self, n: int) -> None:
+        self._ahead += n
+        self.window.ahead += n
 
-    def _load(self, piece: _Piece) -> None:
+    def _has_next(self) -> bool:
+        while self._next < len(self._order) and self._order[self._next].started:
+            self._next += 1
+        return not self._closed and self._next < len(self._order)
+
+    def _start_next(self) -> Piece:
+        piece = self._order[self._next]
+        piece.started = True
+        self._count_ahead(1)
+        self._next += 1
+        return piece
+
+    def _load(self, piece: Piece) -> None:
         try:
             buf = bytearray(piece.end - piece.start)
             self.stats.hold(len(buf))
@@ -193,7 +192,12 @@ class HttpRangeSource(RangeSource):
             except BaseException:
                 self.stats.hold(-len(buf))
                 raise
-            piece.buf = buf
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    piece.buf = buf
+            if closed:  # closed while in flight: its slot went back to the window with the close
+                self.stats.hold(-len(buf))
         except BaseException as exc:
             piece.error = exc
         finally:
@@ -201,11 +205,16 @@ class HttpRangeSource(RangeSource):
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             held = sum(len(p.buf) for p in self._pieces if p.buf is not None)
             for p in self._pieces:
                 p.buf = None
+            self._count_ahead(-self._ahead)  # fetched, in flight or not: the slots go back
+            self.window.sources.remove(self)
         self.stats.hold(-held)
+        self.window.pump()
 
     # ---- one range, retried -------------------------------------------------------------------------------
     def _fetch(self, start: int, view: memoryview) -> None:
@@ -340,43 +349,3 @@ def _bare(tag: str) -> str:
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme, parts.netloc
-
-
-def _pieces(reads: list[tuple[int, int]]) -> tuple[list[_Piece], list[_Piece]]:
-    """Pieces covering every planned read (by offset, and in the order to fetch them): neighbours
-    joined, large reads cut, each counting the planned bytes it serves (freed when all are read)."""
-    spans: list[list[int]] = []
-    for offset, n in sorted(set(reads)):
-        if n <= 0:
-            continue
-        if spans and offset <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], offset + n)
-        else:
-            spans.append([offset, offset + n])
-    pieces: list[_Piece] = []
-    for a, b in spans:
-        for s in range(a, b, PIECE_BYTES):
-            pieces.append(_Piece(s, min(b, s + PIECE_BYTES)))
-    # Join small neighbouring pieces (a run of norms) into one request up to PIECE_BYTES.
-    joined: list[_Piece] = []
-    for p in pieces:
-        last = joined[-1] if joined else None
-        if last is not None and last.end == p.start and p.end - last.start <= PIECE_BYTES:
-            last.end = p.end
-        else:
-            joined.append(p)
-    starts = [p.start for p in joined]
-    for offset, n in reads:  # every planned read counts against the pieces it covers
-        pos, end = offset, offset + n
-        while pos < end:
-            piece = joined[bisect.bisect_right(starts, pos) - 1]
-            k = min(end, piece.end) - pos
-            piece.left += k
-            pos += k
-    # The run reads pieces in its own order (plan order, or the write lanes'), not the file's:
-    # they are started in the order of their first read.
-    first: dict[int, int] = {}
-    for rank, (offset, _) in enumerate(reads):
-        first.setdefault(bisect.bisect_right(starts, offset) - 1, rank)
-    order = sorted(range(len(joined)), key=lambda i: (first.get(i, len(reads)), i))
-    return joined, [joined[i] for i in order]
