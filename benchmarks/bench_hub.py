@@ -31,6 +31,10 @@ Hub's LFS ids). Peak RSS is the child's VmHWM, sampled (ru_maxrss would start at
 
     python benchmarks/bench_hub.py --size tiny
     python benchmarks/bench_hub.py --size 1b --down 500e6 --up 250e6 --latency 0.02 --max-shard-size 500MB
+    python benchmarks/bench_hub.py --size 7b --contenders lazymerge --cgroup-limit 1G ...   # the small-box proof
+
+`--cgroup-limit` runs the lazymerge child in a fresh memory cgroup (bench_merge's helpers; v1 charges
+page cache too) and records its peak charge and `oom_kill` count.
 
 Writes `results/hub-<size>.json` (or `--name`). The server runs in this process: on a machine
 with few cores its Python threads compete with the children for CPU, say so with the figures.
@@ -81,8 +85,9 @@ def _du(folders: list[Path]) -> int:
     return total
 
 
-def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path]) -> dict:
-    """One child: wall, exit code, peak RSS (ru_maxrss from wait4), disk high-water mark of `watch`."""
+def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path], cgroup: object = None) -> dict:
+    """One child: wall, exit code, peak RSS (ru_maxrss from wait4), disk high-water mark of `watch`;
+    inside `cgroup` (a bench_merge.MemoryCgroup) from its first instruction when given."""
     peak_disk = peak_rss = 0
     stop = threading.Event()
     pid = 0
@@ -97,8 +102,16 @@ def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path]) -> 
     log = watch[0].parent / f"{watch[0].name}.log"
     with open(log, "w") as f:
         began = time.perf_counter()
-        pid = os.posix_spawn(argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, f.fileno(), 1),
-                                                              (os.POSIX_SPAWN_DUP2, f.fileno(), 2)])  # fmt: skip
+        if cgroup is None:
+            pid = os.posix_spawn(argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, f.fileno(), 1),
+                                                                  (os.POSIX_SPAWN_DUP2, f.fileno(), 2)])  # fmt: skip
+        else:
+
+            def enter() -> None:  # between fork and exec: the merge starts inside the limit
+                with open(cgroup.procs_file(), "w") as procs:  # type: ignore[attr-defined]
+                    procs.write(str(os.getpid()))
+
+            pid = subprocess.Popen(argv, env=env, stdout=f, stderr=f, preexec_fn=enter).pid
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         _, status, usage = os.wait4(pid, 0)
@@ -264,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server blobs, outputs)")
+    ap.add_argument("--cgroup-limit", default="", help="run lazymerge in a memory cgroup of this size (e.g. 1G)")
     ap.add_argument("--probe-bytes", type=float, default=1e9, help="bytes each way for the server probe (default 1e9)")
     ap.add_argument("--probe-only", action="store_true", help="measure the server alone (no merge), then exit")
     # internal: the mergekit-way child
@@ -325,7 +339,24 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 raise SystemExit(f"unknown contender {name!r}")
             server.reset_log()
-            r = _spawn_measured(argv_, env, [home, tmp, out])
+            cg = None
+            if args.cgroup_limit and name == "lazymerge":
+                import bench_merge as bm  # a sibling script: cgroup v1/v2 helpers
+
+                cg, where = bm.create_memory_cgroup(
+                    bm.parse_size(args.cgroup_limit), f"lazymerge-benchhub-{os.getpid()}"
+                )
+                if cg is None:
+                    raise SystemExit(f"--cgroup-limit: no memory cgroup here ({where})")
+            r = _spawn_measured(argv_, env, [home, tmp, out], cg)
+            if cg is not None:
+                r.update(
+                    cgroup=where,
+                    cgroup_limit_bytes=cg.limit,
+                    cgroup_peak_bytes=cg.peak_bytes(),
+                    oom_kill=cg.oom_kills(),
+                )
+                cg.remove()
             r["bytes_down"] = server.bytes_served
             r["bytes_up"] = sum(x.bytes_received for x in server.requests)
             r["requests"] = len(server.requests)
