@@ -105,6 +105,27 @@ def test_fma_into_corrects_float64_double_rounding() -> None:
     assert naive_wrong >= len(cases) // 2  # the cases do exercise the correction
 
 
+@needs_libm
+def test_fma_into_narrowed_to_halfway_points_keeps_every_correction() -> None:
+    """Blocks where the quick test catches many elements (round weights make most sums exact fp32
+    values; zeros too) are narrowed to possible halfway points: every double rounding must still
+    be corrected, subnormal results included, and the round sums stay exact."""
+    fmaf = _fmaf()
+    rng = np.random.default_rng(3)
+    n = 4096
+    for i, (acc, xi, wi) in enumerate(_double_rounding_cases()):
+        x, a = np.zeros(n, np.float32), np.zeros(n, np.float32)  # zero sums: caught, then narrowed away
+        x[: n // 4] = rng.standard_normal(n // 4).astype(np.float32)
+        x[100 + i], a[100 + i] = xi, acc
+        want = np.array([fmaf(float(u), float(wi), float(v)) for u, v in zip(x, a, strict=True)], np.float32)
+        assert (_bits(fma_into(a.copy(), x, wi)) == _bits(want)).all(), (acc, xi, wi)
+    x = rng.standard_normal(n).astype(np.float16).astype(np.float32)  # 16-bit values, as read
+    a = rng.standard_normal(n).astype(np.float16).astype(np.float32) * np.float32(0.5)
+    w = np.float32(0.5)
+    want = np.array([fmaf(float(u), float(w), float(v)) for u, v in zip(x, a, strict=True)], np.float32)
+    assert (_bits(fma_into(a.copy(), x, w)) == _bits(want)).all()
+
+
 # -- mergekit's linear in-process, and the three backends -----------------------------------------
 
 

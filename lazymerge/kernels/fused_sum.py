@@ -12,10 +12,15 @@ has no fma, so it is emulated in float64, exactly:
   `s != x` (a double rounding): no fp32 halfway point lies strictly between `x` and `s`, since
   it would be a float64 nearer to `x` than `s`. Halfway points have at most 25 significant
   bits, so their low 28 float64 mantissa bits are zero (subnormal fp32 results included);
-- only where those bits are zero (halfway points, exact fp32 values, zeros: rare in trained
-  weights) the error `e = x - s` is computed exactly (Knuth's TwoSum) and `s` is replaced by `x`
-  rounded to odd (round toward zero, then set the last bit when inexact). Rounding to odd in
-  53 bits, then to nearest in 24, is the correct rounding of `x` (Boldo and Melquiond 2008).
+- only where those bits are zero the error `e = x - s` is computed exactly (Knuth's TwoSum) and
+  `s` is replaced by `x` rounded to odd (round toward zero, then set the last bit when inexact).
+  Rounding to odd in 53 bits, then to nearest in 24, is the correct rounding of `x` (Boldo and
+  Melquiond 2008). That test also catches every exact fp32 value, and with round weights (0.5,
+  0.25) most sums of 16-bit inputs are exactly that: when more than 1/32 of a block is caught,
+  the candidates are narrowed to what can be a halfway point: in fp32's normal range the 29
+  float64 mantissa bits fp32 drops are exactly `1 000...0`; below it (subnormal fp32 results),
+  every nonzero value is kept. A sum that is 0 is exact (with gradual underflow `a + b == 0`
+  only when `a == -b`), so zeros never need the fix.
 
 Inf and NaN follow IEEE (an inf product stays inf, inf - inf is NaN); a NaN only has to be a NaN,
 as for every kernel (`lazymerge.kernels.triton`). Torch-free.
@@ -28,6 +33,10 @@ import numpy as np
 __all__ = ["FusedScratch", "fma_into"]
 
 _LOW_BITS = np.int64(0x0FFFFFFF)  # the float64 mantissa bits below every fp32 halfway point
+_DROPPED = np.int64(0x1FFFFFFF)  # the float64 mantissa bits fp32 drops (normal range)
+_HALFWAY = np.int64(0x10000000)  # ... as they are at a halfway point
+_MAGNITUDE = np.int64(0x7FFFFFFFFFFFFFFF)
+_FP32_NORMAL = np.float64(2.0**-126).view(np.int64)  # below it, a sum rounds to an fp32 subnormal
 
 
 class FusedScratch:
@@ -37,6 +46,7 @@ class FusedScratch:
         self.s = np.empty(n, dtype=np.float64)
         self.low = np.empty(n, dtype=np.int64)
         self.mask = np.empty(n, dtype=np.bool_)
+        self.other = np.empty(n, dtype=np.bool_)
 
 
 def fma_into(acc: np.ndarray, x: np.ndarray, w: np.float32, scratch: FusedScratch | None = None) -> np.ndarray:
@@ -53,7 +63,7 @@ def fma_into(acc: np.ndarray, x: np.ndarray, w: np.float32, scratch: FusedScratc
     """
     n = len(acc)
     sc = scratch or FusedScratch(n)
-    s, low, mask = sc.s[:n], sc.low[:n], sc.mask[:n]
+    s, low, mask, other = sc.s[:n], sc.low[:n], sc.mask[:n], sc.other[:n]
     w64 = np.float64(w)
     # Same-type passes (widen, then operate in place): numpy's mixed-type loops cast through a
     # buffer and cost about twice as much. `low` holds the widened accumulator until it is used.
@@ -65,6 +75,14 @@ def fma_into(acc: np.ndarray, x: np.ndarray, w: np.float32, scratch: FusedScratc
         np.add(s, a64, out=s)  # the exact sum, rounded once in float64
         np.bitwise_and(s.view(np.int64), _LOW_BITS, out=low)
         np.equal(low, 0, out=mask)
+        if np.count_nonzero(mask) > n >> 5:  # round weights: mostly exact fp32 values, narrow down
+            bits = s.view(np.int64)
+            np.bitwise_and(bits, _DROPPED, out=low)
+            np.equal(low, _HALFWAY, out=mask)  # halfway points of the normal range
+            np.bitwise_and(bits, _MAGNITUDE, out=low)
+            np.less(low, _FP32_NORMAL, out=other)  # the subnormal range...
+            np.logical_and(other, low, out=other)  # ... less the zeros
+            np.logical_or(mask, other, out=mask)
         idx = np.flatnonzero(mask)
         if len(idx):
             p = x[idx].astype(np.float64) * w64
