@@ -12,14 +12,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from helpers import load_folder
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before lazymerge.kernels.triton is imported (test_backend.py)
@@ -348,25 +345,11 @@ def _tiny(folder: Path, seed: int, dtype: torch.dtype) -> Path:
     return folder
 
 
-def _mergekit_and_ours(tmp_path: Path, config: dict, mergekit: str) -> tuple[dict, dict]:
-    """`mergekit-yaml` and lazymerge (an odd chunk size) on one config: (ours, mergekit's) tensors."""
-    path = tmp_path / "config.yml"
-    path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([mergekit, str(path), str(tmp_path / "mk")], capture_output=True, env=env, timeout=300)
-    want = load_folder(tmp_path / "mk")
-    assert want, "mergekit wrote no weights"
-    lazymerge.merge(path, tmp_path / "ours", chunk_elements=37, device="cpu")
-    got = load_folder(tmp_path / "ours")
-    assert sorted(got) == sorted(want)
-    return got, want
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_linear_yaml_same_bytes_as_mergekit_yaml(tmp_path: Path, dtype: torch.dtype, normalize: bool) -> None:
-    from test_methods import MERGEKIT
+    from test_methods import MERGEKIT, mergekit_and_ours
 
     if MERGEKIT is None:
         pytest.skip("mergekit-yaml not installed")
@@ -380,7 +363,8 @@ def test_linear_yaml_same_bytes_as_mergekit_yaml(tmp_path: Path, dtype: torch.dt
         ],
         "parameters": {"normalize": normalize},
     }
-    got, want = _mergekit_and_ours(tmp_path, config, MERGEKIT)
+    got, want = mergekit_and_ours(tmp_path, config)
+    assert sorted(got) == sorted(want)
     for k, w in want.items():
         assert got[k].dtype == w.dtype == dtype and got[k].shape == w.shape, k
         assert torch.equal(got[k].reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), k
@@ -390,7 +374,7 @@ def test_linear_yaml_same_bytes_as_mergekit_yaml(tmp_path: Path, dtype: torch.dt
 @pytest.mark.parametrize("second", [torch.bfloat16, torch.float32])
 def test_mixed_dtypes_without_dtype_give_mergekits_promoted_output(tmp_path: Path, second: torch.dtype) -> None:
     """fp16 with bf16 (or fp32) inputs and no `dtype`: mergekit brings both to fp32 and writes fp32."""
-    from test_methods import MERGEKIT
+    from test_methods import MERGEKIT, mergekit_and_ours
 
     if MERGEKIT is None:
         pytest.skip("mergekit-yaml not installed")
@@ -402,7 +386,8 @@ def test_mixed_dtypes_without_dtype_give_mergekits_promoted_output(tmp_path: Pat
             {"model": str(m[1]), "parameters": {"weight": 0.6}},
         ],
     }
-    got, want = _mergekit_and_ours(tmp_path, config, MERGEKIT)
+    got, want = mergekit_and_ours(tmp_path, config)
+    assert sorted(got) == sorted(want)
     for k, w in want.items():
         assert got[k].dtype == w.dtype == torch.float32, k
         assert torch.equal(got[k].reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), k

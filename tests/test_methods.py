@@ -127,8 +127,8 @@ def test_same_bits_as_mergekit(tmp_path: Path, three: list[Path], method: str) -
     assert_same_bits_as_mergekit(tmp_path, _configs(three)[method])
 
 
-def assert_same_bits_as_mergekit(tmp_path: Path, config: dict) -> None:
-    """Run mergekit and lazymerge (odd chunk size) on one config; the tensors must be bit-equal."""
+def mergekit_and_ours(tmp_path: Path, config: dict) -> tuple[dict, dict]:
+    """Run `mergekit-yaml` and lazymerge (odd chunk size) on one config: (ours, mergekit's) tensors."""
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -136,7 +136,12 @@ def assert_same_bits_as_mergekit(tmp_path: Path, config: dict) -> None:
     want = load_folder(tmp_path / "mk")
     assert want, "mergekit wrote no weights"
     lazymerge.merge(path, tmp_path / "ours", chunk_elements=37, device="cpu")
-    _assert_bits_equal(load_folder(tmp_path / "ours"), want)
+    return load_folder(tmp_path / "ours"), want
+
+
+def assert_same_bits_as_mergekit(tmp_path: Path, config: dict) -> None:
+    """Run mergekit and lazymerge (odd chunk size) on one config; the tensors must be bit-equal."""
+    _assert_bits_equal(*mergekit_and_ours(tmp_path, config))
 
 
 @pytest.mark.slow
