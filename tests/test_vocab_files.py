@@ -66,3 +66,26 @@ def test_malformed_tokenizer_config_of_either_model(tmp_path: Path) -> None:
     (rm / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": 7}))
     with pytest.raises(CheckpointError, match=r"tokenizer_config\.json is malformed"):
         lazymerge.dogerm(rm, sft, 0.3, tmp_path / "out", dry_run=True)
+
+
+def test_replanning_an_opened_pair_reuses_its_vocabulary_and_plans_the_same(tmp_path: Path, monkeypatch) -> None:
+    # A weight search re-plans the same opened pair for every weight: the vocabulary union and
+    # the output's tokenizer files are derived once (they do not depend on lambda), and every
+    # plan equals one made from freshly opened checkpoints.
+    from lazymerge.io.checkpoint import open_checkpoint
+    from lazymerge.recipes import dogerm as dogerm_recipe
+
+    rm, sft = _pair(tmp_path)
+    reads = []
+    real = dogerm_recipe.load_vocab
+    monkeypatch.setattr(dogerm_recipe, "load_vocab", lambda ckpt: reads.append(ckpt.label) or real(ckpt))
+    opened = open_checkpoint(rm), open_checkpoint(sft)
+    for weight in (0.3, 0.7, 0.3):
+        again = dogerm_recipe.plan_dogerm(*opened, weight, tmp_path / "out")
+        fresh = dogerm_recipe.plan_dogerm(open_checkpoint(rm), open_checkpoint(sft), weight, tmp_path / "out")
+        assert again.tensors == fresh.tensors and again.side_files == fresh.side_files
+        assert again.shards == fresh.shards and again.recipe == fresh.recipe
+    # 2 reads (RM, SFT) for the opened pair, 2 for each of the 3 fresh pairs
+    assert len(reads) == 8
+    # the row added for the SFT-only token is in the reused tokenizer files
+    assert b"[PAD]" in again.side_files["tokenizer.json"]

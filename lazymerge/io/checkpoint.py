@@ -62,6 +62,9 @@ class Checkpoint:
     tensors: dict[str, TensorRef]
     file_sizes: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    # What a recipe derived from this checkpoint's side files (its vocabulary...), kept for the
+    # next plan from the same opened checkpoint: a weight search re-plans one pair per weight.
+    derived: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     def local_file(self, name: str) -> Path:
         """Path of one of the checkpoint's files on local disk (remote checkpoints fetch it)."""

@@ -39,6 +39,7 @@ def linear_combine(
     acc: torch.Tensor | None = None,
     tmp: torch.Tensor | None = None,
     accumulation: str = "rounded",
+    block: int = BLOCK,
 ) -> torch.Tensor:
     """Weighted sum of 1-D chunks into `out` (fp32 accumulation, round-to-nearest-even store).
 
@@ -51,6 +52,7 @@ def linear_combine(
             so the hot loop allocates nothing.
         accumulation: "rounded" (the contract above) or "fused" (`acc = fma(xi, wi, acc)` from
             +0, mergekit's `addcmul_`); see `lazymerge.methods.ACCUMULATIONS`.
+        block: elements per inner block (the results do not depend on it).
 
     Returns:
         `out`.
@@ -62,17 +64,16 @@ def linear_combine(
         return _fused_on_numpy(inputs, weights, out, divisor)
     if accumulation != "rounded":
         raise ValueError(f"accumulation must be 'rounded' or 'fused', got {accumulation!r}")
-    block = min(n, BLOCK)
-    acc = _scratch(acc, block)
-    tmp = _scratch(tmp, block)
+    acc = _scratch(acc, min(n, block))
+    tmp = _scratch(tmp, min(n, block))
     # A 1-element fp32 weight (not a 0-d one) makes type promotion widen the F16/BF16 input to
     # fp32 inside the multiply: conversion and multiply in one pass, one rounding, exact widening.
     ws = [_f32(w) for w in weights]
     div = _f32(divisor) if divisor is not None else None
     # Blocks that fit in L2 keep the four passes in cache: twice the speed of whole-chunk passes
     # on a memory-bound machine, with identical results (every operation is elementwise).
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
         a, t = acc[: stop - start], tmp[: stop - start]
         _weighted(inputs[0][start:stop], ws[0], a)
         for x, w in zip(inputs[1:], ws[1:], strict=True):
