@@ -18,6 +18,15 @@ from lazymerge.errors import HeaderError
 
 __all__ = ["LocalRangeSource", "RangeSource"]
 
+# Linux drops only whole page-cache folios inside an advised range, and reads ahead into folios of
+# up to 2 MiB (large folios, Linux 6.x): the exact range of a 1 MiB chunk leaves the folios at both
+# of its ends, which is nearly all of them (measured on this machine's 6.18 kernel: 12.5 of 13.5 GB
+# read in 1 MiB chunks stayed cached; the 7B merge then spent 35 s of system time reclaiming, and
+# took twice as long as inside a 256 MB memory cgroup). The dropped range starts at the folio
+# boundary at or before the chunk (reads go forward: the previous chunk consumed what is before)
+# and ends at the last boundary inside it (the rest goes with the next chunk).
+_FOLIO = 2 << 20
+
 
 class RangeSource:
     """The bytes of one input file, read at positions. Subclasses implement `read_into`."""
@@ -57,7 +66,9 @@ class LocalRangeSource(RangeSource):
             done += n
         if consume:
             # Consumed input pages leave the page cache, so a merge does not evict everything else.
-            drop_cached(self.fd, offset, len(view))
+            start, stop = offset - offset % _FOLIO, (offset + len(view)) // _FOLIO * _FOLIO
+            if stop > start:
+                drop_cached(self.fd, start, stop - start)
 
     def close(self) -> None:
         if self.fd is not None:
