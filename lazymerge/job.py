@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING
 from lazymerge.errors import PlanWarning, RecipeError
 from lazymerge.io.checkpoint import Checkpoint
 from lazymerge.io.hub import open_any
+from lazymerge.manifest import Manifest, plan_fingerprint
 from lazymerge.options import HubOptions, ProgressCallback, RunOptions
 from lazymerge.output_folder import check_plan_output
 from lazymerge.part_folder import check_part_output
 from lazymerge.parts import Part
-from lazymerge.plan import MergePlan
+from lazymerge.plan import MergePlan, with_short_edge_shards
 from lazymerge.sweep import Sweep
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ def _finish(
             "--push-to-hub does not combine with --part: one part cannot make the one commit",
             hint="use --ray --push-to-hub (each task uploads its shards), or push the folder after finalize",
         )
+    if repos is not None:  # pushed as it runs: the upload starts after the first shard closes
+        plans = [_pushed_layout(plan, options) for plan in plans]
     # Ray's default number of parts is known once the cluster is reached: checked again there.
     split = [part] if isinstance(part, Part) else [Part(i, options.parts or 1) for i in range(options.parts or 1)]
     for plan in plans:  # build_plan touched no file
@@ -98,6 +101,17 @@ def _finish(
     for warning in dict.fromkeys(w for p in plans for w in p.warnings):
         warnings.warn(warning, PlanWarning, stacklevel=4)  # at the caller of lazymerge.merge/plan_merge/dogerm
     return MergeJob(plans, checkpoints, repos, options, hub)
+
+
+def _pushed_layout(plan: MergePlan, options: RunOptions) -> MergePlan:
+    """A pushed plan with short edge shards (`with_short_edge_shards`), unless `--resume` finds the
+    plain layout's shards in the output folder (a local run, finished or killed, now pushed):
+    those are kept as they are, not merged again for another layout."""
+    if options.resume:
+        previous = Manifest.load(plan.output_dir)
+        if previous is not None and previous.fingerprint == plan_fingerprint(plan):
+            return plan
+    return with_short_edge_shards(plan, options.max_shard_size)
 
 
 def plan_recipe_job(

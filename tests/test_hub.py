@@ -133,7 +133,10 @@ def test_dogerm_from_repo_ids_plans_from_headers_then_pushes(
     sft = lazymerge.open_model("alice/sft@main")
     assert isinstance(rm, HubCheckpoint) and isinstance(sft, HubCheckpoint)
     assert rm.format == "safetensors" and sft.format == "bin"
-    plan = lazymerge.dogerm(rm, sft, 0.3, tmp_path / "out", max_shard_size=SHARD, dry_run=True)
+    # the pushed plan (its first and last shards are short: `plan.with_short_edge_shards`)
+    plan = lazymerge.dogerm(
+        rm, sft, 0.3, tmp_path / "out", max_shard_size=SHARD, push_to_hub="alice/merged", dry_run=True
+    )
     assert len(plan.shards) >= 3
 
     # Planning read the index, headers and side files only: every weight read was a small ranged one.
@@ -384,7 +387,7 @@ def test_low_disk_and_delete_after_upload_high_water_marks(
 
     rm = lazymerge.open_model("alice/rm", low_disk=True)
     sft = lazymerge.open_model("alice/sft", low_disk=True)
-    plan = lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, dry_run=True)
+    plan = lazymerge.dogerm(rm, sft, 0.3, out, max_shard_size=SHARD, push_to_hub="alice/m", dry_run=True)
     with watch:
         lazymerge.dogerm(
             rm,

@@ -190,3 +190,57 @@ def test_streamed_push_killed_then_resumed_uploads_and_reads_nothing_twice(
     download_repo(hub, "alice/m", tmp_path / "back")  # headers name the inputs differently: compare tensors
     mine, theirs = load_folder(tmp_path / "back"), load_folder(ref)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def _layout_of(names_sizes: list[tuple[str, int]], max_shard_size: int, edges: bool):
+    from lazymerge.plan import OutputTensor, build_plan, with_short_edge_shards
+
+    tensors = [OutputTensor(name, "F16", (size // 2,), (), "test") for name, size in names_sizes]
+    plan = build_plan(recipe={}, inputs=[], output_dir="out", tensors=tensors, max_shard_size=max_shard_size)
+    return with_short_edge_shards(plan, max_shard_size) if edges else plan
+
+
+def test_a_pushed_plan_has_short_first_and_last_shards_in_the_same_tensor_order() -> None:
+    # An upload can start only once a shard is whole, and the last shard is uploaded after the
+    # last input byte: both edges are kept to an eighth of the cap, the rest laid out as before.
+    sizes = [("embed", 300), *((f"layer{i}.{j}", 40) for i in range(6) for j in range(4)), ("norm", 8), ("head", 8)]
+    plain, pushed = _layout_of(sizes, 400, edges=False), _layout_of(sizes, 400, edges=True)
+    order = [t.name for t in plain.tensors]
+    assert [t.name for s in pushed.shards for t in sorted(s.tensors, key=lambda t: order.index(t.name))] == order
+    bodies = [sum(t.nbytes for t in s.tensors) for s in pushed.shards]
+    assert bodies[0] == 300  # the embedding is larger than the edge (50): alone
+    assert bodies[-1] <= 50 and {"norm", "head"} <= {t.name for t in pushed.shards[-1].tensors}
+    assert all(b <= 400 for b in bodies)
+    assert len(plain.shards) == 4 and bodies[0] < sum(t.nbytes for t in plain.shards[0].tensors)
+    index = json.loads(pushed.side_files["model.safetensors.index.json"])["weight_map"]
+    assert {t.name: pushed.shards[t.shard].name for t in pushed.tensors} == index
+
+
+def test_a_model_within_the_edge_stays_one_shard_when_pushed() -> None:
+    pushed = _layout_of([("a", 10), ("b", 10)], 400, edges=True)
+    assert [s.name for s in pushed.shards] == ["model.safetensors"]
+
+
+def test_a_push_uploads_short_edge_shards_and_the_hub_model_loads(
+    hub: HubServer, pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from helpers import load_folder
+    from safetensors.torch import load as load_bytes
+
+    from lazymerge.constants import parse_size
+
+    local = lazymerge.dogerm(*pair, 0.3, tmp_path / "local", max_shard_size=SHARD, device="cpu")
+    pushed = lazymerge.dogerm(*pair, 0.3, tmp_path / "out", max_shard_size=SHARD, push_to_hub="alice/m", device="cpu")
+    edge = parse_size(SHARD, "max_shard_size") // 8
+    index = json.loads(hub.read("alice/m", "model.safetensors.index.json"))["weight_map"]
+    files = sorted(set(index.values()))
+    shards = {name: load_bytes(hub.read("alice/m", name)) for name in files}
+    for name in (files[0], files[-1]):  # each edge: tensors within the edge, or one larger tensor alone
+        body = sum(t.numel() * t.element_size() for t in shards[name].values())
+        assert body <= edge or len(shards[name]) == 1, (name, body, edge)
+    assert len(pushed.files) > len(local.files)
+    # the same tensors, byte for byte, whatever the layout
+    merged_hub = {k: v for tensors in shards.values() for k, v in tensors.items()}
+    merged_local = load_folder(tmp_path / "local")
+    assert merged_hub.keys() == merged_local.keys()
+    assert all(torch.equal(merged_hub[k], merged_local[k]) for k in merged_local)
