@@ -85,6 +85,28 @@ def _du(folders: list[Path]) -> int:
     return total
 
 
+def _timeline(requests: list, t0: float) -> dict[str, float | None]:
+    """Seconds from the spawn: first and last weight-file byte down, first and last upload (LFS
+    PUT), and the last answer (the commit). Where the run's wall goes over the floor."""
+    weights = [
+        r
+        for r in requests
+        if r.method == "GET" and r.bytes_sent and (r.filename or "").endswith((".safetensors", ".bin"))
+    ]
+    puts = [r for r in requests if r.method == "PUT" and r.bytes_received]
+
+    def at(values: list[float], pick) -> float | None:
+        return round(pick(values) - t0, 3) if values else None
+
+    return {
+        "first_download": at([r.started for r in weights], min),
+        "last_download_done": at([r.ended for r in weights], max),
+        "first_upload": at([r.started for r in puts], min),
+        "last_upload_done": at([r.ended for r in puts], max),
+        "last_answer": at([r.ended for r in requests], max),
+    }
+
+
 def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path], cgroup: object = None) -> dict:
     """One child: wall, exit code, peak RSS (ru_maxrss from wait4), disk high-water mark of `watch`;
     inside `cgroup` (a bench_merge.MemoryCgroup) from its first instruction when given."""
@@ -101,6 +123,7 @@ def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path], cgr
 
     log = watch[0].parent / f"{watch[0].name}.log"
     with open(log, "w") as f:
+        spawned = time.monotonic()  # the server's clock (same process): for the request timeline
         began = time.perf_counter()
         if cgroup is None:
             pid = os.posix_spawn(argv[0], argv, env, file_actions=[(os.POSIX_SPAWN_DUP2, f.fileno(), 1),
@@ -121,7 +144,7 @@ def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path], cgr
     text = log.read_text(errors="replace")
     # ru_maxrss would start at this process's own RSS (fork + exec keeps the high-water mark);
     # VmHWM is reset by exec, so the sampled VmHWM is the child's own peak (up to the last sample).
-    return {"wall_s": round(wall, 3), "rc": os.waitstatus_to_exitcode(status), "peak_disk_bytes": peak_disk,
+    return {"spawned": spawned, "wall_s": round(wall, 3), "rc": os.waitstatus_to_exitcode(status), "peak_disk_bytes": peak_disk,
             "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024, "log_tail": text[-1500:],
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}  # fmt: skip
 
@@ -361,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             r["bytes_up"] = sum(x.bytes_received for x in server.requests)
             r["requests"] = len(server.requests)
             r["peak_requests_in_flight"] = server.peak_in_flight
+            r["timeline_s"] = _timeline(server.requests, r.pop("spawned"))
             server.peak_in_flight = 0
             if name == "mergekit-way" and r["rc"] == 0:
                 try:
@@ -369,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     pass
             results[name] = r
             print(f"{name}: rc {r['rc']}, {r['wall_s']:.2f} s, CPU {r['cpu_s']:.1f} s, RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
-                  f"disk {r['peak_disk_bytes'] / 1e6:.1f} MB", flush=True)  # fmt: skip
+                  f"disk {r['peak_disk_bytes'] / 1e6:.1f} MB; timeline {r['timeline_s']}", flush=True)  # fmt: skip
         out_shards = {}
         for name in results:
             files = server.files(f"bench/out-{name}") if f"bench/out-{name}" in server.repos else {}

@@ -324,6 +324,7 @@ def _layout(
     # alone. With `edge_size`, the first and the last shard are filled only up to it.
     head = tail = 0
     if edge_size is not None and len(tensors) > 1:
+        tensors = _small_first(tensors, max_shard_size, edge_size)
         head = _prefix_within(tensors, edge_size)
         tail = min(_prefix_within(tensors[::-1], edge_size), len(tensors) - head)
     groups: list[list[OutputTensor]] = [list(tensors[:head])] if head else []
@@ -349,6 +350,23 @@ def _layout(
         size = len(header) + sum(t.nbytes for t in group)
         shards.append(OutputShard(shard_file_name(k, len(groups)), header, ordered, size))
     return shards
+
+
+def _small_first(tensors: list[OutputTensor], max_shard_size: int, edge_size: int) -> list[OutputTensor]:
+    """`tensors` with the ones that fit in `edge_size` moved to the front, in order, chosen among
+    those a plain first shard would hold: models usually start with their largest tensor (the
+    embedding, 131 MB for a 1B Llama, 1 GB for Llama 3 8B), which would make the short first shard
+    as long as that. The rest keep their order; the reads move back once, within that shard."""
+    picked: list[OutputTensor] = []
+    budget = edge_size
+    for t in tensors[: _prefix_within(tensors, max_shard_size)]:
+        if t.nbytes <= budget:
+            picked.append(t)
+            budget -= t.nbytes
+    if not picked:
+        return tensors
+    chosen = {id(t) for t in picked}
+    return picked + [t for t in tensors if id(t) not in chosen]
 
 
 def _prefix_within(tensors: list[OutputTensor], budget: int) -> int:

@@ -86,6 +86,8 @@ class RequestRecord:
     bytes_received: int = 0  # request body bytes read
     repo_id: str | None = None
     filename: str | None = None  # repo path, for resolve and blob requests
+    started: float = 0.0  # time.monotonic() when the request arrived, and when its answer was done
+    ended: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -650,7 +652,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         hub, url = self.server.hub, urlsplit(self.path)
-        self.rec = RequestRecord(self.command, url.path, url.query, self.headers.get("Range"))
+        self.rec = RequestRecord(self.command, url.path, url.query, self.headers.get("Range"), started=time.monotonic())
         self.query, self._body_started = parse_qs(url.query), False
         with hub._lock:  # logged first and filled in as we go: complete before the client sees the response
             hub.requests.append(self.rec)
@@ -661,6 +663,7 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(hub.latency)
             self._answer(hub, url)
         finally:
+            self.rec.ended = time.monotonic()
             with hub._lock:
                 hub.in_flight -= 1
 

@@ -200,20 +200,30 @@ def _layout_of(names_sizes: list[tuple[str, int]], max_shard_size: int, edges: b
     return with_short_edge_shards(plan, max_shard_size) if edges else plan
 
 
-def test_a_pushed_plan_has_short_first_and_last_shards_in_the_same_tensor_order() -> None:
+def test_a_pushed_plan_has_short_first_and_last_shards() -> None:
     # An upload can start only once a shard is whole, and the last shard is uploaded after the
-    # last input byte: both edges are kept to an eighth of the cap, the rest laid out as before.
+    # last input byte: both edges are kept to an eighth of the cap. The first shard takes the small
+    # tensors of what would be the first shard (not the large embedding that opens the model);
+    # everything else keeps its order.
     sizes = [("embed", 300), *((f"layer{i}.{j}", 40) for i in range(6) for j in range(4)), ("norm", 8), ("head", 8)]
     plain, pushed = _layout_of(sizes, 400, edges=False), _layout_of(sizes, 400, edges=True)
-    order = [t.name for t in plain.tensors]
-    assert [t.name for s in pushed.shards for t in sorted(s.tensors, key=lambda t: order.index(t.name))] == order
+    assert len(plain.shards) == 4 and [t.name for t in plain.shards[0].tensors] == ["embed", "layer0.0", "layer0.1"]
+    order = [n for n, _ in sizes]
+    names = [sorted((t.name for t in s.tensors), key=order.index) for s in pushed.shards]
+    assert names[0] == ["layer0.0"]  # from the plain first shard, within the edge (50)
+    rest = [n for shard in names[1:] for n in shard]
+    assert sorted(rest + names[0]) == sorted(n for n, _ in sizes)
+    assert rest == [n for n, _ in sizes if n != "layer0.0"]  # in the plain order
     bodies = [sum(t.nbytes for t in s.tensors) for s in pushed.shards]
-    assert bodies[0] == 300  # the embedding is larger than the edge (50): alone
-    assert bodies[-1] <= 50 and {"norm", "head"} <= {t.name for t in pushed.shards[-1].tensors}
+    assert bodies[0] <= 50 and bodies[-1] <= 50 and {"norm", "head"} <= set(names[-1])
     assert all(b <= 400 for b in bodies)
-    assert len(plain.shards) == 4 and bodies[0] < sum(t.nbytes for t in plain.shards[0].tensors)
     index = json.loads(pushed.side_files["model.safetensors.index.json"])["weight_map"]
     assert {t.name: pushed.shards[t.shard].name for t in pushed.tensors} == index
+
+
+def test_a_first_shard_without_small_tensors_is_its_first_tensor_alone() -> None:
+    pushed = _layout_of([("embed", 300), ("big", 250), ("big2", 250), ("tail", 8)], 400, edges=True)
+    assert [[t.name for t in s.tensors] for s in pushed.shards] == [["embed"], ["big"], ["big2"], ["tail"]]
 
 
 def test_a_model_within_the_edge_stays_one_shard_when_pushed() -> None:
