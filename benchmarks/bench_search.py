@@ -7,7 +7,8 @@ SFT), the same weights and the same preference pairs (random words of the synthe
   with `--resident`, every input byte the weights need read into memory once, `preload`), then per
   weight `MergedModel.remerge` (refills the same parameters) and scoring;
 - written: per weight `lazymerge.dogerm` to a folder (merge + write), transformers'
-  `from_pretrained` (load) and scoring; the folder is deleted after each weight.
+  `from_pretrained` (load) and scoring; the folder is deleted after each weight. Before each
+  weight the inputs are read into the page cache, untimed (a merge drops the input pages it used).
 
 Per weight it records merge, load and scoring seconds, and checks that both arms give identical
 scores (same bytes in, same model). The baseline reads its written model back from the page cache
@@ -128,6 +129,19 @@ def in_memory_arm(recipe: dict, weights: list[float], encoded, batch: int, resid
     return result | {"_scores": scores}
 
 
+def _warm(folders: list[Path]) -> None:
+    """Read every weight file of `folders` into the page cache. A merge drops the input pages it
+    consumed (so that it does not evict the rest of the machine's cache), so without this each
+    weight of the baseline would read its inputs from the disk, which would favour the in-memory arm."""
+    buf = bytearray(16 << 20)
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.suffix in (".safetensors", ".bin"):
+                with open(path, "rb", buffering=0) as f:
+                    while f.readinto(buf):
+                        pass
+
+
 def written_arm(
     rm: Path, sft: Path, weights: list[float], dtype: str, encoded, batch: int, work: Path, device: str
 ) -> dict:
@@ -144,6 +158,7 @@ def written_arm(
     rows, scores = [], {}
     for w in weights:
         out = work / f"w{w:g}"
+        _warm([rm, sft])  # untimed: the baseline merges from the page cache, as the resident arm
         t0 = time.perf_counter()
         lazymerge.dogerm(rm, sft, w, out, dtype=dtype, overwrite=True)
         t1 = time.perf_counter()

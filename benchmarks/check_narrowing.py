@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lazymerge.kernels import numpy_cpu  # noqa: E402
+from lazymerge.kernels import numpy_cpu
 
 STEP = 1 << 24  # patterns per slice: 64 MiB of fp32
 

@@ -241,6 +241,11 @@ class HubPusher:
         if sha256 is not None:
             op.upload_info.sha256 = bytes.fromhex(sha256)
         _ = op.upload_info.sha256  # (else hashed here, before the upload's reads are counted)
+        # A .safetensors file goes to LFS (the Hub's default .gitattributes says so): asking the
+        # preupload endpoint for its upload mode would cost each shard one more round trip before
+        # its first byte, in which the upload direction idles (1B pair at 20 ms: ~0.5 s a run).
+        if job.name.endswith(".safetensors"):
+            op._upload_mode, op._should_ignore = "lfs", False
         reader = _CountingReader(job.path)
         try:
             op.path_or_fileobj = reader
