@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server blobs, outputs)")
     ap.add_argument("--cgroup-limit", default="", help="run lazymerge in a memory cgroup of this size (e.g. 1G)")
     ap.add_argument("--probe-bytes", type=float, default=1e9, help="bytes each way for the server probe (default 1e9)")
+    ap.add_argument(
+        "--keep-shards", action="store_true", help="lazymerge without --delete-after-upload (the disk holds the output)"
+    )
     ap.add_argument("--probe-only", action="store_true", help="measure the server alone (no merge), then exit")
     # internal: the mergekit-way child
     ap.add_argument("--mergekit-way", action="store_true", help=argparse.SUPPRESS)
@@ -355,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "lazymerge":
                 argv_ = [sys.executable, "-m", "lazymerge", "dogerm", "--reward-model", RM, "--domain-model", SFT,
                          "--weight", str(args.weight), "-o", str(out), "--low-disk", "--push-to-hub", repo,
-                         "--delete-after-upload", "--max-shard-size", args.max_shard_size, "--device", "cpu", "-q"]  # fmt: skip
+                         "--max-shard-size", args.max_shard_size, "--device", "cpu", "-q"]  # fmt: skip
+                if not args.keep_shards:
+                    argv_.append("--delete-after-upload")
             elif name == "mergekit-way":
                 argv_ = [sys.executable, str(Path(__file__).resolve()), "--mergekit-way", "--out", str(out),
                          "--repo", repo, "--weight", str(args.weight), "--max-shard-size", args.max_shard_size]  # fmt: skip
