@@ -43,6 +43,7 @@ with few cores its Python threads compete with the children for CPU, say so with
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -93,7 +94,7 @@ def _timeline(requests: list, t0: float) -> dict[str, float | None]:
         for r in requests
         if r.method == "GET" and r.bytes_sent and (r.filename or "").endswith((".safetensors", ".bin"))
     ]
-    puts = [r for r in requests if r.method == "PUT" and r.bytes_received]
+    puts = sorted((r for r in requests if r.method == "PUT" and r.bytes_received), key=lambda r: r.started)
 
     def at(values: list[float], pick) -> float | None:
         return round(pick(values) - t0, 3) if values else None
@@ -104,6 +105,9 @@ def _timeline(requests: list, t0: float) -> dict[str, float | None]:
         "first_upload": at([r.started for r in puts], min),
         "last_upload_done": at([r.ended for r in puts], max),
         "last_answer": at([r.ended for r in requests], max),
+        # the upload direction: seconds sending shard bodies (PUTs) and seconds between them
+        "upload_busy": round(sum(r.ended - r.started for r in puts), 3),
+        "upload_gaps": round(sum(max(0.0, b.started - a.ended) for a, b in itertools.pairwise(puts)), 3),
     }
 
 

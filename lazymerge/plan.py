@@ -296,8 +296,9 @@ def with_short_edge_shards(plan: MergePlan, max_shard_size: int) -> MergePlan:
     Hub's LFS protocol wants each file's sha256 first), and the last shard is uploaded after
     the last input byte arrived, so both are time in which one direction of the network waits.
     DogeRM writes half what it reads, so at the usual 2:1 down/up rates both directions are busy
-    for the whole run and each edge shard's time adds to the wall. The tensors keep their order
-    (the inputs are still read forward); a tensor larger than the edge gets its shard alone.
+    for the whole run and each edge shard's time adds to the wall. The first shard takes the
+    small tensors of what would be the first shard (`_small_first`), the other tensors keep their
+    order; a first or last tensor larger than the edge gets its shard alone.
     """
     return build_plan(
         recipe=plan.recipe,

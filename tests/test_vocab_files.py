@@ -89,3 +89,7 @@ def test_replanning_an_opened_pair_reuses_its_vocabulary_and_plans_the_same(tmp_
     assert len(reads) == 8
     # the row added for the SFT-only token is in the reused tokenizer files
     assert b"[PAD]" in again.side_files["tokenizer.json"]
+    # what was derived stays with this process: a checkpoint sent to a Ray task carries none of it
+    import pickle
+
+    assert opened[0].derived and not pickle.loads(pickle.dumps(opened[0])).derived

@@ -49,6 +49,14 @@ class TensorRef:
         return DTYPE_SIZES[self.dtype]
 
 
+class DerivedCache(dict):
+    """`Checkpoint.derived`: a plain dict that pickles empty, so that a checkpoint sent to a Ray
+    task does not carry megabytes of vocabulary the task can derive again if it needs them."""
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (DerivedCache, ())
+
+
 @dataclass
 class Checkpoint:
     """A model: where it lives, its weight files, and its tensors in file order."""
@@ -64,7 +72,7 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     # What a recipe derived from this checkpoint's side files (its vocabulary...), kept for the
     # next plan from the same opened checkpoint: a weight search re-plans one pair per weight.
-    derived: dict[object, object] = field(default_factory=dict, repr=False, compare=False)
+    derived: dict[object, object] = field(default_factory=DerivedCache, repr=False, compare=False)
 
     def local_file(self, name: str) -> Path:
         """Path of one of the checkpoint's files on local disk (remote checkpoints fetch it)."""
