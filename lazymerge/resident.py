@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -35,7 +36,7 @@ _PIECE = 64 << 20  # host staging piece when filling device memory
 # intra-op threads the same way, so every thread's share of the fp32 scratch stays in its cache
 # across the block's six passes (1B pair, 2 cores: 0.34-0.37 ns an element at 1-2 Mi against
 # 0.43-0.47 for 2 Mi pieces on two Python threads, whose GIL hand-offs cost more than they save).
-_CPU_BLOCK = 1048576
+_CPU_BLOCK = 1 << 20
 
 
 def supports(plan: MergePlan) -> bool:
@@ -148,6 +149,8 @@ class ResidentInputs:
             self._merge_into(plan, targets, cpu)
         finally:
             torch.set_num_threads(previous)
+            if cpu is not None:
+                cpu.close()
 
     def _merge_into(self, plan: MergePlan, targets: Mapping[str, torch.Tensor], cpu: _CpuMerge | None) -> None:
         from lazymerge.kernels import triton as triton_kernels
@@ -213,10 +216,31 @@ class _CpuMerge:
         self.workers = workers
         self.acc = torch.empty(_CPU_BLOCK, dtype=torch.float32)
         self.tmp = torch.empty(_CPU_BLOCK, dtype=torch.float32)
+        self._pool: ThreadPoolExecutor | None = None
 
     def run(
         self, xs: list[torch.Tensor], weights: list[float], y: torch.Tensor, divisor: float | None, accumulation: str
     ) -> None:
-        torch_kernels.linear_combine(
-            xs, weights, y, divisor, acc=self.acc, tmp=self.tmp, accumulation=accumulation, block=_CPU_BLOCK
-        )
+        if accumulation == "rounded" or self.workers == 1:
+            torch_kernels.linear_combine(
+                xs, weights, y, divisor, acc=self.acc, tmp=self.tmp, accumulation=accumulation, block=_CPU_BLOCK
+            )
+            return
+        # mergekit's fused accumulation runs on numpy (`kernels.torch._fused_on_numpy`), one
+        # call per thread: split the segment between the workers (numpy releases the GIL).
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="lazymerge-remerge")
+        step = -(-y.numel() // self.workers)
+        pieces = [(a, min(a + step, y.numel())) for a in range(0, y.numel(), step)]
+        jobs = [
+            self._pool.submit(
+                torch_kernels.linear_combine, [x[a:b] for x in xs], weights, y[a:b], divisor, accumulation=accumulation
+            )
+            for a, b in pieces
+        ]
+        for job in jobs:
+            job.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()

@@ -134,6 +134,33 @@ def test_resident_inputs_remerge_to_the_streamed_bytes(tmp_path: Path, weights: 
         both = both or w not in (0.0, 1.0)
 
 
+def test_resident_remerge_on_two_threads_equals_the_streamed_bytes_for_both_accumulations(tmp_path: Path) -> None:
+    # The CPU re-merge runs the rounded sum (DogeRM) on torch's intra-op threads and mergekit's
+    # fused `linear` split between a pool's threads: the same bytes as the streamed merge.
+    rm, sft = build_llama_pair(tmp_path / "pair", sft_format="safetensors", rm_dtype=torch.bfloat16)
+    streamed = lazymerge.load(_dogerm(rm, sft, 0.3), workers=1)
+    resident = lazymerge.load(_dogerm(rm, sft, 0.3), resident=True, workers=2)
+    for w in (0.3, 0.7):
+        streamed.remerge(w)
+        resident.remerge(w)
+        _assert_same_bytes(resident.model, streamed.model)
+    a, b = build_llama(tmp_path / "a", seed=1), build_llama(tmp_path / "b", seed=2)
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(a), "parameters": {"weight": 0.3}}, {"model": str(b), "parameters": {"weight": 0.7}}],
+    }
+    streamed = lazymerge.load(recipe, workers=1)
+    resident = lazymerge.load(recipe, resident=True, workers=2)
+    assert resident.resident
+    before = resident.model.model.embed_tokens.weight.clone()
+    for w in (0.3, 0.45):
+        streamed.remerge(w, key="models.0.parameters.weight")
+        resident.remerge(w, key="models.0.parameters.weight")
+        _assert_same_bytes(resident.model, streamed.model)
+    assert resident.recipe["models"][0]["parameters"]["weight"] == 0.45
+    assert not torch.equal(resident.model.model.embed_tokens.weight, before)  # the weight took effect
+
+
 def test_preload_reads_every_weights_inputs_once_up_front(tmp_path: Path) -> None:
     rm, sft = build_llama_pair(tmp_path / "pair", sft_format="safetensors")
     streamed = lazymerge.load(_dogerm(rm, sft, 0.0), workers=1)
