@@ -8,6 +8,7 @@ from `lazymerge.tiny_models`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,25 @@ def start_cli(
         env=child_env(**env),
         cwd=REPO,
     )
+
+
+def take_sigint() -> None:
+    """`preexec_fn` of a child that a test interrupts with SIGINT: Ctrl-C's default action, even when
+    this test run was started in the background of a non-interactive shell, which starts it with
+    SIGINT ignored. An ignored SIGINT is inherited, and Python then installs no KeyboardInterrupt
+    handler: the child would ignore the test's Ctrl-C (as it should under `nohup ... &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def taking_sigint() -> Iterator[None]:
+    """This process raises KeyboardInterrupt on SIGINT for the block, whatever it inherited (see
+    `take_sigint`), as an interactive Python does."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # -- kill and resume -------------------------------------------------------------------------------

@@ -31,11 +31,13 @@ from lazymerge.io.hub import open_hub_checkpoint
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import write_model
+    from helpers import take_sigint
     from hub_server import HubError as ServerError
     from hub_server import HubServer, serving_hub
     from test_hub import TOKEN, upload
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import write_model
+    from tests.helpers import take_sigint
     from tests.hub_server import HubError as ServerError
     from tests.hub_server import HubServer, serving_hub
     from tests.test_hub import TOKEN, upload
@@ -271,8 +273,9 @@ def test_cli_process_leaves_no_private_folder(hub: HubServer, tmp_path: Path, ho
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
     argv = [sys.executable, "-m", "lazymerge", "merge", str(recipe), "-o", str(tmp_path / "out"), "--low-disk", "-q"]
     child = subprocess.Popen(
-        [*argv, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [*argv, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=take_sigint,
+    )  # fmt: skip
     try:
         if how == "interrupted":
             assert hub.stalled.wait(120), "no shard download started"

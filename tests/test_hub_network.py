@@ -32,10 +32,12 @@ from lazymerge.pipeline import MergeRun
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import write_model
+    from helpers import take_sigint, taking_sigint
     from hub_server import FileEntry, HubServer, serving_hub
     from test_hub import TOKEN, upload
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import write_model
+    from tests.helpers import take_sigint, taking_sigint
     from tests.hub_server import FileEntry, HubServer, serving_hub
     from tests.test_hub import TOKEN, upload
 
@@ -152,8 +154,9 @@ def _start_stalled_merge(hub: HubServer, tmp_path: Path) -> tuple[subprocess.Pop
     argv = [sys.executable, "-m", "lazymerge", "merge", str(recipe), "-o", str(out), "--low-disk", "-q"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     child = subprocess.Popen(
-        [*argv, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+        [*argv, "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=take_sigint,
+    )  # fmt: skip
     if not hub.stalled.wait(120):
         child.kill()
         pytest.fail(f"no download started: {child.communicate()}")
@@ -272,7 +275,8 @@ def test_interrupt_wins_over_errors_of_worker_threads(
 
     monkeypatch.setattr(MergeRun, "_fail", fail)
     monkeypatch.setattr(InputReader, "read_all", read_fails)
-    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 130
+    with taking_sigint():
+        assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--device", "cpu", "-q"]) == 130
     assert sent.is_set()
     assert "interrupted" in capsys.readouterr().err
 
