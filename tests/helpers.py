@@ -9,6 +9,7 @@ from `lazymerge.tiny_models`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -216,19 +217,27 @@ def stat_ids(out: Path, names: list[str]) -> dict[str, tuple[int, int]]:
 # -- a push killed mid-upload (the Hub tests) ------------------------------------------------------
 
 
-def kill_during_second_upload(hub: Any, *args: object, **env: str) -> list[tuple[str, int]]:
+def kill_during_second_upload(
+    hub: Any, *args: object, settled: Callable[[], bool] | None = None, **env: str
+) -> list[tuple[str, int]]:
     """Run `python -m lazymerge ARGS` in a child against the local Hub server `hub`
     (tests/hub_server.py): the server accepts the first LFS upload, holds the next one until the
-    child has been SIGKILLed, then answers it 503. Returns the uploads the server accepted (one)."""
+    child has been SIGKILLed, then answers it 503. Returns the uploads the server accepted (one).
+    `settled`: the kill waits (up to 30 s) until it is true, e.g. until the child has deleted the
+    first shard (the second body starts while the first is still being verified)."""
     import threading
 
     from hub_server import HubError as ServerError
 
     gate, held = threading.Event(), threading.Event()
     original = hub._h_lfs_put
+    arrived = itertools.count()  # PUTs may arrive together: the child sends the next body at once
 
     def gated_put(h: Any, ticket: str) -> None:
-        if hub.lfs_uploads:
+        if next(arrived):
+            deadline = time.monotonic() + 30  # the first body may still be in the socket
+            while not (hub.lfs_uploads and (settled is None or settled())) and time.monotonic() < deadline:
+                time.sleep(0.01)
             held.set()
             gate.wait(30)
             raise ServerError(503, "server going away")

@@ -164,10 +164,20 @@ def test_streamed_push_killed_then_resumed_uploads_and_reads_nothing_twice(
     args = ["dogerm", "--reward-model", "alice/rm", "--domain-model", "alice/sft", "--weight", "0.3", "-o", str(out)]
     args += ["--max-shard-size", SHARD, "--push-to-hub", "alice/m", "--low-disk", "--delete-after-upload"]
     args += ["--device", "cpu", "-q"]
-    # The first shard's upload goes through; every later one is held until the child is dead.
-    first = kill_during_second_upload(hub, *args, HF_TOKEN=TOKEN)
+
+    def uploaded_and_deleted() -> list[str]:
+        try:
+            recorded = json.loads((out / "lazymerge_manifest.json").read_text())["shards"]
+        except (OSError, ValueError):
+            return []
+        done = {oid for oid, _ in hub.lfs_uploads}
+        return [n for n, e in recorded.items() if e.get("sha256") in done and not (out / n).exists()]
+
+    # The first shard's upload goes through; every later one is held until the child is dead
+    # (killed once the first shard is deleted: its verify ends while the second body starts).
+    first = kill_during_second_upload(hub, *args, settled=uploaded_and_deleted, HF_TOKEN=TOKEN)
     recorded = json.loads((out / "lazymerge_manifest.json").read_text())["shards"]
-    gone = [n for n, e in recorded.items() if e["sha256"] in {oid for oid, _ in first} and not (out / n).exists()]
+    gone = uploaded_and_deleted()
     assert len(first) == 1 and len(gone) == 1  # uploaded, then deleted locally
 
     rm = lazymerge.open_model("alice/rm", low_disk=True)

@@ -3,8 +3,9 @@
 The upload side of the Hub (the download side is `lazymerge.io.hub`).
 
 The executor reports a "shard" event (from its writer thread) when an output shard is renamed to
-its final name; `HubPusher.wrap` turns that into an LFS pre-upload on one background thread
-(`preupload_lfs_files`), so shard k goes up while shard k+1 is merged. Nothing is visible in the
+its final name; `HubPusher.wrap` turns that into an LFS upload on a background thread, so shard k
+goes up while shard k+1 is merged. Two upload threads overlap one shard's requests with the
+previous shard's body, which keeps the upload direction busy (`lazymerge.io.lfs_transfer`). Nothing is visible in the
 repo until `HubPusher.commit` makes ONE commit with every shard plus the index, config,
 tokenizer and model card: the repo never shows half a model. The LFS protocol skips objects the
 server already holds, so a killed push that is run again does not upload finished shards again
@@ -29,7 +30,7 @@ holds the pushers of one run (K for a sweep, one per output folder and repo).
 from __future__ import annotations
 
 import fnmatch
-import io
+import functools
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazymerge.errors import HubError, LazyMergeError
 from lazymerge.io.hub_errors import hub_errors, scrub
+from lazymerge.io.lfs_transfer import ShardReader, Wire, lfs_batch, upload_lfs
 
 if TYPE_CHECKING:
     from lazymerge.events import ProgressEvent
@@ -50,6 +52,9 @@ __all__ = ["HubPusher", "PushResult", "Pushes"]
 UploadCallback = Callable[[int, int], None]  # (bytes uploaded so far, bytes to upload)
 
 # Weight files of an earlier, different model in the target repo: replaced, never left mixed in.
+# Shards in flight at once: one sending its body, the next one asking where to send (lfs_transfer).
+_UPLOADERS = 2
+
 _STALE_WEIGHTS = (
     "model*.safetensors",
     "pytorch_model*.bin",
@@ -69,25 +74,12 @@ class PushResult:
     reused: list[str] = field(default_factory=list)  # shards the server already held (not re-sent)
 
 
-class _CountingReader(io.BufferedReader):
-    """A shard file that reports the bytes the upload reads from it (for the progress line)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(io.FileIO(path, "rb"), buffer_size=1 << 20)
-        self.on_read: Callable[[int], None] | None = None
-
-    def read(self, size: int | None = -1) -> bytes:
-        data = super().read(size)
-        if self.on_read is not None and data:
-            self.on_read(len(data))
-        return data
-
-
 @dataclass
 class _Job:
     name: str
     path: Path
     size: int
+    ticket: int  # its turn on the wire (lfs_transfer.Wire)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -131,6 +123,7 @@ class HubPusher:
         self._uploaded: list[str] = []
         self._reused: list[str] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._wire = Wire()
         self._previous: _Job | None = None  # delete_after_upload: the upload a closed shard waits for
         self._remote: set[str] = set()  # shards the server already held at --resume: committed by sha256
         self._error: BaseException | None = None
@@ -140,8 +133,11 @@ class HubPusher:
             self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             if self.revision != "main":
                 self.api.create_branch(self.repo_id, branch=self.revision, exist_ok=True)
-        self._thread = threading.Thread(target=self._work, name="lazymerge-upload", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"lazymerge-upload-{i}", daemon=True) for i in range(_UPLOADERS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # ---- feeding -------------------------------------------------------------------------------------------
     def wrap(
@@ -166,9 +162,10 @@ class HubPusher:
         """Queue one finished shard for upload. With delete_after_upload, wait until the shard
         before it is uploaded (and deleted): this one uploads while the next is written."""
         self._raise_if_failed()
-        job = _Job(name, path, size if size is not None else path.stat().st_size)
-        self._jobs.put(job)
-        previous, self._previous = self._previous, job
+        with self._lock:  # tickets in queue order, whichever writer thread closed the shard
+            job = _Job(name, path, size if size is not None else path.stat().st_size, self._wire.ticket())
+            self._jobs.put(job)
+            previous, self._previous = self._previous, job
         if self.delete_after_upload and previous is not None:
             while not previous.done.wait(0.05):
                 if self._cancel.is_set():
@@ -188,16 +185,12 @@ class HubPusher:
         uploaded again. Asks the LFS batch endpoint, which answers without upload actions for an
         object it has."""
         from huggingface_hub import CommitOperationAdd
-        from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
-        from huggingface_hub.utils import build_hf_headers
+        from huggingface_hub.lfs import UploadInfo
 
         info = UploadInfo(size=size, sample=b"", sha256=bytes.fromhex(sha256))
         with hub_errors(self.repo_id, self.revision, token=self.token, writing=True):
-            objects, errors, _ = post_lfs_batch_info(
-                [info], token=None, repo_type="model", repo_id=self.repo_id, revision=self.revision,
-                endpoint=self.api.endpoint, headers=build_hf_headers(token=self.token),
-            )  # fmt: skip
-        if errors or not objects or "actions" in objects[0] or objects[0].get("oid") != sha256:
+            answer = lfs_batch(self.api, self.repo_id, self.revision, info, self.token)
+        if "error" in answer or "actions" in answer or answer.get("oid") != sha256:
             return False
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=b"")
         op.upload_info = info
@@ -219,8 +212,10 @@ class HubPusher:
                 if self._error is None and not self._cancel.is_set():
                     self._upload(job)
             except BaseException as exc:
-                self._error = exc
+                if self._error is None:  # the first failure is the one to report
+                    self._error = exc
             finally:
+                self._wire.done(job.ticket)  # never hold up the shards queued after this one
                 job.done.set()
 
     def _upload(self, job: _Job) -> None:
@@ -241,17 +236,20 @@ class HubPusher:
         if sha256 is not None:
             op.upload_info.sha256 = bytes.fromhex(sha256)
         _ = op.upload_info.sha256  # (else hashed here, before the upload's reads are counted)
-        # A .safetensors file goes to LFS (the Hub's default .gitattributes says so): asking the
-        # preupload endpoint for its upload mode would cost each shard one more round trip before
-        # its first byte, in which the upload direction idles (1B pair at 20 ms: ~0.5 s a run).
-        if job.name.endswith(".safetensors"):
-            op._upload_mode, op._should_ignore = "lfs", False
-        reader = _CountingReader(job.path)
+        reader = ShardReader(job.path, job.size)
+        reader.on_read = count
+        op.path_or_fileobj = reader
         try:
-            op.path_or_fileobj = reader
-            reader.on_read = count
             with hub_errors(self.repo_id, token=self.token, writing=True):
-                self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision)
+                if job.name.endswith(".safetensors"):
+                    # LFS, as the Hub's default .gitattributes says: no upload-mode query (one round
+                    # trip a shard in which the upload direction would idle)
+                    op._upload_mode, op._should_ignore = "lfs", False
+                    turn = functools.partial(self._wire.turn, job.ticket, reader, self._stopping)
+                    upload_lfs(self.api, self.repo_id, self.revision, op, reader, self.token, turn)
+                    op._is_uploaded, op.path_or_fileobj = True, b""
+                else:
+                    self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision)
             if op._upload_mode != "lfs":  # a small file the server stores in git: commit its bytes
                 op.path_or_fileobj = job.path.read_bytes()
         finally:
@@ -262,6 +260,9 @@ class HubPusher:
             (self._uploaded if sent else self._reused).append(job.name)
         if self.delete_after_upload:
             job.path.unlink(missing_ok=True)
+
+    def _stopping(self) -> bool:
+        return self._cancel.is_set() or self._error is not None
 
     def _advance(self, n: int) -> None:
         with self._lock:
@@ -275,8 +276,7 @@ class HubPusher:
         """Wait for the uploads, then make the one commit: shards + index, config, tokenizer, card."""
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-        self._jobs.put(None)
-        self._thread.join()
+        self._stop_workers()
         self._raise_if_failed()
         missing = [s.name for s in plan.shards if s.name not in self._ops]
         if missing:
@@ -296,14 +296,17 @@ class HubPusher:
             ]
             operations += [CommitOperationDelete(path_in_repo=f) for f in stale]
             info = self.api.create_commit(self.repo_id, operations, commit_message=message, revision=self.revision)
-        return PushResult(self.repo_id, self.revision, str(info.commit_url), list(self._uploaded), list(self._reused))
+        uploaded, reused = set(self._uploaded), set(self._reused)  # finished in any order by the two threads
+        return PushResult(
+            self.repo_id, self.revision, str(info.commit_url),
+            [s.name for s in plan.shards if s.name in uploaded], [s.name for s in plan.shards if s.name in reused],
+        )  # fmt: skip
 
     def uploads(self) -> tuple[dict[str, Any], list[str], list[str]]:
         """Wait for the queued uploads and hand them over for a commit made elsewhere (a Ray
         driver, `adopt`): the operations (picklable: an LFS object's commit entry is its sha256,
         not its bytes), the shards uploaded and those the server already held."""
-        self._jobs.put(None)
-        self._thread.join()
+        self._stop_workers()
         self._raise_if_failed()
         for op in self._ops.values():
             if not isinstance(op.path_or_fileobj, bytes):
@@ -320,8 +323,13 @@ class HubPusher:
     def close(self) -> None:
         """Stop the upload thread without committing (after a failed merge); never blocks long."""
         self._cancel.set()
-        self._jobs.put(None)
-        self._thread.join(timeout=1.0)
+        self._stop_workers(timeout=1.0)
+
+    def _stop_workers(self, timeout: float | None = None) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
 
 def _recorded_sha256(path: Path, size: int) -> str | None:

@@ -1,0 +1,141 @@
+"""One shard's LFS upload, pipelined with the next one's.
+
+An LFS upload is three requests: the batch request (where to put this sha256), the PUT of the
+bytes (one request, or parts for a multipart object), and the verify request. Made one after the
+other, the upload direction idles for two round trips and the server's latency between every two
+shards; the merge produces output exactly as fast as a balanced link uploads it (DogeRM writes
+half what it reads), so that idle time is never caught up and adds to the wall (1B pair at 20 ms:
+12 shards, ~0.7 s).
+
+`HubPusher` runs two of these at once. The bodies take turns on a `Wire`: a shard's batch
+request goes out while the shard before it still sends its body, its body starts the moment the
+previous body's last byte is handed to the socket, and the previous verify is answered meanwhile.
+Each body still goes up alone, at the link's full rate and in order, so the upload the merge may
+be waiting for (`delete_after_upload`) is never slowed by the next one.
+
+huggingface_hub does every request (`post_lfs_batch_info`, `lfs_upload`: single or multipart
+PUT, retries, verify); this module only orders them. A shard file given as a buffered reader
+always took this LFS path (Xet wants a path), so the protocol on the wire is unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from lazymerge.errors import HubError
+
+__all__ = ["ShardReader", "Wire", "lfs_batch", "upload_lfs"]
+
+
+class ShardReader(io.BufferedReader):
+    """A shard file that reports the bytes the upload reads from it (the progress line), and
+    when the last of them has been read (the body is then all in the socket: the wire is free)."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        super().__init__(io.FileIO(path, "rb"), buffer_size=1 << 20)
+        self.size = size
+        self.on_read: Callable[[int], None] | None = None
+        self.on_end: Callable[[], None] | None = None
+        self._read = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if data and self.on_read is not None:
+            self.on_read(len(data))
+        self._read += len(data)
+        if (not data or self._read >= self.size) and self.on_end is not None:
+            self.on_end()  # idempotent (Wire.done); a retried request reads the file again
+        return data
+
+
+class Wire:
+    """The upload direction: one shard body on it at a time, in the order the shards closed.
+
+    Each shard takes a ticket when it is queued (`ticket`). Its body goes on the wire when every
+    earlier ticket is done, and its own ticket is done at the body's last byte (the reader's
+    `on_end`), or when it needs no wire at all (`done`: the server held it, or it failed). The
+    shard the merge may be waiting for (the oldest) is thus never overtaken by the next one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._issued = 0
+        self._next = 0  # the ticket whose body may go now
+        self._done: set[int] = set()
+
+    def ticket(self) -> int:
+        with self._cond:
+            self._issued += 1
+            return self._issued - 1
+
+    @contextmanager
+    def turn(self, ticket: int, reader: ShardReader, cancelled: Callable[[], bool]) -> Iterator[None]:
+        """Wait for the wire (or until `cancelled()`), hold it while the body goes out."""
+        with self._cond:
+            while self._next != ticket:
+                if cancelled():
+                    raise HubError("upload stopped: an earlier shard's upload failed or the run was stopped")
+                self._cond.wait(0.05)
+        reader.on_end = lambda: self.done(ticket)
+        try:
+            yield
+        finally:
+            self.done(ticket)  # an error before the last byte
+
+    def done(self, ticket: int) -> None:
+        """This ticket needs the wire no more (idempotent)."""
+        with self._cond:
+            self._done.add(ticket)
+            while self._next in self._done:
+                self._done.discard(self._next)
+                self._next += 1
+            self._cond.notify_all()
+
+
+def lfs_batch(api: Any, repo_id: str, revision: str, upload_info: Any, token: str | bool | None) -> dict:
+    """The LFS batch endpoint's answer for one object: with "actions" when it is to be sent,
+    without when the server already holds it, with "error" when the server refuses it."""
+    from huggingface_hub.lfs import post_lfs_batch_info
+    from huggingface_hub.utils import build_hf_headers
+
+    objects, errors, _ = post_lfs_batch_info(
+        [upload_info], token=None, repo_type="model", repo_id=repo_id, revision=quote(revision, safe=""),
+        endpoint=api.endpoint, headers=build_hf_headers(token=token), transfers=["basic", "multipart"],
+    )  # fmt: skip
+    if errors:
+        return errors[0] if "error" in errors[0] else {"error": errors[0]}
+    if not objects:
+        return {"error": {"message": "the LFS batch endpoint answered without the object asked for"}}
+    return objects[0]
+
+
+def upload_lfs(
+    api: Any,
+    repo_id: str,
+    revision: str,
+    op: Any,
+    reader: ShardReader,
+    token: str | bool | None,
+    turn: Callable[[], AbstractContextManager[None]],
+) -> bool:
+    """Send one shard (`op.path_or_fileobj` is `reader`) unless the server already holds it, its
+    body inside `turn()` (a `Wire.turn`). Returns whether its bytes went over the wire. The caller
+    wraps this in `hub_errors`."""
+    from huggingface_hub.lfs import lfs_upload
+    from huggingface_hub.utils import build_hf_headers
+
+    action = lfs_batch(api, repo_id, revision, op.upload_info, token)
+    if "error" in action:
+        error = action["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise HubError(f"{repo_id}: the Hub refused the upload of {op.path_in_repo}: {message}")
+    if action.get("actions") is None:
+        return False
+    with turn():
+        lfs_upload(operation=op, lfs_batch_action=action, headers=build_hf_headers(token=token), endpoint=api.endpoint)
+    return True
