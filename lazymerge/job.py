@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -40,6 +41,7 @@ __all__ = [
     "IN_MEMORY",
     "MergeJob",
     "open_input",
+    "open_inputs",
     "plan_dogerm_job",
     "plan_memory_job",
     "plan_recipe_job",
@@ -71,6 +73,35 @@ def open_input(model: PathLike | Checkpoint, hub: HubOptions) -> Checkpoint:
     if isinstance(model, Checkpoint):
         return model
     return open_any(model, label=str(model), low_disk=hub.low_disk, token=hub.token)
+
+
+def open_inputs(models: Sequence[PathLike | Checkpoint], hub: HubOptions) -> list[Checkpoint]:
+    """`open_input` for each, side by side: opening a Hub repo costs about ten round trips (repo
+    info, index, headers, config, tokenizer), so two repos opened one after the other double the
+    wait before the first weight byte. The first error (in the order given) is raised. (Recipes
+    open their models as they plan: `lazymerge.config`.)"""
+    if len(models) < 2 or all(isinstance(m, Checkpoint) or os.path.exists(m) for m in models):
+        return [open_input(m, hub) for m in models]
+    opened: list[Checkpoint | None] = [None] * len(models)
+    failed: list[BaseException | None] = [None] * len(models)
+
+    def open_one(k: int) -> None:
+        try:
+            opened[k] = open_input(models[k], hub)
+        except BaseException as exc:  # raised in the caller's thread, below
+            failed[k] = exc
+
+    # Daemon threads: a Ctrl-C in the caller's thread never waits for a stalled request here.
+    others = [threading.Thread(target=open_one, args=(k,), daemon=True) for k in range(1, len(models))]
+    for thread in others:
+        thread.start()
+    opened[0] = open_input(models[0], hub)  # its error, or a Ctrl-C, goes up at once
+    for thread in others:
+        thread.join()
+    for exc in failed:
+        if exc is not None:
+            raise exc
+    return [c for c in opened if c is not None]
 
 
 def _outputs(output: PathLike, sweep: Sweep | None, hub: HubOptions) -> tuple[list[Path], list[str] | None]:
@@ -155,7 +186,7 @@ def plan_dogerm_job(
         if isinstance(w, bool) or not isinstance(w, (int, float)):
             raise RecipeError(f"weight must be a number, got {w!r}")
     outs, repos = _outputs(output, Sweep("weight", weights) if sweep else None, hub)
-    rm, sft = open_input(reward_model, hub), open_input(domain_model, hub)
+    rm, sft = open_inputs([reward_model, domain_model], hub)
     plans = [
         plan_dogerm(rm, sft, w, out, dtype=dtype, max_shard_size=options.max_shard_size, overwrite=options.overwrite)
         for w, out in zip(weights, outs, strict=True)
@@ -217,7 +248,7 @@ def run_part_job(
 ) -> list[MergeStats]:
     """One part of a split merge on a cluster node (`options.part`): the inputs opened again where
     they are repo ids, then the ordinary `run_job` (no push: the node's uploads go to the driver)."""
-    return run_job(MergeJob(plans, [open_input(c, hub) for c in inputs], None, options, hub))
+    return run_job(MergeJob(plans, open_inputs(inputs, hub), None, options, hub))
 
 
 def plan_memory_job(
