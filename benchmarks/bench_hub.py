@@ -66,9 +66,10 @@ RM, SFT = "bench/rm", "bench/sft"
 CONTENDERS = ("lazymerge", "mergekit-way")
 
 
-def _du(folders: list[Path]) -> int:
-    """Bytes allocated on disk under `folders` (blocks, so a reserved shard counts whole)."""
-    total = 0
+def _du(folders: list[Path]) -> tuple[int, int]:
+    """Bytes allocated on disk under `folders` (blocks, so a reserved shard counts whole): all of
+    them, and those of weight files (shards, also while written under a temporary name)."""
+    total = weights = 0
     stack = [str(f) for f in folders]
     while stack:
         try:
@@ -78,12 +79,14 @@ def _du(folders: list[Path]) -> int:
                         if e.is_dir(follow_symlinks=False):
                             stack.append(e.path)
                         elif e.is_file(follow_symlinks=False):
-                            total += e.stat(follow_symlinks=False).st_blocks * 512
+                            n = e.stat(follow_symlinks=False).st_blocks * 512
+                            total += n
+                            weights += n if (".safetensors" in e.name or ".bin" in e.name) else 0
                     except OSError:
                         pass
         except OSError:
             pass
-    return total
+    return total, weights
 
 
 def _timeline(requests: list, t0: float) -> dict[str, float | None]:
@@ -111,17 +114,28 @@ def _timeline(requests: list, t0: float) -> dict[str, float | None]:
     }
 
 
+def _write_request_log(path: Path, contender: str, requests: list, t0: float) -> None:
+    """One JSON line a request, in arrival order: where each second of the run went, on the wire."""
+    with path.open("a") as f:
+        for r in sorted(requests, key=lambda r: r.started):
+            row = {"contender": contender, "method": r.method, "path": r.path, "range": r.range,
+                   "status": r.status, "down": r.bytes_sent, "up": r.bytes_received,
+                   "started": round(r.started - t0, 4), "ended": round(r.ended - t0, 4)}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+
+
 def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path], cgroup: object = None) -> dict:
     """One child: wall, exit code, peak RSS (ru_maxrss from wait4), disk high-water mark of `watch`;
     inside `cgroup` (a bench_merge.MemoryCgroup) from its first instruction when given."""
-    peak_disk = peak_rss = 0
+    peak_disk = peak_weights = peak_rss = 0
     stop = threading.Event()
     pid = 0
 
     def sample() -> None:
-        nonlocal peak_disk, peak_rss
+        nonlocal peak_disk, peak_weights, peak_rss
         while not stop.is_set():
-            peak_disk = max(peak_disk, _du(watch))
+            total, weights = _du(watch)
+            peak_disk, peak_weights = max(peak_disk, total), max(peak_weights, weights)
             peak_rss = max(peak_rss, _vm_hwm(pid))
             stop.wait(0.02)
 
@@ -149,6 +163,7 @@ def _spawn_measured(argv: list[str], env: dict[str, str], watch: list[Path], cgr
     # ru_maxrss would start at this process's own RSS (fork + exec keeps the high-water mark);
     # VmHWM is reset by exec, so the sampled VmHWM is the child's own peak (up to the last sample).
     return {"spawned": spawned, "wall_s": round(wall, 3), "rc": os.waitstatus_to_exitcode(status), "peak_disk_bytes": peak_disk,
+            "peak_weight_disk_bytes": peak_weights,
             "peak_rss_bytes": peak_rss, "ru_maxrss_bytes": usage.ru_maxrss * 1024, "log_tail": text[-1500:],
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}  # fmt: skip
 
@@ -310,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-shards", action="store_true", help="lazymerge without --delete-after-upload (the disk holds the output)"
     )
     ap.add_argument("--probe-only", action="store_true", help="measure the server alone (no merge), then exit")
+    ap.add_argument(
+        "--request-log", type=Path, help="write each contender's requests here (JSON lines, seconds from spawn)"
+    )
     # internal: the mergekit-way child
     ap.add_argument("--mergekit-way", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -393,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             r["bytes_up"] = sum(x.bytes_received for x in server.requests)
             r["requests"] = len(server.requests)
             r["peak_requests_in_flight"] = server.peak_in_flight
-            r["timeline_s"] = _timeline(server.requests, r.pop("spawned"))
+            spawned = r.pop("spawned")
+            r["timeline_s"] = _timeline(server.requests, spawned)
+            if args.request_log:
+                _write_request_log(args.request_log, name, server.requests, spawned)
             server.peak_in_flight = 0
             if name == "mergekit-way" and r["rc"] == 0:
                 try:
@@ -402,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                     pass
             results[name] = r
             print(f"{name}: rc {r['rc']}, {r['wall_s']:.2f} s, CPU {r['cpu_s']:.1f} s, RSS {r['peak_rss_bytes'] / 1e6:.0f} MB, "
-                  f"disk {r['peak_disk_bytes'] / 1e6:.1f} MB; timeline {r['timeline_s']}", flush=True)  # fmt: skip
+                  f"disk {r['peak_disk_bytes'] / 1e6:.1f} MB ({r['peak_weight_disk_bytes'] / 1e6:.1f} MB weights); timeline {r['timeline_s']}", flush=True)  # fmt: skip
         out_shards = {}
         for name in results:
             files = server.files(f"bench/out-{name}") if f"bench/out-{name}" in server.repos else {}
@@ -439,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         largest_out = max(
             (server.files("bench/out-lazymerge")[p].size for p in out_shards.get("lazymerge", {})), default=0
         )
+        if "lazymerge" in results:  # the target: no more than two output shards' bytes on disk at once
+            r = results["lazymerge"]
+            r["weights_on_disk_in_shards"] = (
+                round(r["peak_weight_disk_bytes"] / largest_out, 3) if largest_out else None
+            )
         record = {
             "size": args.size, "dtype": args.dtype, "down_Bps": args.down, "up_Bps": args.up,
             "latency_s": args.latency, "max_shard_size": args.max_shard_size, "input_weight_bytes": in_bytes,
@@ -462,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
               f"up {probe['up_MBps']} MB/s)")  # fmt: skip
         for name, r in results.items():
             print(f"  {name:13s} {r['wall_s']:8.2f} s  x floor {r['x_floor']}  x probe floor {r['x_probe_floor']}  x measured {r.get('x_measured_floor')}  RSS {r['peak_rss_bytes'] / 1e6:7.0f} MB"
-                  f"  disk high-water {r['peak_disk_bytes'] / 1e6:9.1f} MB  down {r['bytes_down'] / 1e6:.1f} MB"
+                  f"  disk high-water {r['peak_disk_bytes'] / 1e6:9.1f} MB ({r['peak_weight_disk_bytes'] / 1e6:.1f} MB weights)  down {r['bytes_down'] / 1e6:.1f} MB"
                   f"  up {r['bytes_up'] / 1e6:.1f} MB  in flight <= {r['peak_requests_in_flight']}")  # fmt: skip
         if measured:
             print(f"measured floor {measured:.2f} s (the mergekit way's download or upload phase, whichever is longer)")
