@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
     from lazymerge.execute import MergeStats
-    from lazymerge.io.hub_upload import Pushes
+    from lazymerge.io.hub_pushes import Pushes
 
 __all__ = [
     "IN_MEMORY",
@@ -196,7 +196,7 @@ def plan_dogerm_job(
 
 def run_job(job: MergeJob) -> list[MergeStats]:
     """Run a planned job: one MergeStats per output, each with its Hub push (if any) in `.push`."""
-    from lazymerge.io.hub_upload import Pushes
+    from lazymerge.io.hub_pushes import Pushes
     from lazymerge.io.prefetch import StartupPrefetch
     from lazymerge.kernels.device import needs_torch
 
