@@ -299,3 +299,31 @@ def test_negative_worker_count_does_not_hang(tmp_path: Path) -> None:
     assert result, "the merge hung"
     assert not isinstance(result[0], BaseException), result[0]
     assert result[0].files and all(f.exists() for f in result[0].files)
+
+
+def test_two_hub_repos_are_opened_side_by_side(hub: HubServer, tmp_path: Path) -> None:
+    from lazymerge.job import open_inputs
+    from lazymerge.options import HubOptions
+
+    upload(hub, _model(tmp_path / "a", seed=1), "alice/a")
+    upload(hub, _model(tmp_path / "b", seed=2), "alice/b")
+    hub.shape(latency=0.1)  # each open is several round trips: about a second here
+    hub.reset_log()
+    a, b = open_inputs(["alice/a", "alice/b"], HubOptions())
+    assert a.label == "alice/a" and b.label == "alice/b" and a.tensors.keys() == b.tensors.keys()
+    spans = {
+        repo: (min(r.started for r in log), max(r.ended for r in log))
+        for repo in ("alice/a", "alice/b")
+        if (log := [r for r in hub.requests if r.repo_id == repo])
+    }
+    assert spans.keys() == {"alice/a", "alice/b"}
+    assert spans["alice/b"][0] < spans["alice/a"][1]  # b's first request before a's last answer
+
+
+def test_a_failure_to_open_the_second_repo_is_raised(hub: HubServer, tmp_path: Path) -> None:
+    from lazymerge.job import open_inputs
+    from lazymerge.options import HubOptions
+
+    upload(hub, _model(tmp_path / "a", seed=1), "alice/a")
+    with pytest.raises(HubError, match="alice/missing"):
+        open_inputs(["alice/a", "alice/missing"], HubOptions())
