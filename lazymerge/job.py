@@ -53,6 +53,8 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 # The output folder of a plan whose outputs are tensors in memory: it only names the plan.
 IN_MEMORY = Path("(in memory)")
+# Hub repos opened at once (a recipe of many models): enough to hide the round trips.
+_OPEN_AT_ONCE = 4
 
 
 @dataclass
@@ -85,9 +87,12 @@ def open_inputs(models: Sequence[PathLike | Checkpoint], hub: HubOptions) -> lis
     opened: list[Checkpoint | None] = [None] * len(models)
     failed: list[BaseException | None] = [None] * len(models)
 
+    at_once = threading.BoundedSemaphore(_OPEN_AT_ONCE - 1)  # the caller's thread opens one more
+
     def open_one(k: int) -> None:
         try:
-            opened[k] = open_input(models[k], hub)
+            with at_once:
+                opened[k] = open_input(models[k], hub)
         except BaseException as exc:  # raised in the caller's thread, below
             failed[k] = exc
 

@@ -83,10 +83,48 @@ def test_a_ticket_waiting_for_the_wire_gives_up_when_the_upload_is_stopped(tmp_p
             pass
 
 
+def test_a_shard_whose_turn_comes_after_a_failure_sends_nothing(tmp_path: Path) -> None:
+    (path,) = _shards(tmp_path / "s", 1, 10)
+    wire = Wire()
+    first, second = wire.ticket(), wire.ticket()
+    failed = threading.Event()
+    outcome: list[str] = []
+
+    def later() -> None:
+        try:
+            with wire.turn(second, ShardReader(path, 10), failed.is_set):
+                outcome.append("sent")
+        except HubError:
+            outcome.append("stopped")
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    time.sleep(0.1)
+    failed.set()  # the first shard's upload failed: recorded, then its ticket given up
+    wire.done(first)
+    thread.join(5)
+    assert outcome == ["stopped"]
+
+
+def test_a_retried_body_keeps_the_wire_until_its_last_byte(tmp_path: Path) -> None:
+    (path,) = _shards(tmp_path / "s", 1, 3000)
+    ends: list[int] = []
+    reader = ShardReader(path, 3000)
+    reader.on_end = lambda: ends.append(reader.tell())
+    reader.read(1000)
+    reader.seek(0)  # the request failed mid-body: huggingface_hub's retry reads from the start
+    reader.read(2000)
+    assert not ends
+    reader.read(1000)
+    assert ends == [3000]
+    reader.close()
+
+
 def test_each_shards_requests_overlap_the_previous_body_and_bodies_go_in_order(hub: HubServer, tmp_path: Path) -> None:
-    # 8 MB a shard at 40 MB/s: each body takes 0.2 s, each request waits 0.1 s before its answer.
+    # 8 MB a shard at 16 MB/s: each body takes 0.5 s, each request waits 0.1 s before its answer
+    # (a worker sends its next batch request after its verify is answered: >= 0.2 s into a body).
     paths = _shards(tmp_path / "out", 4, 8 << 20)
-    hub.shape(up=40e6, latency=0.1)
+    hub.shape(up=16e6, latency=0.1)
     pusher = HubPusher("alice/pipelined", token=TOKEN)
     try:
         hub.reset_log()
@@ -108,7 +146,7 @@ def test_each_shards_requests_overlap_the_previous_body_and_bodies_go_in_order(h
         assert batches[k].started < puts[k - 1].ended, k
 
 
-def test_a_failed_upload_stops_the_shards_waiting_behind_it(hub: HubServer, tmp_path: Path) -> None:
+def test_a_failed_upload_fails_the_push_without_a_hang(hub: HubServer, tmp_path: Path) -> None:
     paths = _shards(tmp_path / "out", 3, 1 << 20)
     original = hub._h_lfs_put
 
@@ -134,4 +172,4 @@ def test_a_failed_upload_stops_the_shards_waiting_behind_it(hub: HubServer, tmp_
         pusher.close()
         hub._h_lfs_put = original  # type: ignore[method-assign]
     assert time.monotonic() - began < 30  # nothing waits for a wire that never frees
-    assert len(hub.lfs_uploads) <= 1  # what follows the failed shard is not sent after it
+    # (whether the next body went is timing: it is handed the wire at the failed body's last byte)

@@ -265,11 +265,10 @@ class HubPusher:
         return self._cancel.is_set() or self._error is not None
 
     def _advance(self, n: int) -> None:
-        with self._lock:
+        with self._lock:  # reported under the lock: two upload threads never report out of order
             self.uploaded_bytes += n
-            done, total = self.uploaded_bytes, self.total_bytes
-        if self.on_upload is not None and n:
-            self.on_upload(done, total)
+            if self.on_upload is not None and n:
+                self.on_upload(self.uploaded_bytes, self.total_bytes)
 
     # ---- the commit ----------------------------------------------------------------------------------------
     def commit(self, plan: MergePlan) -> PushResult:

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from lazymerge.errors import HubError
+from lazymerge.io.hub_errors import scrub
 
 __all__ = ["ShardReader", "Wire", "lfs_batch", "upload_lfs"]
 
@@ -42,15 +43,15 @@ class ShardReader(io.BufferedReader):
         self.size = size
         self.on_read: Callable[[int], None] | None = None
         self.on_end: Callable[[], None] | None = None
-        self._read = 0
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
         if data and self.on_read is not None:
             self.on_read(len(data))
-        self._read += len(data)
-        if (not data or self._read >= self.size) and self.on_end is not None:
-            self.on_end()  # idempotent (Wire.done); a retried request reads the file again
+        # By position, not by bytes read: a retried request seeks back and reads again. (A 5xx
+        # answered after a whole body is retried alongside the next body: the wire was handed on.)
+        if self.on_end is not None and (not data or self.tell() >= self.size):
+            self.on_end()  # idempotent (Wire.done)
         return data
 
 
@@ -59,8 +60,9 @@ class Wire:
 
     Each shard takes a ticket when it is queued (`ticket`). Its body goes on the wire when every
     earlier ticket is done, and its own ticket is done at the body's last byte (the reader's
-    `on_end`), or when it needs no wire at all (`done`: the server held it, or it failed). The
-    shard the merge may be waiting for (the oldest) is thus never overtaken by the next one."""
+    `on_end`), or when the caller calls `done`: the server held the shard, or its upload failed
+    (the caller records the failure first, so that the next shard, woken, sees it and stops).
+    The shard the merge may be waiting for (the oldest) is thus never overtaken by the next one."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -75,17 +77,16 @@ class Wire:
 
     @contextmanager
     def turn(self, ticket: int, reader: ShardReader, cancelled: Callable[[], bool]) -> Iterator[None]:
-        """Wait for the wire (or until `cancelled()`), hold it while the body goes out."""
+        """Wait for the wire, hold it while the body goes out. Raises HubError, sending nothing,
+        once `cancelled()` (an earlier shard failed, or the run stops). On an error inside, the
+        wire stays held until the caller's `done(ticket)`."""
         with self._cond:
-            while self._next != ticket:
-                if cancelled():
-                    raise HubError("upload stopped: an earlier shard's upload failed or the run was stopped")
+            while self._next != ticket and not cancelled():
                 self._cond.wait(0.05)
+        if cancelled():  # also when woken by the failed shard's `done`: its error is recorded
+            raise HubError("upload stopped: an earlier shard's upload failed or the run was stopped")
         reader.on_end = lambda: self.done(ticket)
-        try:
-            yield
-        finally:
-            self.done(ticket)  # an error before the last byte
+        yield
 
     def done(self, ticket: int) -> None:
         """This ticket needs the wire no more (idempotent)."""
@@ -133,7 +134,8 @@ def upload_lfs(
     if "error" in action:
         error = action["error"]
         message = error.get("message", error) if isinstance(error, dict) else error
-        raise HubError(f"{repo_id}: the Hub refused the upload of {op.path_in_repo}: {message}")
+        said = scrub(str(message), token)[:200]  # the server's words: one line, no token, bounded
+        raise HubError(f"{repo_id}: the Hub refused the upload of {op.path_in_repo}: {said}")
     if action.get("actions") is None:
         return False
     with turn():
