@@ -7,16 +7,24 @@ where test files have always imported them.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import load_folder, write_model
+from hub_server import HubServer, serving_hub
 
 from lazymerge.tiny_models import build_llama_pair
 
 __all__ = ["load_folder", "write_model"]  # re-exported: test files import them from here
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    """A local Hub-protocol server (tests/hub_server.py) under tmp_path, the client pointed at it
+    with its token ("hf_test_token") as HF_TOKEN. A module that needs another server defines its own."""
+    yield from serving_hub(tmp_path, monkeypatch, "hf_test_token")
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ the real size message, YAML positions, `--device cuda` refused before any folder
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ from lazymerge.cli import main
 from lazymerge.tiny_models import build_llama, build_llama_pair
 
 try:
-    from hub_server import HubServer, serving_hub
+    from hub_server import HubServer
 except ImportError:  # pragma: no cover
-    from tests.hub_server import HubServer, serving_hub
+    from tests.hub_server import HubServer
 
 TOKEN = "hf_test_token"
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -105,11 +104,6 @@ def test_folder_with_part_of_a_run_suggests_resume(pair: tuple[Path, Path], tmp_
     code, _, err = cli(capsys, *args)
     assert code == 2 and "holds part of an earlier lazymerge run" in err and "pass --resume" in err
     assert main([*args, "--resume"]) == 0
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def test_inspect_takes_revision_and_token(hub: HubServer, tmp_path: Path, capsys, monkeypatch) -> None:

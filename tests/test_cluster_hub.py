@@ -14,20 +14,15 @@ from helpers import snapshot
 import lazymerge
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
-    from hub_server import HubServer, serving_hub
-    from test_hub import TOKEN, upload
+    from hub_server import HubServer
+    from test_hub import upload
 except ImportError:  # pragma: no cover - tests/ became a package
-    from tests.hub_server import HubServer, serving_hub
-    from tests.test_hub import TOKEN, upload
+    from tests.hub_server import HubServer
+    from tests.test_hub import upload
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")]
 SHARD = "60kB"
 WEIGHTS = (".safetensors", ".bin")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 @pytest.fixture

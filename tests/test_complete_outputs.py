@@ -5,7 +5,6 @@ inputs pinned to their commits, the shard size, and the user's config file as wr
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ import lazymerge
 from lazymerge.tiny_models import build_llama, build_llama_pair
 
 try:
-    from hub_server import HubServer, serving_hub
+    from hub_server import HubServer
 except ImportError:  # pragma: no cover
-    from tests.hub_server import HubServer, serving_hub
+    from tests.hub_server import HubServer
 
 TOKEN = "hf_test_token"
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
@@ -81,11 +80,6 @@ def test_linear_keeps_the_config_file_as_written(tmp_path: Path) -> None:
     as_dict = yaml.safe_load(text)
     lazymerge.merge(as_dict, tmp_path / "out2")
     assert yaml.safe_load((tmp_path / "out2" / "mergekit_config.yml").read_text()) == as_dict
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def test_hub_inputs_are_pinned_to_their_commits(hub: HubServer, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,20 +32,15 @@ from lazymerge.io.hub_errors import scrub
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import load_folder, write_model
     from helpers import kill_during_second_upload
-    from hub_server import HubServer, serving_hub
+    from hub_server import HubServer
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import load_folder, write_model
     from tests.helpers import kill_during_second_upload
-    from tests.hub_server import HubServer, serving_hub
+    from tests.hub_server import HubServer
 
 TOKEN = "hf_test_token"
 SHARD = "300KB"  # several output shards from the small pair below
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,22 +32,17 @@ try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import 
     from conftest import write_model
     from helpers import take_sigint
     from hub_server import HubError as ServerError
-    from hub_server import HubServer, serving_hub
-    from test_hub import TOKEN, upload
+    from hub_server import HubServer
+    from test_hub import upload
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import write_model
     from tests.helpers import take_sigint
     from tests.hub_server import HubError as ServerError
-    from tests.hub_server import HubServer, serving_hub
-    from tests.test_hub import TOKEN, upload
+    from tests.hub_server import HubServer
+    from tests.test_hub import upload
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 WEIGHTS = (".safetensors", ".bin")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def _model(folder: Path, fmt: str, seed: int = 0) -> Path:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,22 +32,17 @@ from lazymerge.pipeline import MergeRun
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from conftest import write_model
     from helpers import take_sigint, taking_sigint
-    from hub_server import FileEntry, HubServer, serving_hub
-    from test_hub import TOKEN, upload
+    from hub_server import FileEntry, HubServer
+    from test_hub import upload
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.conftest import write_model
     from tests.helpers import take_sigint, taking_sigint
-    from tests.hub_server import FileEntry, HubServer, serving_hub
-    from tests.test_hub import TOKEN, upload
+    from tests.hub_server import FileEntry, HubServer
+    from tests.test_hub import upload
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 WEIGHTS = (".safetensors", ".bin")
 PREFIX = "lazymerge-download-"  # the private folders (--low-disk)
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def _model(folder: Path, fmt: str = "safetensors", seed: int = 0) -> Path:

@@ -5,7 +5,6 @@ offline asks only for the files the plan reads (a dropped lm_head shard is never
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,12 @@ from lazymerge.errors import HubError
 from lazymerge.tiny_models import build_llama_pair
 
 try:
-    from hub_server import HubServer, serving_hub
+    from hub_server import HubServer
 except ImportError:  # pragma: no cover
-    from tests.hub_server import HubServer, serving_hub
+    from tests.hub_server import HubServer
 
 TOKEN = "hf_test_token"
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def _lm_head_apart(folder: Path) -> None:

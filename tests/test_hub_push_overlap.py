@@ -13,7 +13,6 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,13 @@ from lazymerge.io import digest, direct
 from lazymerge.io.hub_upload import HubPusher
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
-    from hub_server import HubServer, serving_hub
+    from hub_server import HubServer
     from test_hub import SHARD, TOKEN, DiskWatch, pair  # pair: a fixture
 except ImportError:  # pragma: no cover - tests/ became a package
-    from tests.hub_server import HubServer, serving_hub
+    from tests.hub_server import HubServer
     from tests.test_hub import SHARD, TOKEN, DiskWatch, pair  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def _no_second_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,14 @@ from lazymerge.io.lfs_transfer import ShardReader, Wire
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
     from hub_server import HubError as ServerError
-    from hub_server import HubServer, serving_hub
+    from hub_server import HubServer
     from test_hub import TOKEN
 except ImportError:  # pragma: no cover - tests/ became a package
     from tests.hub_server import HubError as ServerError
-    from tests.hub_server import HubServer, serving_hub
+    from tests.hub_server import HubServer
     from tests.test_hub import TOKEN
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
-
-
-@pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    yield from serving_hub(tmp_path, monkeypatch, TOKEN)
 
 
 def _shards(folder: Path, count: int, size: int) -> list[Path]:

@@ -5,11 +5,11 @@ The upload side of the Hub (the download side is `lazymerge.io.hub`).
 The executor reports a "shard" event (from its writer thread) when an output shard is renamed to
 its final name; `HubPusher.wrap` turns that into an LFS upload on a background thread, so shard k
 goes up while shard k+1 is merged. Two upload threads overlap one shard's requests with the
-previous shard's body, which keeps the upload direction busy (`lazymerge.io.lfs_transfer`). Nothing is visible in the
-repo until `HubPusher.commit` makes ONE commit with every shard plus the index, config,
-tokenizer and model card: the repo never shows half a model. The LFS protocol skips objects the
-server already holds, so a killed push that is run again does not upload finished shards again
-(the output is deterministic: a re-merged shard has the same sha256).
+previous shard's body, which keeps the upload direction busy (`lazymerge.io.lfs_transfer`).
+Nothing is visible in the repo until `HubPusher.commit` makes ONE commit with every shard plus
+the index, config, tokenizer and model card: the repo never shows half a model. The LFS protocol
+skips objects the server already holds, so a killed push that is run again does not upload
+finished shards again (the output is deterministic: a re-merged shard has the same sha256).
 
 The LFS upload needs each shard's sha256 before it starts: the writer computes it while writing
 the shard and records it in the manifest (`lazymerge.io.digest.OrderedSha256`), and the upload
@@ -51,10 +51,10 @@ __all__ = ["HubPusher", "PushResult", "UploadCallback"]
 
 UploadCallback = Callable[[int, int], None]  # (bytes uploaded so far, bytes to upload)
 
-# Weight files of an earlier, different model in the target repo: replaced, never left mixed in.
 # Shards in flight at once: one sending its body, the next one asking where to send (lfs_transfer).
 _UPLOADERS = 2
 
+# Weight files of an earlier, different model in the target repo: replaced, never left mixed in.
 _STALE_WEIGHTS = (
     "model*.safetensors",
     "pytorch_model*.bin",
