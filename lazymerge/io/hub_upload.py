@@ -246,7 +246,7 @@ class HubPusher:
                     # trip a shard in which the upload direction would idle)
                     op._upload_mode, op._should_ignore = "lfs", False
                     turn = functools.partial(self._wire.turn, job.ticket, reader, self._stopping)
-                    upload_lfs(self.api, self.repo_id, self.revision, op, reader, self.token, turn)
+                    upload_lfs(self.api, self.repo_id, self.revision, op, self.token, turn)
                     op._is_uploaded, op.path_or_fileobj = True, b""
                 else:
                     self.api.preupload_lfs_files(self.repo_id, [op], revision=self.revision)

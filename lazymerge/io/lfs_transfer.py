@@ -91,6 +91,8 @@ class Wire:
     def done(self, ticket: int) -> None:
         """This ticket needs the wire no more (idempotent)."""
         with self._cond:
+            if ticket < self._next:  # handed on already (at its last byte)
+                return
             self._done.add(ticket)
             while self._next in self._done:
                 self._done.discard(self._next)
@@ -120,11 +122,10 @@ def upload_lfs(
     repo_id: str,
     revision: str,
     op: Any,
-    reader: ShardReader,
     token: str | bool | None,
     turn: Callable[[], AbstractContextManager[None]],
 ) -> bool:
-    """Send one shard (`op.path_or_fileobj` is `reader`) unless the server already holds it, its
+    """Send one shard (`op.path_or_fileobj` is its `ShardReader`) unless the server already holds it, its
     body inside `turn()` (a `Wire.turn`). Returns whether its bytes went over the wire. The caller
     wraps this in `hub_errors`."""
     from huggingface_hub.lfs import lfs_upload

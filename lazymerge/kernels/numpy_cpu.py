@@ -247,8 +247,8 @@ def f16_bits(a: np.ndarray, dst: np.ndarray, x: np.ndarray, c: np.ndarray, mask:
     subnormals land on fp32 subnormals, exactly). |a| is first clamped to 65536, so that huge
     values become inf instead of overflowing M. No branch and no masked copy, where the Triton
     kernel's integer arithmetic (`_f32_to_f16_bits`) needs both on numpy: 2.17 against 2.42 ns an
-    element for a whole fp16 merge, the same patterns. A NaN keeps its sign and top payload, made quiet, as there: every step keeps a
-    NaN's payload and x86 quiets it. `x`, `c` (uint32) and `mask` (bool, unused) are scratch.
+    element for a whole fp16 merge, the same patterns. A NaN keeps its sign and top payload, made
+    quiet, as there: every step keeps a NaN's payload and x86 quiets it. `x`, `c` (uint32) and `mask` (bool, unused) are scratch.
     """
     u = a.view(np.uint32)
     s = x.view(np.float32)
