@@ -33,6 +33,9 @@ Hub's LFS ids). Peak RSS is the child's VmHWM, sampled (ru_maxrss would start at
     python benchmarks/bench_hub.py --size 1b --down 500e6 --up 250e6 --latency 0.02 --max-shard-size 500MB
     python benchmarks/bench_hub.py --size 7b --contenders lazymerge --cgroup-limit 1G ...   # the small-box proof
 
+`--sink-uploads` makes the server check every upload in full (size, sha256) without keeping its bytes,
+for runs whose pushed outputs would not fit the disk (the 7B mergekit way); recorded in the JSON.
+
 `--cgroup-limit` runs the lazymerge child in a fresh memory cgroup (bench_merge's helpers; v1 charges
 page cache too) and records its peak charge and `oom_kill` count.
 
@@ -319,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None)
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work folder (server blobs, outputs)")
+    ap.add_argument(
+        "--sink-uploads",
+        action="store_true",
+        help="the server checks each upload in full but keeps no bytes (sparse blobs): the 7B mergekit way "
+        "needs ~40 GB of its own disk, and would need another 13.5 GB for what it pushes",
+    )
     ap.add_argument("--cgroup-limit", default="", help="run lazymerge in a memory cgroup of this size (e.g. 1G)")
     ap.add_argument("--probe-bytes", type=float, default=1e9, help="bytes each way for the server probe (default 1e9)")
     ap.add_argument(
@@ -351,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or synthetic.default_cache()
     work = cache / "bench-out" / f"hub-{args.size}-{os.getpid()}"
     work.mkdir(parents=True)
-    server = HubServer(work / "hub", token=TOKEN).start()
+    server = HubServer(work / "hub", token=TOKEN, keep_uploads=not args.sink_uploads).start()
     try:
         t = time.perf_counter()
         server.add_model(RM, rm_dir)
@@ -470,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_s": args.latency, "max_shard_size": args.max_shard_size, "input_weight_bytes": in_bytes,
             "output_bytes": out_bytes, "largest_output_shard": largest_out, "floor_s": round(floor, 3),
             "probe": probe, "probe_floor_s": round(probe_floor, 3),
-            "seed_s": round(seeded, 2), "same_output_shard_names": identical,
+            "seed_s": round(seeded, 2), "same_output_shard_names": identical, "server_keeps_uploads": not args.sink_uploads,
             "measured_floor_s": round(measured, 3) if measured else None, "verify_hub_rc": verify_rc,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "load_avg": os.getloadavg()},

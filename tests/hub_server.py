@@ -20,6 +20,10 @@ upload is checked against the size and sha256 its batch request announced (400 o
 every request (method, path, Range, status, bytes sent/received, repo, file), `bytes_served` counts file
 content bytes sent, `lfs_uploads` lists (oid, size) per accepted upload. `stall()` makes chosen requests
 go unanswered (for a bounded time), as a server that accepts connections and then hangs does.
+`keep_uploads=False` makes the server a sink for benchmarks whose outputs would not fit the disk
+twice: each LFS upload is still received and checked in full, but its bytes are not written; the
+blob is a sparse file of the announced size (metadata, verify and `files()` are unchanged; reading
+it gives zeros).
 
 A network you control (`shape()`): a bandwidth cap per direction (shared by all connections: bytes
 sent to clients, bytes received from them) and a latency added before each request is answered,
@@ -207,8 +211,17 @@ def _slice(rate: Rate | None) -> int:
 class HubServer:
     """`server = HubServer(tmp_path / "hub").start()` ... `server.stop()`, or `with HubServer(...) as server:`."""
 
-    def __init__(self, root: Path, token: str = "hf_test_token", *, user: str = "testuser", lfs_redirect: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        token: str = "hf_test_token",
+        *,
+        user: str = "testuser",
+        lfs_redirect: bool = False,
+        keep_uploads: bool = True,
+    ):
         self.root, self.token, self.user = Path(root), token, user
+        self.keep_uploads = keep_uploads
         # lfs_redirect: resolve answers an LFS file with a 302 to a signed URL on another origin
         # (http://localhost:PORT), like the Hub's CDN: the client takes metadata off the 302 and drops auth.
         self.lfs_redirect = lfs_redirect
@@ -522,18 +535,23 @@ class HubServer:
         tmp, digest, got = self.root / "tmp" / f"{ticket}.part", hashlib.sha256(), 0
         try:
             with tmp.open("wb", buffering=0) as f:  # stream to disk while hashing: never the whole object in RAM
-                _preallocate(f.fileno(), size)
+                if self.keep_uploads:
+                    _preallocate(f.fileno(), size)
                 for view in h.iter_body(reuse=True):
                     digest.update(view)
                     got += len(view)
-                    f.write(view)
+                    if self.keep_uploads:
+                        f.write(view)
+                if not self.keep_uploads:
+                    f.truncate(got)  # sparse: the size without the blocks
             if got != size or digest.hexdigest() != oid:
                 raise HubError(
                     400,
                     f"Upload does not match the batch request: announced {oid} ({size} bytes), "
                     f"received {digest.hexdigest()} ({got} bytes)",
                 )
-            os.replace(tmp, self.blob_path(oid))
+            if self.keep_uploads or not self.blob_path(oid).exists():  # a sink never hides a real blob
+                os.replace(tmp, self.blob_path(oid))
         finally:
             tmp.unlink(missing_ok=True)
             with self._lock:

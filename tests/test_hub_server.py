@@ -159,6 +159,26 @@ def test_existing_lfs_object_is_not_uploaded_again(hub: HubServer) -> None:
     assert hub.read("alice/m", "b.safetensors") == data
 
 
+def test_a_sink_server_checks_uploads_but_keeps_no_bytes(make_hub: Callable[..., HubServer]) -> None:
+    """keep_uploads=False (bench_hub --sink-uploads): the 7B mergekit way's outputs would not fit twice."""
+    hub = make_hub(keep_uploads=False)
+    a = api(hub)
+    a.create_repo("alice/m")
+    data = os.urandom(4 << 20)
+    a.create_commit("alice/m", [CommitOperationAdd("a.safetensors", data)], commit_message="a")
+    entry = hub.files("alice/m")["a.safetensors"]
+    assert (entry.sha256, entry.size) == (sha(data), len(data))
+    blob = hub.blob_path(sha(data)).stat()
+    assert blob.st_size == len(data) and blob.st_blocks * 512 < len(data) // 4  # sparse: size, not blocks
+    assert hub.lfs_uploads == [(sha(data), len(data))]
+
+    bad = CommitOperationAdd("b.safetensors", data[:-1] + b"x")
+    bad.upload_info.sha256 = hashlib.sha256(b"something else").digest()
+    with pytest.raises(RuntimeError):  # still received and checked in full
+        a.preupload_lfs_files("alice/m", [bad])
+    assert [r.status for r in puts(hub)][-1] == 400 and puts(hub)[-1].bytes_received == len(data)
+
+
 def test_upload_file_folder_branch_and_tree(hub: HubServer, tmp_path: Path) -> None:
     a = api(hub)
     a.create_repo("alice/m")

@@ -124,10 +124,10 @@ def upload_lfs(
     op: Any,
     token: str | bool | None,
     turn: Callable[[], AbstractContextManager[None]],
-) -> bool:
+) -> None:
     """Send one shard (`op.path_or_fileobj` is its `ShardReader`) unless the server already holds it, its
-    body inside `turn()` (a `Wire.turn`). Returns whether its bytes went over the wire. The caller
-    wraps this in `hub_errors`."""
+    body inside `turn()` (a `Wire.turn`). The caller wraps this in `hub_errors`, and tells a sent
+    shard from a reused one by the reader's byte count (the same test for every upload path)."""
     from huggingface_hub.lfs import lfs_upload
     from huggingface_hub.utils import build_hf_headers
 
@@ -137,8 +137,7 @@ def upload_lfs(
         message = error.get("message", error) if isinstance(error, dict) else error
         said = scrub(str(message), token)[:200]  # the server's words: one line, no token, bounded
         raise HubError(f"{repo_id}: the Hub refused the upload of {op.path_in_repo}: {said}")
-    if action.get("actions") is None:
-        return False
+    if action.get("actions") is None:  # the server already holds these bytes
+        return
     with turn():
         lfs_upload(operation=op, lfs_batch_action=action, headers=build_hf_headers(token=token), endpoint=api.endpoint)
-    return True
