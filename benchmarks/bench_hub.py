@@ -25,9 +25,10 @@ and output folder, sampled every 20 ms). Three floors, each labelled in the outp
 - `measured floor`: the longer of the mergekit way's pure download and upload phases
   (`x measured`): the network as a real client saw it during this run.
 
-`--probe-only` runs the probe alone (the server without any merge: MB/s and CPU s/GB). Both pushed repos must hold the same shard
-names, and `lazymerge verify --hub` must pass on lazymerge's (its manifest's sha256 against the
-Hub's LFS ids). Peak RSS is the child's VmHWM, sampled (ru_maxrss would start at this process's).
+`--probe-only` runs the probe alone (the server without any merge: MB/s and CPU s/GB). Both
+pushed repos must list the same tensors in their index (their shard layouts differ: a push has
+short edge shards), and `lazymerge verify --hub` must pass on lazymerge's (its manifest's sha256
+against the Hub's LFS ids). Peak RSS is the child's VmHWM, sampled (ru_maxrss would start at this process's).
 
     python benchmarks/bench_hub.py --size tiny
     python benchmarks/bench_hub.py --size 1b --down 500e6 --up 250e6 --latency 0.02 --max-shard-size 500MB
@@ -305,6 +306,14 @@ def _probe(server, repo: str, folder: Path, probe_bytes: float) -> dict:
     }  # fmt: skip
 
 
+def _pushed_tensor_names(server, repo: str) -> list[str]:
+    """The tensor names a pushed repo's shard index lists (sorted; empty without an index)."""
+    index = "model.safetensors.index.json"
+    if repo not in server.repos or index not in server.files(repo):
+        return []
+    return sorted(json.loads(server.read(repo, index))["weight_map"])
+
+
 def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
 
@@ -446,8 +455,10 @@ def main(argv: list[str] | None = None) -> int:
             r["x_floor"] = round(r["wall_s"] / floor, 3) if floor else None
             r["x_probe_floor"] = round(r["wall_s"] / probe_floor, 3) if probe_floor else None
         # Shard headers name the inputs (repo ids vs downloaded paths), so bytes differ: compare names.
-        layouts = {n: sorted(s) for n, s in out_shards.items()}
-        identical = len({tuple(v) for v in layouts.values()}) == 1 and all(layouts.values())
+        # The shard layouts differ too: a pushed merge has short first and last shards
+        # (`with_short_edge_shards`). What must match is the set of tensors the index lists.
+        tensor_sets = {n: _pushed_tensor_names(server, f"bench/out-{n}") for n in out_shards}
+        identical = len({tuple(v) for v in tensor_sets.values()}) == 1 and all(tensor_sets.values())
         # The network as it was: the mergekit way's pure download and upload phases measure what the
         # server and this machine delivered (on a loaded machine, far less than the caps).
         phases = results.get("mergekit-way", {}).get("phases")
@@ -479,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_s": args.latency, "max_shard_size": args.max_shard_size, "input_weight_bytes": in_bytes,
             "output_bytes": out_bytes, "largest_output_shard": largest_out, "floor_s": round(floor, 3),
             "probe": probe, "probe_floor_s": round(probe_floor, 3),
-            "seed_s": round(seeded, 2), "same_output_shard_names": identical, "server_keeps_uploads": not args.sink_uploads,
+            "seed_s": round(seeded, 2), "same_tensor_names": identical, "server_keeps_uploads": not args.sink_uploads,
             "measured_floor_s": round(measured, 3) if measured else None, "verify_hub_rc": verify_rc,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "load_avg": os.getloadavg()},
@@ -501,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"  up {r['bytes_up'] / 1e6:.1f} MB  in flight <= {r['peak_requests_in_flight']}")  # fmt: skip
         if measured:
             print(f"measured floor {measured:.2f} s (the mergekit way's download or upload phase, whichever is longer)")
-        print(f"same output shard names: {identical}; verify --hub rc {verify_rc}; {path}")
+        print(f"same tensor names: {identical}; verify --hub rc {verify_rc}; {path}")
         return 0 if all(r["rc"] == 0 for r in results.values()) else 1
     finally:
         server.stop()
