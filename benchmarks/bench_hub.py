@@ -307,10 +307,14 @@ def _probe(server, repo: str, folder: Path, probe_bytes: float) -> dict:
 
 
 def _pushed_tensor_names(server, repo: str) -> list[str]:
-    """The tensor names a pushed repo's shard index lists (sorted; empty without an index)."""
+    """The tensor names a pushed repo's shard index lists, sorted. A repo of one file has no index:
+    its file name stands in (a sink server keeps no header bytes to read names from)."""
     index = "model.safetensors.index.json"
-    if repo not in server.repos or index not in server.files(repo):
+    if repo not in server.repos:
         return []
+    files = server.files(repo)
+    if index not in files:
+        return sorted(p for p in files if p.endswith(".safetensors"))
     return sorted(json.loads(server.read(repo, index))["weight_map"])
 
 
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sink-uploads",
         action="store_true",
         help="the server checks each upload in full but keeps no bytes (sparse blobs): the 7B mergekit way "
-        "needs ~40 GB of its own disk, and would need another 13.5 GB for what it pushes",
+        "needs ~40 GB of its own disk, and would need another 13.2 GB for what it pushes",
     )
     ap.add_argument("--cgroup-limit", default="", help="run lazymerge in a memory cgroup of this size (e.g. 1G)")
     ap.add_argument("--probe-bytes", type=float, default=1e9, help="bytes each way for the server probe (default 1e9)")
@@ -458,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         # The shard layouts differ too: a pushed merge has short first and last shards
         # (`with_short_edge_shards`). What must match is the set of tensors the index lists.
         tensor_sets = {n: _pushed_tensor_names(server, f"bench/out-{n}") for n in out_shards}
-        identical = len({tuple(v) for v in tensor_sets.values()}) == 1 and all(tensor_sets.values())
+        identical = (  # None: one contender, nothing to compare
+            len({tuple(v) for v in tensor_sets.values()}) == 1 and all(tensor_sets.values())
+            if len(tensor_sets) > 1
+            else None
+        )
         # The network as it was: the mergekit way's pure download and upload phases measure what the
         # server and this machine delivered (on a loaded machine, far less than the caps).
         phases = results.get("mergekit-way", {}).get("phases")

@@ -22,8 +22,9 @@ content bytes sent, `lfs_uploads` lists (oid, size) per accepted upload. `stall(
 go unanswered (for a bounded time), as a server that accepts connections and then hangs does.
 `keep_uploads=False` makes the server a sink for benchmarks whose outputs would not fit the disk
 twice: each LFS upload is still received and checked in full, but its bytes are not written; the
-blob is a sparse file of the announced size (metadata, verify and `files()` are unchanged; reading
-it gives zeros).
+blob is a sparse file of the announced size (metadata, verify and `files()` are unchanged). Such a
+blob is never served: a download of it gets 410 and `read()` raises, and the same bytes added
+later (`add_model`, a small file) replace it.
 
 A network you control (`shape()`): a bandwidth cap per direction (shared by all connections: bytes
 sent to clients, bytes received from them) and a latency added before each request is answered,
@@ -222,6 +223,7 @@ class HubServer:
     ):
         self.root, self.token, self.user = Path(root), token, user
         self.keep_uploads = keep_uploads
+        self._sunk: set[str] = set()  # oids whose blob is a sink's sparse file: no bytes to serve
         # lfs_redirect: resolve answers an LFS file with a 302 to a signed URL on another origin
         # (http://localhost:PORT), like the Hub's CDN: the client takes metadata off the 302 and drops auth.
         self.lfs_redirect = lfs_redirect
@@ -319,10 +321,19 @@ class HubServer:
         return dict(self.repos[repo_id].commits[self.head(repo_id, revision)])
 
     def read(self, repo_id: str, path: str, revision: str = "main") -> bytes:
-        return self.blob_path(self.files(repo_id, revision)[path].sha256).read_bytes()
+        return self._served_blob(self.files(repo_id, revision)[path].sha256).read_bytes()
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256
+
+    def _holds(self, sha256: str) -> bool:
+        """Whether the blob store has this object's bytes (a sink's sparse blob has none)."""
+        return self.blob_path(sha256).exists() and sha256 not in self._sunk
+
+    def _served_blob(self, sha256: str) -> Path:
+        if sha256 in self._sunk:
+            raise HubError(410, f"This server kept no bytes of {sha256} (keep_uploads=False)")
+        return self.blob_path(sha256)
 
     def add_model(self, repo_id: str, folder: Path, *, private: bool = False) -> str:
         """Put every file of `folder` into a new repo directly (no HTTP), as one commit; weight files
@@ -337,11 +348,13 @@ class HubServer:
                     h.update(block)
             sha, size = h.hexdigest(), path.stat().st_size
             blob = self.blob_path(sha)
-            if not blob.exists():
+            if not self._holds(sha):
+                blob.unlink(missing_ok=True)  # a sink's sparse blob: the real bytes replace it
                 try:
                     os.link(path, blob)
                 except OSError:
                     _copy(path, blob)
+                self._sunk.discard(sha)
             lfs = name.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
             git_oid = _git_sha1(_lfs_pointer(sha, size)) if lfs else _git_sha1(path.read_bytes())
             table[name] = FileEntry(size, sha, git_oid, lfs)
@@ -381,10 +394,12 @@ class HubServer:
 
     def _store(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
-        if not self.blob_path(sha).exists():
-            tmp = self.root / "tmp" / secrets.token_hex(8)
-            tmp.write_bytes(data)
-            os.replace(tmp, self.blob_path(sha))  # atomic: a concurrent reader never sees half a blob
+        with self._lock:
+            if not self._holds(sha):
+                tmp = self.root / "tmp" / secrets.token_hex(8)
+                tmp.write_bytes(data)
+                os.replace(tmp, self.blob_path(sha))  # atomic: a concurrent reader never sees half a blob
+                self._sunk.discard(sha)
         return sha
 
     def _new_commit(self, repo: Repo, branch: str, table: dict[str, FileEntry], message: str) -> str:
@@ -550,8 +565,13 @@ class HubServer:
                     f"Upload does not match the batch request: announced {oid} ({size} bytes), "
                     f"received {digest.hexdigest()} ({got} bytes)",
                 )
-            if self.keep_uploads or not self.blob_path(oid).exists():  # a sink never hides a real blob
-                os.replace(tmp, self.blob_path(oid))
+            with self._lock:
+                if self.keep_uploads:
+                    os.replace(tmp, self.blob_path(oid))
+                    self._sunk.discard(oid)
+                elif not self.blob_path(oid).exists():  # a sink never hides a real blob
+                    os.replace(tmp, self.blob_path(oid))
+                    self._sunk.add(oid)
         finally:
             tmp.unlink(missing_ok=True)
             with self._lock:
@@ -626,13 +646,13 @@ class HubServer:
                 headers["Location"] = f"{cdn}?sig={self._sign(repo, e.sha256)}"
                 h.send_json(302, None, headers=headers, content_type="text/plain")
                 return
-        h.send_blob(self.blob_path(e.sha256), e.size, headers)
+        h.send_blob(self._served_blob(e.sha256), e.size, headers)
 
     def _h_blob(self, h: _Handler, repo: str, oid: str, path: str) -> None:
         h.rec.filename = path
         if not hmac.compare_digest(h.query.get("sig", [""])[0], self._sign(repo, oid)):
             raise HubError(403, "Bad signature")
-        blob = self.blob_path(oid)
+        blob = self._served_blob(oid)
         h.send_blob(blob, blob.stat().st_size, {"ETag": f'"{oid}"'})
 
 

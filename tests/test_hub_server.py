@@ -17,6 +17,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, close_session, hf_hub_dow
 from huggingface_hub.errors import (
     BadRequestError,
     HfHubHTTPError,
+    LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -25,9 +26,9 @@ from huggingface_hub.utils import get_session
 from safetensors.numpy import save_file
 
 try:  # tests/ is on sys.path when it has no __init__.py (pytest rootdir import mode)
-    from hub_server import HubServer, Rate, RequestRecord, configure_hf_client
+    from hub_server import HubError, HubServer, Rate, RequestRecord, configure_hf_client
 except ImportError:  # pragma: no cover - tests/ became a package
-    from tests.hub_server import HubServer, Rate, RequestRecord, configure_hf_client
+    from tests.hub_server import HubError, HubServer, Rate, RequestRecord, configure_hf_client
 
 TOKEN = "hf_test_token"
 # The client itself PUTs LFS files with httpx2's deprecated `data=<file>`.
@@ -177,6 +178,33 @@ def test_a_sink_server_checks_uploads_but_keeps_no_bytes(make_hub: Callable[...,
     with pytest.raises(RuntimeError):  # still received and checked in full
         a.preupload_lfs_files("alice/m", [bad])
     assert [r.status for r in puts(hub)][-1] == 400 and puts(hub)[-1].bytes_received == len(data)
+
+
+def test_a_sink_server_never_serves_zeros_nor_hides_real_bytes(
+    make_hub: Callable[..., HubServer], tmp_path: Path
+) -> None:
+    hub = make_hub(keep_uploads=False)
+    a = api(hub)
+    a.create_repo("alice/m")
+    sunk, kept = os.urandom(1 << 20), os.urandom(1 << 20)
+    a.create_commit("alice/m", [CommitOperationAdd("a.safetensors", sunk)], commit_message="a")
+    with pytest.raises((HfHubHTTPError, LocalEntryNotFoundError)):  # an error, never a file of zeros
+        hf_hub_download("alice/m", "a.safetensors", cache_dir=tmp_path / "dl")
+    assert not list((tmp_path / "dl").rglob("a.safetensors"))
+    r = get_session().get(f"{hub.endpoint}/alice/m/resolve/main/a.safetensors")
+    assert r.status_code == 410 and "kept no bytes" in r.json()["error"]
+    with pytest.raises(HubError, match="kept no bytes"):
+        hub.read("alice/m", "a.safetensors")
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "w.safetensors").write_bytes(kept)
+    (seed / "again.safetensors").write_bytes(sunk)  # the real bytes of the sunk upload replace it
+    hub.add_model("alice/seed", seed)
+    a.create_commit("alice/m", [CommitOperationAdd("b.safetensors", kept)], commit_message="b")  # PUT, sunk
+    assert hub.lfs_uploads[-1] == (sha(kept), len(kept))
+    assert hub.read("alice/m", "b.safetensors") == kept == hub.read("alice/seed", "w.safetensors")
+    assert hub.read("alice/m", "a.safetensors") == sunk
 
 
 def test_upload_file_folder_branch_and_tree(hub: HubServer, tmp_path: Path) -> None:
